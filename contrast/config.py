@@ -1,0 +1,271 @@
+"""Typed configuration: dataclasses with one default per field, strict YAML recipes and ``--set`` overrides.
+
+A recipe is a YAML mapping whose sections mirror :class:`Config`. Loading is strict: an unknown key is an error
+naming the key, its section and the nearest valid name; a value of the wrong type is an error naming the expected
+type. ``--set a.b=value`` overrides parse ``value`` as YAML and go through the same checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the config schema."""
+
+
+# --------------------------------------------------------------------------------------------------- schema
+
+
+@dataclass
+class ImageTowerConfig:
+    """Any timm model by name (weights are never downloaded) plus pooling and a projection."""
+
+    name: str = "vit_tiny_patch16_224"
+    kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
+    image_size: int = 32
+    pool: str = "default"  # default (the timm model's own pooling) | avg | token
+    weights: str | None = None  # a local weights file, converted at load time if it is in a foreign layout
+    mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
+    std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+    locked: bool = False  # LiT: freeze the tower
+    unlocked_groups: int = 0  # with locked: leave the last n block groups trainable
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class TextTowerConfig:
+    """The project's text transformer (pre-LN, causal, end-of-text pooling) on open_clip's BPE vocabulary."""
+
+    context_length: int = 32
+    vocab_size: int = 49408
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    causal: bool = True
+    locked: bool = False
+    unlocked_layers: int = 0
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class ModelConfig:
+    image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
+    text: TextTowerConfig = field(default_factory=TextTowerConfig)
+    embed_dim: int = 256
+    init_logit_scale: float = math.log(1 / 0.07)
+    max_logit_scale: float = 100.0
+    init_logit_bias: float | None = None  # SigLIP: a learnable bias, initialised here (e.g. -10)
+
+
+@dataclass
+class SyntheticConfig:
+    """The built-in procedural shapes set."""
+
+    image_size: int = 32
+    train_size: int = 20000
+    val_size: int = 1000
+    test_size: int = 1000
+    max_shapes: int = 3
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"  # synthetic | a folder of images with captions.jsonl/csv | a .parquet/.arrow file
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
+    image_column: str = "image"
+    caption_column: str = "caption"
+    train_split: str = "train"
+    eval_split: str = "test"
+    num_workers: int = 0
+    cache_dir: str | None = None
+
+
+@dataclass
+class LossConfig:
+    itc: float = 1.0
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 128
+    lr: float = 1e-3
+    image_lr: float | None = None  # per-tower learning rates; None means train.lr
+    text_lr: float | None = None
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.0
+    grad_clip: float | None = 1.0
+    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    seed: int = 0
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
+    device: str = "auto"  # auto | cpu | cuda
+
+
+@dataclass
+class EvalConfig:
+    tasks: list[str] = field(default_factory=list)  # task files run at the end of training
+    batch_size: int = 256
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in that type (tuples from lists, ints as floats)."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section '{where}', got {value!r}")
+        return _build(tp, value, where)
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r} ({type(value).__name__})")
+        args = typing.get_args(tp)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+            return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        inner = args[0] if args else Any
+        items = [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r} ({type(value).__name__})")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r} ({type(value).__name__})")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _build(cls: type, data: dict, section: str = "") -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys are: {', '.join(names)}"
+            where = f"section '{section}'" if section else "the top level"
+            raise ConfigError(f"unknown key '{key}' in {where}{hint}")
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}" if section else key)
+    return cls(**kwargs)
+
+
+def from_dict(data: dict | None, cls: type = Config) -> Any:
+    return _build(cls, data or {})
+
+
+def to_dict(cfg: Any) -> dict:
+    def conv(v: Any) -> Any:
+        if dataclasses.is_dataclass(v):
+            return {f.name: conv(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(cfg)
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=value`` strings to a nested dict (values parsed as YAML). Validation happens in :func:`from_dict`."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value (e.g. train.steps=200)")
+        path, raw = item.split("=", 1)
+        keys = path.strip().split(".")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override '{item}': value is not valid YAML ({e})") from e
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{k}' is a value, not a section")
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply overrides and validate everything against :class:`Config`."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe not found: {p} (the recipes shipped with contrast live in recipes/, e.g. recipes/clip_tiny.yaml)")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {p} must be a mapping of sections (model:, data:, train:, ...)")
+    data = apply_overrides(data, overrides or [])
+    return from_dict(data)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def load_config(path: str | Path) -> Config:
+    return from_dict(yaml.safe_load(Path(path).read_text()))

@@ -1,0 +1,35 @@
+"""Tokenizers. The default is open_clip's byte-pair encoder with the vocabulary bundled in open_clip_torch."""
+
+from __future__ import annotations
+
+import torch
+
+
+class ClipTokenizer:
+    """open_clip's BPE tokenizer (49,408 tokens, start/end-of-text markers, zero padding) at a fixed context length.
+
+    ``tokenizer(texts) -> LongTensor (B, context_length)``; the end-of-text token has the highest id, so the
+    text tower finds it with an argmax.
+    """
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self.context_length = context_length
+        self._tok = SimpleTokenizer(context_length=context_length)
+        self.vocab_size = len(self._tok.encoder)
+        self.sot_token_id = self._tok.sot_token_id
+        self.eot_token_id = self._tok.eot_token_id
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        return self._tok(list(texts), context_length=self.context_length)
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        ids = [int(i) for i in ids if int(i) not in (0, self.sot_token_id, self.eot_token_id)]
+        return self._tok.decode(ids).strip()
+
+
+def build_tokenizer(context_length: int) -> ClipTokenizer:
+    return ClipTokenizer(context_length)
