@@ -60,6 +60,7 @@ class TextTowerConfig:
 
 @dataclass
 class ModelConfig:
+    kind: str = "clip"  # the model family build_model() assembles: clip (dual encoder; SigLIP and LiT too)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 256

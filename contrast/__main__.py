@@ -1,0 +1,5 @@
+import sys
+
+from contrast.cli import main
+
+sys.exit(main())

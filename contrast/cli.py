@@ -1,0 +1,43 @@
+"""The ``contrast`` command line: ``contrast train | eval | ...``.
+
+Each command group lives beside the code it drives and offers ``add_cli(subparsers)``; this module only
+assembles them, so adding a command is one line in ``COMMAND_MODULES``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMAND_MODULES = [
+    "contrast.train.cli",
+    "contrast.evaluate.cli",
+]
+
+
+class UserError(Exception):
+    """An error caused by input (a path, a recipe, a checkpoint); printed without a traceback."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="contrast", description="Contrastive image-text pretraining toolkit")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_cli(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from contrast.config import ConfigError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (UserError, ConfigError, FileNotFoundError) as e:
+        print(f"contrast: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
