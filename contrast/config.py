@@ -52,6 +52,7 @@ class TextTowerConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
+    act: str = "gelu"  # gelu | quick_gelu (the original OpenAI CLIP models)
     causal: bool = True
     locked: bool = False
     unlocked_layers: int = 0

@@ -53,6 +53,22 @@ class Attention(nn.Module):
         return self.proj(out)
 
 
+class QuickGELU(nn.Module):
+    """``x * sigmoid(1.702 x)``: the GELU approximation used by the original OpenAI CLIP models."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {"gelu": nn.GELU, "quick_gelu": QuickGELU}
+
+
+def activation(name: str) -> type[nn.Module]:
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation '{name}'; choose one of {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
 class MLP(nn.Module):
     def __init__(self, dim: int, hidden: int, act: type[nn.Module] = nn.GELU):
         super().__init__()
@@ -67,14 +83,21 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """Pre-LN transformer block: self-attention, optional cross-attention, MLP."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float = 4.0, context_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        context_dim: int | None = None,
+        act: type[nn.Module] = nn.GELU,
+    ):
         super().__init__()
         self.ln_1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.ln_x = nn.LayerNorm(dim) if context_dim is not None else None
         self.xattn = Attention(dim, heads, context_dim=context_dim) if context_dim is not None else None
         self.ln_2 = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.mlp = MLP(dim, int(dim * mlp_ratio), act)
 
     def forward(
         self,
@@ -100,9 +123,10 @@ class Transformer(nn.Module):
         heads: int,
         mlp_ratio: float = 4.0,
         context_dim: int | None = None,
+        act: type[nn.Module] = nn.GELU,
     ):
         super().__init__()
-        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, context_dim) for _ in range(depth))
+        self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, context_dim, act) for _ in range(depth))
         self.grad_checkpointing = False
 
     def forward(

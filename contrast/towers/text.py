@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from contrast.config import TextTowerConfig
-from contrast.layers import Transformer
+from contrast.layers import Transformer, activation
 
 
 class TextTower(nn.Module):
@@ -15,7 +15,7 @@ class TextTower(nn.Module):
         self.cfg = cfg
         self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
         self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio)
+        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act=activation(cfg.act))
         self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
         self._init()
