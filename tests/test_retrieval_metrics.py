@@ -1,0 +1,209 @@
+"""Retrieval and classification metric math on hand-made matrices with known answers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from contrast.evaluate.metrics import (
+    classification_metrics,
+    image_text_ranks,
+    mask_from_lists,
+    positive_mask,
+    rank_summary,
+    recall_at_k,
+    rerank,
+    retrieval_ranks,
+    shortlist,
+)
+
+# 3 images, 5 captions; captions 0, 1 describe image 0, caption 2 image 1, captions 3, 4 image 2.
+SIM = torch.tensor(
+    [
+        [0.1, 0.9, 0.8, 0.2, 0.3],
+        [0.7, 0.6, 0.5, 0.4, 0.8],
+        [0.3, 0.3, 0.1, 0.3, 0.2],
+    ]
+)
+TEXT_TO_IMAGE = torch.tensor([0, 0, 1, 2, 2])
+
+
+def brute_force_rank(scores: list[float], positives: set[int]) -> int:
+    """Sort candidates by score (descending), negatives before positives on ties; position of the first positive."""
+    order = sorted(range(len(scores)), key=lambda c: (-scores[c], c in positives))
+    return next(i for i, c in enumerate(order) if c in positives)
+
+
+def test_image_to_text_several_captions_per_image():
+    i2t, _ = image_text_ranks(SIM, TEXT_TO_IMAGE)
+    # image 0: best positive caption 1 (0.9) beats every negative -> 0
+    # image 1: its caption scores 0.5; negatives 0.7, 0.6, 0.8 are higher -> 3
+    # image 2: best positive 0.3 ties with negatives 0 and 1 (0.3 each) -> both counted against it -> 2
+    assert i2t.tolist() == [0, 3, 2]
+    assert recall_at_k(i2t, (1, 3, 4)) == {1: pytest.approx(1 / 3), 3: pytest.approx(2 / 3), 4: 1.0}
+
+
+def test_text_to_image_several_captions_per_image():
+    _, t2i = image_text_ranks(SIM, TEXT_TO_IMAGE)
+    # caption 0 -> image 0 scores 0.1, images 1, 2 score 0.7, 0.3 -> 2
+    # caption 1 -> 0.9 is the column maximum -> 0
+    # caption 2 -> image 1 scores 0.5, image 0 scores 0.8 -> 1
+    # caption 3 -> image 2 scores 0.3, image 1 scores 0.4 -> 1
+    # caption 4 -> image 2 scores 0.2, images 0 and 1 score 0.3, 0.8 -> 2
+    assert t2i.tolist() == [2, 0, 1, 1, 2]
+    summary = rank_summary(t2i, ks=(1, 2))
+    assert summary["R@1"] == pytest.approx(0.2)
+    assert summary["R@2"] == pytest.approx(0.6)
+    assert summary["mean_rank"] == pytest.approx(1 + 6 / 5)
+    assert summary["median_rank"] == 2.0
+
+
+def test_any_positive_in_top_k_counts():
+    # one query, four candidates, positives 1 and 3; candidate 3 is second best, candidate 1 last
+    scores = torch.tensor([[0.9, 0.0, 0.1, 0.5]])
+    ranks = retrieval_ranks(scores, mask_from_lists([[1, 3]], 4))
+    assert ranks.tolist() == [1]
+    assert recall_at_k(ranks, (1, 2)) == {1: 0.0, 2: 1.0}
+
+
+def test_tie_counts_against_the_query():
+    # positive tied with two negatives and beaten by one: pessimistic rank 3 (the optimistic one would be 1)
+    scores = torch.tensor([[0.5, 0.9, 0.5, 0.5, 0.1]])
+    pos = mask_from_lists([[2]], 5)
+    assert retrieval_ranks(scores, pos).tolist() == [3]
+    assert recall_at_k(retrieval_ranks(scores, pos), (1, 3, 4)) == {1: 0.0, 3: 0.0, 4: 1.0}
+    # tied positives do not push each other down
+    pos2 = mask_from_lists([[0, 2]], 5)
+    assert retrieval_ranks(scores, pos2).tolist() == [2]
+    # an all-equal row: every negative ties the positive
+    flat = torch.zeros(1, 4)
+    assert retrieval_ranks(flat, mask_from_lists([[0]], 4)).tolist() == [3]
+
+
+def test_ranks_match_brute_force_with_many_ties():
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 4, (40, 12), generator=g).float()  # few distinct values: many ties
+    pos = torch.rand(40, 12, generator=g) < 0.2
+    pos[torch.arange(40), torch.randint(0, 12, (40,), generator=g)] = True  # at least one positive each
+    want = [brute_force_rank(scores[q].tolist(), set(pos[q].nonzero().flatten().tolist())) for q in range(40)]
+    assert retrieval_ranks(scores, pos).tolist() == want
+
+
+def test_recall_matches_torchmetrics_hit_rate_without_ties():
+    from torchmetrics.retrieval import RetrievalHitRate
+
+    g = torch.Generator().manual_seed(1)
+    q, c = 30, 20
+    scores = torch.randn(q, c, generator=g)  # continuous: no ties
+    groups = torch.randint(0, 8, (c,), generator=g)
+    qgroups = groups[torch.randint(0, c, (q,), generator=g)]
+    pos = positive_mask(qgroups, groups)
+    ranks = retrieval_ranks(scores, pos)
+    indexes = torch.arange(q).repeat_interleave(c)
+    for k in (1, 5, 10):
+        ref = RetrievalHitRate(top_k=k)(scores.reshape(-1), pos.reshape(-1), indexes=indexes)
+        assert recall_at_k(ranks, (k,))[k] == pytest.approx(float(ref), abs=1e-6)
+
+
+def test_chunked_ranks_equal_unchunked():
+    g = torch.Generator().manual_seed(2)
+    sim = torch.randint(0, 5, (7, 15), generator=g).float()
+    t2img = torch.randint(0, 7, (15,), generator=g)
+    t2img[:7] = torch.arange(7)  # every image has a caption
+    a = image_text_ranks(sim, t2img, chunk=2)
+    b = image_text_ranks(sim, t2img, chunk=1000)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+
+
+def test_bad_input_is_named():
+    with pytest.raises(ValueError, match="no positive"):
+        retrieval_ranks(torch.zeros(2, 3), mask_from_lists([[0]], 3).expand(2, 3).clone() & torch.tensor([[True], [False]]))
+    with pytest.raises(ValueError, match="NaN"):
+        retrieval_ranks(torch.tensor([[float("nan"), 1.0]]), torch.tensor([[True, False]]))
+    with pytest.raises(ValueError, match="does not match"):
+        retrieval_ranks(torch.zeros(2, 3), torch.ones(3, 2, dtype=torch.bool))
+
+
+# --------------------------------------------------------------------------------------------------- re-ranking
+
+
+def test_shortlist_breaks_ties_pessimistically():
+    scores = torch.tensor([[0.2, 0.5, 0.5, 0.9]])
+    pos = mask_from_lists([[1]], 4)
+    assert shortlist(scores, 2, pos).tolist() == [[3, 2]]  # the tied negative 2 takes the last place
+    assert shortlist(scores, 3, pos).tolist() == [[3, 2, 1]]
+
+
+def test_rerank_with_a_known_scorer():
+    # 2 queries x 5 candidates; query 0's positive is 2 (3rd by similarity), query 1's is 4 (last)
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.1, 0.0], [0.9, 0.8, 0.7, 0.6, 0.5]])
+    pos = mask_from_lists([[2], [4]], 5)
+    calls = []
+
+    def oracle(qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:  # knows the answer: 1 for a match, else 0
+        calls.extend(zip(qi.tolist(), ci.tolist()))
+        return pos[qi, ci].float()
+
+    out = rerank(scores, 3, oracle, pos, batch_size=4)
+    # only shortlisted pairs are scored: the top 3 of each query
+    assert sorted(calls) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    ranks = retrieval_ranks(out, pos)
+    assert ranks.tolist() == [0, 4]  # query 0 moves to the top; query 1's positive, outside the shortlist, stays last
+    # the shortlist sits above the rest and the rest keep their original order
+    assert out[0, [0, 1, 2]].min() > out[0, [3, 4]].max()
+    assert out[1, 3] > out[1, 4]
+    # the ITM order inside the shortlist: the positive first, then the two negatives tied by the oracle
+    assert torch.argmax(out[0]).item() == 2
+
+
+def test_rerank_by_a_scorer_that_reverses_order():
+    scores = torch.tensor([[0.9, 0.8, 0.7, 0.6]])
+    pos = mask_from_lists([[0]], 4)
+
+    def reverse(qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+        return -scores[qi, ci]
+
+    out = rerank(scores, 3, reverse, pos)
+    assert torch.argsort(out[0], descending=True).tolist() == [2, 1, 0, 3]
+    assert retrieval_ranks(out, pos).tolist() == [2]
+
+
+# --------------------------------------------------------------------------------------------------- classification
+
+
+def test_classification_metrics_hand_made():
+    # 6 samples, 3 classes; labels 0,0,0,1,1,2
+    labels = torch.tensor([0, 0, 0, 1, 1, 2])
+    pred = torch.tensor([0, 0, 1, 1, 0, 2])
+    logits = torch.nn.functional.one_hot(pred, 3).float()
+    m = classification_metrics(logits, labels)
+    assert m["top1"] == pytest.approx(4 / 6)
+    assert "top5" not in m  # 3 classes: top-5 is meaningless
+    assert m["confusion"] == [[2, 1, 0], [1, 1, 0], [0, 0, 1]]
+    assert m["per_class_recall"] == pytest.approx([2 / 3, 1 / 2, 1.0])
+    assert m["mean_per_class_recall"] == pytest.approx((2 / 3 + 1 / 2 + 1) / 3)
+
+
+def test_classification_metrics_against_torchmetrics_and_ranks():
+    from torchmetrics.classification import MulticlassRecall
+
+    g = torch.Generator().manual_seed(3)
+    n, c = 200, 8
+    logits = torch.randn(n, c, generator=g)
+    labels = torch.randint(0, c, (n,), generator=g)
+    m = classification_metrics(logits, labels)
+    ref = MulticlassRecall(num_classes=c, average=None)(logits, labels)
+    assert m["per_class_recall"] == pytest.approx(ref.tolist(), abs=1e-6)
+    assert m["mean_per_class_recall"] == pytest.approx(float(ref.mean()), abs=1e-6)
+    # top-k agrees with the retrieval rank rule on tie-free logits (a class is a candidate, the label the positive)
+    ranks = retrieval_ranks(logits, torch.nn.functional.one_hot(labels, c).bool())
+    assert m["top1"] == pytest.approx(recall_at_k(ranks, (1,))[1])
+    assert m["top5"] == pytest.approx(recall_at_k(ranks, (5,))[5])
+
+
+def test_mean_per_class_recall_skips_absent_classes():
+    labels = torch.tensor([0, 0, 1])
+    logits = torch.nn.functional.one_hot(torch.tensor([0, 2, 1]), 3).float()  # class 2 predicted, never true
+    m = classification_metrics(logits, labels)
+    assert m["per_class_recall"] == [0.5, 1.0, None]
+    assert m["mean_per_class_recall"] == pytest.approx(0.75)
