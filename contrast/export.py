@@ -1,0 +1,449 @@
+"""Vision-tower export (timm, Hugging Face, open_clip) with verification, and import of open_clip / OpenAI CLIPs.
+
+Every export is loaded back with the target library right after it is written and its features are compared with
+ours on random pixels; an export whose features differ by more than :data:`TOLERANCE` raises instead of leaving a
+silently wrong directory behind.
+
+- ``timm``: ``model.safetensors`` + ``config.json`` in timm's hub layout (``architecture``, ``model_args``,
+  ``pretrained_cfg`` with mean / std / input size). Load with ``timm.create_model("local-dir:DIR")`` or
+  ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/model.safetensors), **model_args)``.
+  Where timm's own head pooling equals ours, the projection rides in timm's classifier (``model(x)`` is our
+  unnormalised image embedding); otherwise it is written beside as ``projection.safetensors``.
+- ``hf``: a ``CLIPVisionModelWithProjection`` directory (``config.json`` + ``model.safetensors`` +
+  ``preprocessor_config.json``) that ``CLIPVisionModel.from_pretrained`` also loads (LLaVA's vision tower);
+  a ViT without class token and with an attention-pool head goes to ``SiglipVisionModel`` instead.
+- ``open_clip``: ``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
+  ``open_clip.create_model("local-dir:DIR")`` (the whole dual encoder: open_clip models are image + text).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from contrast.config import Config, ImageTowerConfig, save_config
+from contrast.towers.convert import (
+    ConversionError,
+    clip_layout_problems,
+    hf_clip_problems,
+    import_clip,
+    load_foreign_state_dict,
+    open_clip_model_cfg,
+    siglip_problems,
+    vit_to_hf_clip,
+    vit_to_hf_siglip,
+)
+from contrast.towers.image import ImageTower
+
+TOLERANCE = 1e-5
+FORMATS = ("timm", "hf", "open_clip")
+
+
+class ExportError(ValueError):
+    """An export that the tower's architecture does not fit, or whose reloaded features differ from ours."""
+
+
+@dataclass
+class ExportReport:
+    format: str
+    out: Path
+    checks: dict[str, float] = field(default_factory=dict)  # what was compared -> max |ours - theirs|
+
+    def summary(self) -> str:
+        parts = ", ".join(f"{k} {v:.2e}" for k, v in self.checks.items())
+        return f"exported {self.format} to {self.out} (max abs diff: {parts}; tolerance {TOLERANCE:g})"
+
+
+def _check(report: ExportReport, name: str, ours: torch.Tensor, theirs: torch.Tensor) -> None:
+    if ours.shape != theirs.shape:
+        raise ExportError(f"{report.format} export check '{name}': shape {tuple(theirs.shape)} != ours {tuple(ours.shape)}")
+    diff = float((ours.float() - theirs.float()).abs().max())
+    report.checks[name] = diff
+    if not diff <= TOLERANCE:
+        raise ExportError(
+            f"{report.format} export check '{name}' failed: max abs diff {diff:.3g} > {TOLERANCE:g}; "
+            f"the files in {report.out} do not reproduce the tower"
+        )
+
+
+def _probe_pixels(tower: ImageTower, n: int = 2) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    s = tower.cfg.image_size
+    return torch.randn(n, 3, s, s, generator=g)
+
+
+def find_image_tower(model: nn.Module) -> ImageTower:
+    """The image tower of any of our model families (``.image`` or ``.tower``)."""
+    for name in ("image", "tower", "visual"):
+        t = getattr(model, name, None)
+        if isinstance(t, ImageTower):
+            return t
+    raise ExportError(f"{type(model).__name__} holds no image tower to export")
+
+
+def fitting_formats(tower: ImageTower, has_text: bool = True) -> list[str]:
+    fits = ["timm"]
+    if not hf_clip_problems(tower.backbone, tower.cfg.pool) or not siglip_problems(tower.backbone, tower.cfg.pool):
+        fits.append("hf")
+    if has_text and not clip_layout_problems(tower.backbone):
+        fits.append("open_clip")
+    return fits
+
+
+# --------------------------------------------------------------------------------------------------- timm
+
+
+def _timm_pretrained_cfg(tower: ImageTower, num_classes: int) -> dict:
+    s = tower.cfg.image_size
+    base = dict(getattr(tower.backbone, "pretrained_cfg", {}) or {})
+    return {
+        "input_size": [3, s, s],
+        "fixed_input_size": bool(base.get("fixed_input_size", tower.is_sequence)),
+        "interpolation": "bicubic",
+        "crop_pct": 1.0,
+        "crop_mode": "center",
+        "mean": list(tower.cfg.mean),
+        "std": list(tower.cfg.std),
+        "num_classes": num_classes,
+        "first_conv": base.get("first_conv", ""),
+        "classifier": base.get("classifier", "head"),
+    }
+
+
+def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
+    import copy
+
+    import timm
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport("timm", out)
+    tower = tower.eval()
+    x = _probe_pixels(tower)
+    backbone = copy.deepcopy(tower.backbone).eval()
+    with torch.no_grad():
+        tokens = tower.forward_tokens(x)
+        ours_pool = tower.pool(tokens)
+        ours_emb = tower.embed(x)
+        head_pool = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
+    # the projection can live in timm's classifier only where timm's head pooling is ours
+    in_head = head_pool.shape == ours_pool.shape and bool((head_pool - ours_pool).abs().max() <= 1e-6)
+    E = tower.embed_dim if in_head else 0
+    if in_head:
+        backbone.reset_classifier(E)
+        clf = backbone.get_classifier()
+        with torch.no_grad():
+            clf.weight.copy_(tower.proj.weight)
+            if clf.bias is not None:
+                clf.bias.zero_()
+    else:
+        save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
+    save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "model.safetensors"))
+    model_args = {**tower.cfg.kwargs, "num_classes": E}
+    config = {
+        "architecture": tower.cfg.name,
+        "num_classes": E,
+        "num_features": tower.width,
+        "model_args": model_args,
+        "pretrained_cfg": _timm_pretrained_cfg(tower, E),
+        "contrast": {"pool": tower.cfg.pool, "embed_dim": tower.embed_dim, "projection": "head" if in_head else "projection.safetensors"},
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+
+    loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
+    with torch.no_grad():
+        feats = loaded.forward_features(x)
+        if feats.ndim == 4:
+            feats = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        _check(report, "tokens", tokens, feats)
+        if in_head:
+            _check(report, "image_embeds", ours_emb, loaded(x))
+    return report
+
+
+def load_exported_tower(path: str | Path) -> ImageTower:
+    """An :class:`ImageTower` from a timm export directory (``config.json`` + ``model.safetensors``) or a run dir."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if cfg_file.is_file() and "architecture" in (cfg := json.loads(cfg_file.read_text())):
+        meta = cfg.get("contrast", {})
+        kwargs = {k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}
+        pc = cfg["pretrained_cfg"]
+        icfg = ImageTowerConfig(
+            name=cfg["architecture"],
+            kwargs=kwargs,
+            image_size=int(pc["input_size"][-1]),
+            pool=meta.get("pool", "default"),
+            mean=tuple(pc["mean"]),
+            std=tuple(pc["std"]),
+        )
+        E = int(meta.get("embed_dim", cfg.get("num_classes") or 0))
+        if E <= 0:
+            raise ExportError(f"{p} is a timm export without a projection; it was not written by contrast export")
+        tower = ImageTower(icfg, E)
+        sd = load_file(str(p / "model.safetensors"))
+        clf = cfg["pretrained_cfg"].get("classifier", "head")
+        if meta.get("projection") == "head":
+            tower.proj.weight.data.copy_(sd.pop(f"{clf}.weight"))
+            sd.pop(f"{clf}.bias", None)
+        else:
+            tower.proj.weight.data.copy_(load_file(str(p / "projection.safetensors"))["weight"])
+        tower.backbone.load_state_dict(sd, strict=True)
+        return tower.eval()
+    if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / "model.safetensors").is_file():
+        from contrast.api import load
+
+        return find_image_tower(load(p)[0])
+    raise ExportError(f"{p} is neither a timm export directory (config.json with 'architecture') nor a run directory")
+
+
+# --------------------------------------------------------------------------------------------------- Hugging Face
+
+
+def _hf_preprocessor(tower: ImageTower, processor: str) -> dict:
+    s = tower.cfg.image_size
+    return {
+        "image_processor_type": processor,
+        "do_resize": True,
+        "size": {"shortest_edge": s} if processor == "CLIPImageProcessor" else {"height": s, "width": s},
+        "do_center_crop": processor == "CLIPImageProcessor",
+        "crop_size": {"height": s, "width": s},
+        "resample": 3,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(tower.cfg.mean),
+        "image_std": list(tower.cfg.std),
+        "do_convert_rgb": True,
+    }
+
+
+def export_hf(tower: ImageTower, out: str | Path) -> ExportReport:
+    clip_p = hf_clip_problems(tower.backbone, tower.cfg.pool)
+    if not clip_p:
+        return _export_hf_clip(tower, Path(out))
+    sig_p = siglip_problems(tower.backbone, tower.cfg.pool)
+    if not sig_p:
+        return _export_hf_siglip(tower, Path(out))
+    raise ExportError(
+        f"the image tower '{tower.cfg.name}' has no Hugging Face equivalent: not CLIPVisionModel ({'; '.join(clip_p)}); "
+        f"not SiglipVisionModel ({'; '.join(sig_p)}). Formats that fit this tower: "
+        + ", ".join(f for f in fitting_formats(tower) if f != "hf")
+    )
+
+
+def _export_hf_clip(tower: ImageTower, out: Path) -> ExportReport:
+    from transformers import CLIPVisionConfig, CLIPVisionModel, CLIPVisionModelWithProjection
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport("hf", out)
+    cfg_kwargs, sd = vit_to_hf_clip(tower.backbone, tower.proj.weight, tower.cfg.pool)
+    hf = CLIPVisionModelWithProjection(CLIPVisionConfig(**cfg_kwargs))
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ExportError(f"HF CLIP key map incomplete: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(str(out))
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower, "CLIPImageProcessor"), indent=2))
+
+    x = _probe_pixels(tower)
+    tower = tower.eval()
+    with torch.no_grad():
+        hidden = tower.forward_intermediates(x, [len(tower.backbone.blocks) - 1])[0]  # last block, before ln_post
+        pooled = tower.pool(tower.forward_tokens(x))
+        emb = tower.embed(x)
+        plain = CLIPVisionModel.from_pretrained(str(out)).eval()
+        o = plain(pixel_values=x)
+        _check(report, "last_hidden_state", hidden, o.last_hidden_state)
+        _check(report, "pooler_output", pooled, o.pooler_output)
+        proj = CLIPVisionModelWithProjection.from_pretrained(str(out)).eval()
+        _check(report, "image_embeds", emb, proj(pixel_values=x).image_embeds)
+    return report
+
+
+def _export_hf_siglip(tower: ImageTower, out: Path) -> ExportReport:
+    from transformers import SiglipVisionConfig, SiglipVisionModel
+
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport("hf", out)
+    cfg_kwargs, sd = vit_to_hf_siglip(tower.backbone, tower.cfg.pool)
+    hf = SiglipVisionModel(SiglipVisionConfig(**cfg_kwargs))
+    target = getattr(hf, "vision_model", hf)
+    missing, unexpected = target.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if not k.endswith("position_ids")]
+    if missing or unexpected:
+        raise ExportError(f"HF SigLIP key map incomplete: missing {missing}, unexpected {unexpected}")
+    hf.save_pretrained(str(out))
+    # SiglipVisionModel has no projection: ours is written beside it, applied as pooler_output @ weight.T
+    save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower, "SiglipImageProcessor"), indent=2))
+
+    x = _probe_pixels(tower)
+    tower = tower.eval()
+    with torch.no_grad():
+        tokens = tower.forward_tokens(x)
+        o = SiglipVisionModel.from_pretrained(str(out)).eval()(pixel_values=x)
+        _check(report, "last_hidden_state", tokens, o.last_hidden_state)
+        _check(report, "pooler_output", tower.pool(tokens), o.pooler_output)
+        w = load_file(str(out / "projection.safetensors"))["weight"]
+        _check(report, "image_embeds", tower.embed(x), o.pooler_output @ w.t())
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- open_clip
+
+
+def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
+    import open_clip
+
+    tower = find_image_tower(model)
+    if getattr(model, "text", None) is None or not hasattr(model.text, "token_embedding"):
+        raise ExportError(
+            "open_clip checkpoints hold an image and a text tower; this model has no CLIP text tower. "
+            "Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False))
+        )
+    problems = clip_layout_problems(tower.backbone)
+    if problems:
+        raise ExportError(
+            "the image tower does not fit open_clip's ViT: " + "; ".join(problems)
+            + ". Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False))
+        )
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport("open_clip", out)
+    try:
+        model_cfg, sd = open_clip_model_cfg(model)
+    except ConversionError as e:
+        raise ExportError(str(e)) from e
+    config = {
+        "model_cfg": model_cfg,
+        "preprocess_cfg": {
+            "size": tower.cfg.image_size,
+            "mean": list(tower.cfg.mean),
+            "std": list(tower.cfg.std),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+        },
+    }
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    save_file(sd, str(out / "open_clip_model.safetensors"))
+
+    oc = open_clip.create_model(f"local-dir:{out}").eval()
+    x = _probe_pixels(tower)
+    g = torch.Generator().manual_seed(1)
+    T = model.text.cfg.context_length
+    ids = torch.randint(1, model.text.cfg.vocab_size - 1, (2, T), generator=g)
+    ids[:, T // 2] = model.text.cfg.vocab_size - 1  # end-of-text (highest id) in the middle, padding after
+    ids[:, T // 2 + 1 :] = 0
+    with torch.no_grad():
+        _check(report, "encode_image", model.image.embed(x), oc.encode_image(x))
+        _check(report, "encode_text", model.text.embed(ids), oc.encode_text(ids))
+    return report
+
+
+# --------------------------------------------------------------------------------------------------- entry points
+
+
+def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> ExportReport:
+    """Export the image tower of a run directory / checkpoint in ``fmt`` (timm | hf | open_clip) and verify it."""
+    from contrast.api import load
+
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
+    model, _, _ = load(checkpoint)
+    if fmt == "open_clip":
+        return export_open_clip(model, out)
+    tower = find_image_tower(model)
+    return export_timm(tower, out) if fmt == "timm" else export_hf(tower, out)
+
+
+def import_checkpoint(
+    weights: str | Path,
+    out: str | Path,
+    *,
+    open_clip_config: str | Path | None = None,
+    quick_gelu: bool | None = None,
+) -> Path:
+    """Convert an open_clip / OpenAI CLIP checkpoint into a run directory that ``contrast.load`` and training use.
+
+    ``open_clip_config``: open_clip's model config JSON (a ``model_cfg`` file or ``open_clip_config.json``);
+    without it the OpenAI conventions apply (64-wide heads, QuickGELU unless ``quick_gelu`` says otherwise).
+    """
+    from contrast.train import checkpoint as C
+
+    oc_cfg, mean, std = None, None, None
+    if open_clip_config is not None:
+        raw = json.loads(Path(open_clip_config).read_text())
+        oc_cfg = raw.get("model_cfg", raw)
+        pre = raw.get("preprocess_cfg", {})
+        mean, std = pre.get("mean"), pre.get("std")
+    if quick_gelu is None:
+        quick_gelu = bool(oc_cfg.get("quick_gelu", False)) if oc_cfg is not None else True
+    sd = load_foreign_state_dict(str(weights))
+    model, mcfg = import_clip(sd, quick_gelu=quick_gelu, open_clip_cfg=oc_cfg, mean=mean, std=std)
+    out = Path(out)
+    cfg = Config(model=mcfg)
+    cfg.data.synthetic.image_size = mcfg.image.image_size
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    step = C.step_dir(out, 0)
+    step.mkdir(parents=True, exist_ok=True)
+    C.save_model_weights(model, step / C.WEIGHTS)
+    (out / "checkpoints" / "latest").write_text(step.name + "\n")
+    return out
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from contrast.cli import UserError
+
+    try:
+        report = export_checkpoint(args.checkpoint, args.format, args.out)
+    except (ExportError, ConversionError) as e:
+        raise UserError(str(e)) from e
+    print(report.summary())
+    return 0
+
+
+def _cmd_import(args: argparse.Namespace) -> int:
+    from contrast.cli import UserError
+
+    qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
+    try:
+        out = import_checkpoint(args.weights, args.out, open_clip_config=args.open_clip_config, quick_gelu=qg)
+    except ConversionError as e:
+        raise UserError(str(e)) from e
+    print(f"imported {args.weights} into {out} (load with contrast.load('{out}'), train with --set or eval as any run)")
+    return 0
+
+
+def add_cli(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("export", help="export a trained image tower to timm / Hugging Face / open_clip, verified")
+    p.add_argument("--checkpoint", required=True, help="RUN_DIR or a step directory")
+    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_export)
+    q = subparsers.add_parser("import", help="convert an open_clip / OpenAI CLIP checkpoint into a contrast run directory")
+    q.add_argument("--weights", required=True, help="state dict: .safetensors, .pt/.bin, or an OpenAI TorchScript .pt")
+    q.add_argument("--open-clip-config", default=None, help="open_clip model config JSON (open_clip_config.json or model_cfg)")
+    q.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto",
+                   help="auto: from the open_clip config; QuickGELU for OpenAI checkpoints without one")
+    q.add_argument("--out", required=True, help="run directory to create")
+    q.set_defaults(func=_cmd_import)
+
+
+__all__ = [
+    "ExportReport",
+    "ExportError",
+    "export_timm",
+    "export_hf",
+    "export_open_clip",
+    "export_checkpoint",
+    "import_checkpoint",
+    "load_exported_tower",
+    ]
