@@ -13,6 +13,8 @@ import sys
 COMMAND_MODULES = [
     "contrast.train.cli",
     "contrast.evaluate.cli",
+    "contrast.data.cli",
+    "contrast.features",
 ]
 
 

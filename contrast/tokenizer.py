@@ -31,5 +31,10 @@ class ClipTokenizer:
         return self._tok.decode(ids).strip()
 
 
-def build_tokenizer(context_length: int) -> ClipTokenizer:
-    return ClipTokenizer(context_length)
+def build_tokenizer(text_cfg):
+    """The tokenizer a text tower config asks for (``model.text.kind``: clip -> BPE, hf -> the model's own)."""
+    if getattr(text_cfg, "kind", "clip") == "hf":
+        from contrast.towers.hf_text import build_hf_tokenizer
+
+        return build_hf_tokenizer(text_cfg)
+    return ClipTokenizer(text_cfg.context_length)

@@ -9,6 +9,15 @@ from contrast.models.clip import ClipOutput, DualEncoder
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
+    if cfg.kind in ("blip2_stage1", "blip2_stage2", "caption_lm"):
+        from contrast.models import blip2
+
+        builders = {"blip2_stage1": blip2.Blip2Stage1, "blip2_stage2": blip2.Blip2Stage2, "caption_lm": blip2.CaptionLM}
+        return builders[cfg.kind](cfg)
+    if cfg.kind == "blip":
+        from contrast.models.blip import BlipModel
+
+        return BlipModel(cfg)
     return DualEncoder(cfg)
 
 

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from contrast.config import ModelConfig
-from contrast.towers import ImageTower, TextTower
+from contrast.towers import ImageTower
+from contrast.towers.hf_text import build_text_tower
 
 
 @dataclass
@@ -30,7 +31,7 @@ class DualEncoder(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.image = ImageTower(cfg.image, cfg.embed_dim)
-        self.text = TextTower(cfg.text, cfg.embed_dim)
+        self.text = build_text_tower(cfg.text, cfg.embed_dim)
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None

@@ -21,6 +21,10 @@ class ImageTower(nn.Module):
                 f"timm could not build image tower '{cfg.name}' with kwargs {kwargs}: {e}. "
                 "Check model.image.name against timm.list_models() and the kwargs that model accepts."
             ) from e
+        if cfg.weights:  # a local file or package:NAME; foreign layouts (lukemelas EfficientNet) are converted
+            from contrast.towers.adapters import load_backbone_weights
+
+            load_backbone_weights(self.backbone, cfg.weights)
         if cfg.pool not in ("default", "avg", "token"):
             raise ValueError(f"model.image.pool must be default, avg or token, got '{cfg.pool}'")
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))

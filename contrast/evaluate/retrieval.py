@@ -1,0 +1,225 @@
+"""Image-text retrieval evaluation: recall@K in both directions, several captions per image, optional ITM re-ranking.
+
+Metric definition and tie rule: see :mod:`contrast.evaluate.metrics` (CLIP paper definition; ties count against the
+query). Captions are grouped by image in one of three ways, chosen by :func:`group_captions`:
+
+- the caption column holds a list of strings per row (one row per image);
+- several rows share a value of a grouping column (``image_id`` by default when present, or ``--group-by COLUMN``);
+- several rows share an image file (the image column's path);
+otherwise each row is its own image with one caption.
+
+Re-ranking (BLIP, Li et al. 2022, section 4.2): each query's top-k shortlist by embedding similarity is re-ordered
+by an image-text matching head. A model takes part when it offers ``itm_score(pixels, input_ids) -> (B,)`` match
+logits (the :class:`ItmScorer` protocol).
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+from PIL import Image
+
+from contrast.evaluate.metrics import (
+    RETRIEVAL_DEFINITION,
+    image_text_ranks,
+    rank_summary,
+    rerank,
+    retrieval_ranks,
+)
+
+
+@runtime_checkable
+class ItmScorer(Protocol):
+    """A model with an image-text matching head: ``itm_score(pixels (B,3,H,W), input_ids (B,T)) -> (B,)`` logits,
+    higher meaning a better match."""
+
+    def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass
+class CaptionGroups:
+    """Distinct images and all captions, with the image each caption belongs to."""
+
+    image_rows: list[int]  # dataset row holding each distinct image
+    captions: list[str]  # every caption, in dataset order
+    text_to_image: torch.Tensor  # (T,) long: index into image_rows of each caption
+    grouped_by: str  # how captions were grouped (for the report)
+
+
+def to_pil(value: Any) -> Image.Image:
+    """A datasets image cell (PIL image, {'bytes', 'path'} dict or a path) as an RGB PIL image."""
+    if isinstance(value, Image.Image):
+        img = value
+    elif isinstance(value, dict):
+        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
+    else:
+        img = Image.open(value)
+    return img.convert("RGB")
+
+
+def _image_keys(dataset: Any, image_column: str) -> list[Any] | None:
+    """The file path of each row's image, or None when the images carry no paths."""
+    from datasets import Image as ImageFeature
+
+    feature = dataset.features.get(image_column)
+    if isinstance(feature, ImageFeature):
+        cells = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
+        paths = [c.get("path") if isinstance(c, dict) else None for c in cells]
+    else:
+        cells = dataset[image_column]
+        paths = [c if isinstance(c, str) else None for c in cells]
+    return None if any(p is None for p in paths) else paths
+
+
+def group_captions(
+    dataset: Any, image_column: str = "image", caption_column: str = "caption", group_by: str | None = None
+) -> CaptionGroups:
+    """Group a dataset's captions by image (see the module docstring for the rules)."""
+    cols = dataset.column_names
+    for col in (image_column, caption_column):
+        if col not in cols:
+            raise ValueError(f"retrieval data has no column '{col}' (columns: {', '.join(cols)}); name the right one")
+    if len(dataset) == 0:
+        raise ValueError("retrieval data is empty")
+    captions_col = dataset[caption_column]
+    if isinstance(captions_col[0], list | tuple):  # one row per image, a list of captions
+        if group_by:
+            raise ValueError(f"caption column '{caption_column}' already holds lists of captions; drop --group-by")
+        captions: list[str] = []
+        owner: list[int] = []
+        for row, caps in enumerate(captions_col):
+            if not caps:
+                raise ValueError(f"row {row} has an empty list of captions; every image needs at least one")
+            captions.extend(str(c) for c in caps)
+            owner.extend([row] * len(caps))
+        return CaptionGroups(list(range(len(dataset))), captions, torch.tensor(owner), "caption lists")
+    if group_by is not None and group_by not in cols:
+        raise ValueError(f"group-by column '{group_by}' is not in the data (columns: {', '.join(cols)})")
+    key_col = group_by or ("image_id" if "image_id" in cols else None)
+    if key_col is not None:
+        keys, how = dataset[key_col], f"column '{key_col}'"
+    else:
+        keys, how = _image_keys(dataset, image_column), "image path"
+        if keys is None:
+            keys, how = list(range(len(dataset))), "row (one caption per image)"
+    first_row: dict[Any, int] = {}  # group key -> first row holding it (insertion order = image index)
+    for row, key in enumerate(keys):
+        first_row.setdefault(key, row)
+    index_of = {key: i for i, key in enumerate(first_row)}
+    owner = [index_of[k] for k in keys]
+    return CaptionGroups(list(first_row.values()), [str(c) for c in captions_col], torch.tensor(owner), how)
+
+
+@torch.no_grad()
+def encode_images(
+    model: Any,
+    preprocess: Callable,
+    dataset: Any,
+    rows: Sequence[int],
+    image_column: str = "image",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    keep_pixels: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """L2-normalised image embeddings (N, E) of the given rows, and the preprocessed pixels if asked for."""
+    embs, kept = [], []
+    for s in range(0, len(rows), batch_size):
+        cells = dataset.select(rows[s : s + batch_size])[image_column]
+        pixels = torch.stack([preprocess(to_pil(c)) for c in cells])  # (b, 3, H, W)
+        embs.append(model.encode_image(pixels.to(device)).float().cpu())
+        if keep_pixels:
+            kept.append(pixels)
+    return torch.cat(embs), (torch.cat(kept) if keep_pixels else None)
+
+
+@torch.no_grad()
+def encode_texts(
+    model: Any, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L2-normalised text embeddings (T, E) and the token ids (T, L)."""
+    ids = tokenizer(list(texts))
+    if isinstance(ids, dict):
+        ids = ids["input_ids"]
+    embs = [model.encode_text(ids[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(texts), batch_size)]
+    return torch.cat(embs), ids
+
+
+def _itm_scorer(model: ItmScorer, pixels: torch.Tensor, ids: torch.Tensor, image_query: bool, device: Any) -> Callable:
+    @torch.no_grad()
+    def score(qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
+        img, txt = (qi, ci) if image_query else (ci, qi)
+        out = model.itm_score(pixels[img].to(device), ids[txt].to(device))
+        if out.shape != (len(qi),):
+            raise ValueError(f"itm_score must return one logit per pair, shape ({len(qi)},), got {tuple(out.shape)}")
+        return out.float().cpu()
+
+    return score
+
+
+def retrieval_from_embeddings(
+    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+) -> dict[str, Any]:
+    """recall@K both ways from embeddings (cosine similarity when they are L2-normalised)."""
+    sim = image_emb @ text_emb.T  # (I, T)
+    i2t, t2i = image_text_ranks(sim, text_to_image)
+    return {"image_to_text": rank_summary(i2t, ks), "text_to_image": rank_summary(t2i, ks)}
+
+
+def evaluate_retrieval(
+    model: Any,
+    tokenizer: Callable,
+    preprocess: Callable,
+    dataset: Any,
+    *,
+    image_column: str = "image",
+    caption_column: str = "caption",
+    group_by: str | None = None,
+    ks: Sequence[int] = (1, 5, 10),
+    rerank_itm: int = 0,
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+) -> dict[str, Any]:
+    """Retrieval metrics of ``model`` on ``dataset`` (a datasets.Dataset with an image and a caption column).
+
+    Returns a dict with ``image_to_text`` and ``text_to_image`` summaries (R@K, mean and median rank), the data
+    sizes, the grouping used and the metric definition; with ``rerank_itm=k`` also ``itm_reranked`` summaries.
+    """
+    if rerank_itm and not isinstance(model, ItmScorer):
+        raise ValueError(
+            f"--rerank-itm needs a model with an image-text matching head (an itm_score(pixels, input_ids) method); "
+            f"{type(model).__name__} has none. Drop --rerank-itm for this model."
+        )
+    groups = group_captions(dataset, image_column, caption_column, group_by)
+    was_training = getattr(model, "training", False)
+    if hasattr(model, "eval"):
+        model.eval()
+    try:
+        img, pixels = encode_images(
+            model, preprocess, dataset, groups.image_rows, image_column, batch_size, device, keep_pixels=bool(rerank_itm)
+        )
+        txt, ids = encode_texts(model, tokenizer, groups.captions, max(batch_size, 256), device)
+        result: dict[str, Any] = {
+            "num_images": len(groups.image_rows),
+            "num_texts": len(groups.captions),
+            "captions_grouped_by": groups.grouped_by,
+            "definition": RETRIEVAL_DEFINITION,
+        }
+        result.update(retrieval_from_embeddings(img, txt, groups.text_to_image, ks))
+        if rerank_itm:
+            sim = img @ txt.T  # (I, T)
+            pos = groups.text_to_image.reshape(1, -1) == torch.arange(len(groups.image_rows)).reshape(-1, 1)  # (I, T)
+            i2t = rerank(sim, rerank_itm, _itm_scorer(model, pixels, ids, True, device), pos, batch_size)
+            t2i = rerank(sim.T, rerank_itm, _itm_scorer(model, pixels, ids, False, device), pos.T, batch_size)
+            result["itm_reranked"] = {
+                "shortlist": int(rerank_itm),
+                "image_to_text": rank_summary(retrieval_ranks(i2t, pos), ks),
+                "text_to_image": rank_summary(retrieval_ranks(t2i, pos.T), ks),
+            }
+    finally:
+        if was_training and hasattr(model, "train"):
+            model.train()
+    return result

