@@ -207,3 +207,139 @@ def test_mean_per_class_recall_skips_absent_classes():
     m = classification_metrics(logits, labels)
     assert m["per_class_recall"] == [0.5, 1.0, None]
     assert m["mean_per_class_recall"] == pytest.approx(0.75)
+
+
+# --------------------------------------------------------------------------------------------------- with a model
+
+WORDS = ["red", "yellow", "green", "blue", "crimson"]
+S2 = 2**-0.5
+TEXT_VEC = torch.tensor([[1, 0, 0], [S2, S2, 0], [0, 1, 0], [0, 0, 1], [1, 0, 0]], dtype=torch.float32)
+# the true (image colour index, word index) pairs: red image <-> red, yellow; green <-> green; blue <-> blue, crimson
+TRUE_PAIRS = {(0, 0), (0, 1), (1, 2), (2, 3), (2, 4)}
+RGB = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
+
+
+def _tokenize(texts: list[str]) -> torch.Tensor:
+    return torch.tensor([[WORDS.index(t)] for t in texts])  # (B, 1)
+
+
+def _preprocess(img) -> torch.Tensor:
+    import numpy as np
+
+    return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
+
+
+class ColourModel(torch.nn.Module):
+    """Image embedding = mean colour; text embedding = a fixed vector per word (see TEXT_VEC)."""
+
+    def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return torch.nn.functional.normalize(pixels.mean(dim=(2, 3)), dim=-1)
+
+    def encode_text(self, ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return TEXT_VEC[ids[:, 0]]
+
+
+class OracleItmModel(ColourModel):
+    """An ITM head that knows the true pairs: logit 1 for a true pair, 0 otherwise."""
+
+    def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        colour = pixels.mean(dim=(2, 3)).argmax(dim=1)
+        return torch.tensor([float((int(c), int(w)) in TRUE_PAIRS) for c, w in zip(colour, input_ids[:, 0])])
+
+
+def _images():
+    from PIL import Image
+
+    return [Image.new("RGB", (4, 4), c) for c in RGB]
+
+
+def _layouts(tmp_path):
+    """The same 3 images / 5 captions in the three supported layouts."""
+    from datasets import Dataset
+    from datasets import Image as ImageFeature
+
+    red, green, blue = _images()
+    lists = Dataset.from_dict({"image": [red, green, blue], "caption": [["red", "yellow"], ["green"], ["blue", "crimson"]]})
+    ids = Dataset.from_dict(
+        {"image": [red, red, green, blue, blue], "caption": ["red", "yellow", "green", "blue", "crimson"],
+         "image_id": [7, 7, 3, 5, 5]}
+    )
+    paths = []
+    for name, img in zip("rgb", (red, green, blue)):
+        paths.append(str(tmp_path / f"{name}.png"))
+        img.save(paths[-1])
+    by_path = Dataset.from_dict(
+        {"image": [paths[0], paths[0], paths[1], paths[2], paths[2]],
+         "caption": ["red", "yellow", "green", "blue", "crimson"]}
+    ).cast_column("image", ImageFeature())
+    return {"caption lists": lists, "column 'image_id'": ids, "image path": by_path}
+
+
+def test_evaluate_retrieval_groups_captions_in_every_layout(tmp_path):
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    # by hand (see the vectors above): image->text ranks [1, 0, 0] (the red image ties its own "red" with the blue
+    # image's "crimson"); text->image ranks [0, 1, 0, 0, 2] ("yellow" ties red and green; "crimson" ranks the blue
+    # image below the red one and ties the green one)
+    for how, ds in _layouts(tmp_path).items():
+        r = evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, ks=(1, 2, 3))
+        assert r["captions_grouped_by"] == how
+        assert (r["num_images"], r["num_texts"]) == (3, 5)
+        assert r["image_to_text"]["R@1"] == pytest.approx(2 / 3), how
+        assert r["image_to_text"]["R@2"] == 1.0
+        assert r["text_to_image"]["R@1"] == pytest.approx(3 / 5), how
+        assert r["text_to_image"]["R@2"] == pytest.approx(4 / 5)
+        assert r["text_to_image"]["R@3"] == 1.0
+        assert r["text_to_image"]["mean_rank"] == pytest.approx(1 + 3 / 5)
+        assert "any of its positives" in r["definition"]
+
+
+def test_one_caption_per_row_without_grouping():
+    from datasets import Dataset
+
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    ds = Dataset.from_dict({"image": _images(), "caption": ["crimson", "green", "blue"]})
+    r = evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, ks=(1,))
+    assert r["captions_grouped_by"].startswith("row")
+    # "crimson" embeds as red, and is the red image's caption here: every query is found at rank 0
+    assert r["image_to_text"]["R@1"] == 1.0 and r["text_to_image"]["R@1"] == 1.0
+
+
+def test_itm_reranking_with_an_oracle(tmp_path):
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    ds = _layouts(tmp_path)["column 'image_id'"]
+    full = evaluate_retrieval(OracleItmModel(), _preprocess, _tokenize, ds, ks=(1, 2), rerank_itm=3)
+    # a perfect ITM over a shortlist holding every positive finds every query first
+    assert full["itm_reranked"]["image_to_text"]["R@1"] == 1.0
+    assert full["itm_reranked"]["text_to_image"]["R@1"] == 1.0
+    assert full["text_to_image"]["R@1"] == pytest.approx(3 / 5)  # the embedding-only figures are reported too
+    # a shortlist of 1 cannot change any order
+    one = evaluate_retrieval(OracleItmModel(), _preprocess, _tokenize, ds, ks=(1, 2), rerank_itm=1)
+    assert one["itm_reranked"]["image_to_text"] == one["image_to_text"]
+    assert one["itm_reranked"]["text_to_image"] == one["text_to_image"]
+    # shortlist of 2: "crimson"'s image is third (below red, tied with green, and the tie goes against it), so it
+    # stays out and keeps rank 2; "yellow" moves from rank 1 to 0; every image query is found first
+    two = evaluate_retrieval(OracleItmModel(), _preprocess, _tokenize, ds, ks=(1, 2), rerank_itm=2)
+    assert two["itm_reranked"]["text_to_image"]["R@1"] == pytest.approx(4 / 5)
+    assert two["itm_reranked"]["text_to_image"]["R@2"] == pytest.approx(4 / 5)
+    assert two["itm_reranked"]["image_to_text"]["R@1"] == 1.0
+
+
+def test_rerank_needs_an_itm_head(tmp_path):
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    ds = _layouts(tmp_path)["caption lists"]
+    with pytest.raises(ValueError, match="itm_score"):
+        evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, rerank_itm=5)
+
+
+def test_missing_column_is_named(tmp_path):
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    ds = _layouts(tmp_path)["caption lists"]
+    with pytest.raises(ValueError, match="no column 'text'"):
+        evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, caption_column="text")
+    with pytest.raises(ValueError, match="group-by column 'album'"):
+        evaluate_retrieval(ColourModel(), _preprocess, _tokenize, _layouts(tmp_path)["image path"], group_by="album")

@@ -171,8 +171,8 @@ def retrieval_from_embeddings(
 
 def evaluate_retrieval(
     model: Any,
-    tokenizer: Callable,
     preprocess: Callable,
+    tokenizer: Callable,
     dataset: Any,
     *,
     image_column: str = "image",
@@ -184,6 +184,9 @@ def evaluate_retrieval(
     device: str | torch.device = "cpu",
 ) -> dict[str, Any]:
     """Retrieval metrics of ``model`` on ``dataset`` (a datasets.Dataset with an image and a caption column).
+
+    The leading arguments come in the order ``contrast.load`` returns them: ``evaluate_retrieval(*contrast.load(run),
+    dataset)``.
 
     Returns a dict with ``image_to_text`` and ``text_to_image`` summaries (R@K, mean and median rank), the data
     sizes, the grouping used and the metric definition; with ``rerank_itm=k`` also ``itm_reranked`` summaries.
