@@ -185,6 +185,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress:
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
     gather = D.gather_with_grad if dist_info.world_size > 1 else None
+    if hasattr(model, "set_distributed"):  # a forward that needs the global batch (BLIP's hard negatives)
+        model.set_distributed(gather, dist_info.rank)
     objective = build_objective(cfg.loss, gather=gather, rank=dist_info.rank)
 
     loader = torch.utils.data.DataLoader(

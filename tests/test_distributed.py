@@ -1,0 +1,139 @@
+"""Two gloo processes over halves of a batch == one process over the whole batch (loss and every gradient).
+
+The workers are real torch.distributed processes (spawned here, rendezvous through a file) training under DDP with
+``distributed.gather_with_grad`` injected into the objective (and into BLIP for its hard negatives); the reference
+is the same model and objective in this process, without any gather.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from contrast import distributed
+from contrast.config import from_dict
+from contrast.models import build_model
+from contrast.objectives import build_objective
+
+WORLD = 2
+PER_RANK = 4
+
+TINY_MODEL = {
+    "embed_dim": 32,
+    "image": {
+        "name": "vit_tiny_patch16_224",
+        "image_size": 16,
+        "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+    },
+    "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
+}
+CAPTIONS = [
+    "a small red circle", "a large blue square", "a small green triangle above a small white star",
+    "a large yellow diamond", "a small purple cross left of a small red square", "a large white circle",
+    "a small blue star", "a small green square below a small yellow circle",
+]
+SCENARIOS = {
+    "itc": {"model": {**TINY_MODEL}, "loss": {"itc": 1.0}},
+    "siglip": {
+        "model": {**TINY_MODEL, "init_logit_scale": 2.302585092994046, "init_logit_bias": -10.0},
+        "loss": {"itc": 0.0, "sigmoid": 1.0},
+    },
+    "blip": {"model": {**TINY_MODEL, "kind": "blip"}, "loss": {"itc": 1.0, "itm": 1.0, "lm": 1.0}},
+    "blip_distill": {
+        "model": {**TINY_MODEL, "kind": "blip", "blip": {"momentum_distill": True, "queue_size": 16}},
+        "loss": {"itc": 1.0, "itm": 1.0, "lm": 1.0},
+    },
+}
+
+
+def make_batch() -> dict[str, torch.Tensor]:
+    from contrast.tokenizer import ClipTokenizer
+
+    g = torch.Generator().manual_seed(0)
+    return {
+        "pixels": torch.randn(WORLD * PER_RANK, 3, 16, 16, generator=g),
+        "input_ids": ClipTokenizer(16)(CAPTIONS),
+    }
+
+
+def run_step(name: str, batch: dict[str, torch.Tensor], rank: int, gather) -> tuple[torch.Tensor, dict, object, object]:
+    """One forward/backward of a scenario; under a process group the model is wrapped in DDP."""
+    cfg = from_dict(SCENARIOS[name])
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    if hasattr(model, "set_distributed"):
+        model.set_distributed(gather, rank)
+    net = torch.nn.parallel.DistributedDataParallel(model) if gather is not None else model
+    objective = build_objective(cfg.loss, gather=gather, rank=rank)
+    out = net(batch)
+    loss = objective(out).total
+    loss.backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads, out, model
+
+
+def _worker(rank: int, init_file: str, batch: dict[str, torch.Tensor], result_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    from open_clip.loss import ClipLoss, SigLipLoss
+
+    local = {k: v[rank * PER_RANK : (rank + 1) * PER_RANK] for k, v in batch.items()}
+    results = {}
+    for name in SCENARIOS:
+        loss, grads, out, _ = run_step(name, local, rank, distributed.gather_with_grad)
+        results[name] = {"loss": distributed.all_reduce_mean(loss), "grads": grads}
+        with torch.no_grad():  # the foreign implementation's distributed forms on the same per-rank features
+            if name == "itc":
+                ref = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=WORLD)
+                results[name]["open_clip"] = (loss, ref(out.image_emb, out.text_emb, out.logit_scale))
+            if name == "siglip":
+                ref = SigLipLoss(rank=rank, world_size=WORLD)
+                results[name]["open_clip"] = (loss, ref(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias))
+    if rank == 0:
+        torch.save(results, result_file)
+    else:
+        torch.save({k: v.get("open_clip") for k, v in results.items()}, result_file + ".rank1")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def two_process_results(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    batch = make_batch()
+    result_file = str(tmp / "results.pt")
+    os.environ.pop("WORLD_SIZE", None)
+    mp.spawn(_worker, args=(str(tmp / "rendezvous"), batch, result_file), nprocs=WORLD, join=True)
+    results = torch.load(result_file, weights_only=True)
+    rank1 = torch.load(result_file + ".rank1", weights_only=True)
+    return batch, results, rank1
+
+
+def _assert_close(a: torch.Tensor, b: torch.Tensor, what: str) -> None:
+    # float32, 1e-5 relative; the absolute floor is relative to the tensor's own magnitude
+    atol = 1e-5 * max(float(b.abs().max()), 1e-12) * 0.1
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=atol, msg=lambda m: f"{what}: {m}")
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_two_processes_equal_one_process(two_process_results, name):
+    batch, results, _ = two_process_results
+    loss, grads, _, model = run_step(name, batch, 0, None)
+    got = results[name]
+    _assert_close(got["loss"], loss, f"{name} loss")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert set(grads) == trainable, f"parameters without gradient: {trainable - set(grads)}"
+    assert set(got["grads"]) == set(grads)
+    for n, g in grads.items():
+        _assert_close(got["grads"][n], g, f"{name} grad of {n}")
+
+
+@pytest.mark.parametrize("name", ["itc", "siglip"])
+def test_distributed_forms_match_open_clip(two_process_results, name):
+    _, results, rank1 = two_process_results
+    for ours, theirs in (results[name]["open_clip"], rank1[name]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-6, atol=1e-6)
