@@ -207,7 +207,6 @@ def label_indices(values: Sequence[Any], classnames: Sequence[str] | None = None
 
 def evaluate_linear_probe(
     model: Any,
-    tokenizer: Callable | None,
     preprocess: Callable,
     train: Any,
     test: Any,
@@ -225,8 +224,8 @@ def evaluate_linear_probe(
 ) -> dict[str, Any]:
     """Linear probe of ``model``'s frozen image features on labelled datasets (datasets.Dataset splits).
 
-    ``tokenizer`` is unused; it is accepted so every evaluation takes the same leading arguments as
-    ``contrast.load`` returns them. Without ``val``, ``val_fraction`` of ``train`` is held out for the sweep.
+    Without ``val``, ``val_fraction`` of ``train`` is held out for the sweep. Returns :class:`ProbeResult` as a dict
+    plus the feature kind.
     """
     for name, ds in (("train", train), ("test", test), ("val", val)):
         if ds is not None and label_column not in ds.column_names:
