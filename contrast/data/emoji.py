@@ -180,7 +180,11 @@ def build_dataset(
         by_split[split_of(row["emoji_id"], fractions)].append(row)
     if not any(by_split.values()):
         raise EmojiError(f"no images found under {Path(package_dir) / IMAGE_DIR}")
-    return DatasetDict({s: Dataset.from_list(rows, features=FEATURES) for s, rows in by_split.items()})
+    empty = {name: [] for name in FEATURES}
+    return DatasetDict(
+        {s: Dataset.from_list(rows, features=FEATURES) if rows else Dataset.from_dict(empty, features=FEATURES)
+         for s, rows in by_split.items()}
+    )
 
 
 def fetch_emoji(
