@@ -10,16 +10,19 @@ import argparse
 import importlib
 import sys
 
+from contrast.errors import UserError
+
 COMMAND_MODULES = [
     "contrast.train.cli",
     "contrast.evaluate.cli",
     "contrast.data.cli",
     "contrast.features",
+    "contrast.caption",
+    "contrast.export",
+    "contrast.index.cli",
 ]
 
-
-class UserError(Exception):
-    """An error caused by input (a path, a recipe, a checkpoint); printed without a traceback."""
+__all__ = ["main", "build_parser", "UserError"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,12 +34,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from contrast.config import ConfigError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (UserError, ConfigError, FileNotFoundError) as e:
+    except (UserError, FileNotFoundError) as e:
         print(f"contrast: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,8 +18,10 @@ from typing import Any
 
 import yaml
 
+from contrast.errors import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
     """A recipe or override that does not fit the config schema."""
 
 
@@ -39,6 +41,7 @@ class ImageTowerConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     locked: bool = False  # LiT: freeze the tower
     unlocked_groups: int = 0  # with locked: leave the last n block groups trainable
+    feature_cache: int = 0  # fully locked tower: memoise pooled features of up to this many images (0: off)
     grad_checkpointing: bool = False
 
 
@@ -58,6 +61,7 @@ class TextTowerConfig:
     causal: bool = True
     locked: bool = False
     unlocked_layers: int = 0
+    feature_cache: int = 0  # kind hf, fully locked: memoise pooled features of up to this many texts (0: off)
     grad_checkpointing: bool = False
 
 
@@ -115,6 +119,26 @@ class BlipConfig:
 
 
 @dataclass
+class BridgeConfig:
+    """Kind ``decoder``: a small causal decoder that reads an image tower through a bridge.
+
+    ``unified`` (LLaVA): one tower layer's tokens -> 2-layer GELU MLP -> visual tokens prepended to the text.
+    ``xattn`` (Llama 3.2 Vision): several tower layers concatenated along features -> linear -> context of gated
+    cross-attention blocks (tanh gates start at zero) inserted between decoder layers.
+    """
+
+    mode: str = "unified"  # unified | xattn
+    tower: str | None = None  # a run dir / checkpoint or a `contrast export --format timm` dir; None: fresh model.image
+    tower_locked: bool = True  # a tower from `tower` stays frozen (a fresh tower always trains)
+    layer: int = -2  # unified: the tower block whose output becomes visual tokens (LLaVA: the penultimate)
+    tokens: str = "patch"  # unified: patch | cls_patch (prefix tokens kept)
+    taps: list[int] = field(default_factory=lambda: [-3, -1])  # xattn: tower blocks concatenated along features
+    xattn_every: int = 1  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ...
+    use_images: bool = True  # false: the same decoder with the image path switched off (the text-only reference)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # sizes (source own; weights unused)
+
+
+@dataclass
 class ModelConfig:
     kind: str = "clip"  # the model family build_model() assembles: clip (dual encoder; SigLIP and LiT too)
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
@@ -126,6 +150,7 @@ class ModelConfig:
     qformer: QFormerConfig = field(default_factory=QFormerConfig)  # kinds blip2_stage1 | blip2_stage2
     blip2: Blip2Config = field(default_factory=Blip2Config)
     blip: BlipConfig = field(default_factory=BlipConfig)  # kind blip
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)  # kind decoder
 
 
 @dataclass
@@ -244,6 +269,11 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         return dict(value)
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r} ({type(value).__name__})")
         return float(value)

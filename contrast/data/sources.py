@@ -19,16 +19,16 @@ from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
 from contrast.config import DataConfig
+from contrast.errors import UserError
 
 SPLITS = ("train", "val", "test")
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Data that cannot be read as an image-caption source."""
 
 
 def _synthetic(cfg: DataConfig, split: str) -> Dataset:
-    from contrast.data.synthetic import generate
 
     features = Features(
         {
@@ -40,7 +40,6 @@ def _synthetic(cfg: DataConfig, split: str) -> Dataset:
             "n_shapes": Value("int32"),
         }
     )
-    s = cfg.synthetic
     quiet = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:

@@ -1,37 +1,227 @@
-"""``contrast eval ...`` commands."""
+"""``contrast eval ...`` commands: zeroshot, retrieval, linear-probe and all.
+
+Each command writes one report (``report.json``, ``report.md`` and plots) into ``--out-dir``, by default
+``RUN_DIR/eval/<command>``.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """Bad data or task files surface from the evaluations as ValueError; print them as user errors."""
+    from contrast.cli import UserError
+
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(str(e)) from e
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
+    """(run config, model, preprocess, tokenizer) of ``--checkpoint``."""
+    import contrast
+    from contrast.api import load_config_of
+
+    cfg, _ = load_config_of(args.checkpoint)
+    model, preprocess, tokenizer = contrast.load(args.checkpoint, device=_device(args.device))
+    return cfg, model, preprocess, tokenizer
+
+
+def _write(args: argparse.Namespace, command: str, sections: list) -> None:
+    from contrast.api import load_config_of
+    from contrast.evaluate.report import write_report
+    from contrast.train.checkpoint import run_dir_of
+
+    if args.out_dir:
+        out = Path(args.out_dir)
+    else:
+        _, ckpt = load_config_of(args.checkpoint)
+        out = run_dir_of(ckpt) / "eval" / command
+    paths = write_report(out, sections, checkpoint=str(args.checkpoint), title=f"Evaluation report: {command}")
+    print(f"report: {paths['markdown']}")
+
+
+def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
+
+    sections = []
+    for task_path in args.task:
+        task = load_task(task_path)
+        with _user_errors():
+            r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data, batch_size=args.batch_size,
+                                  device=_device(args.device))
+        sections.append(Section("zeroshot", r["task"], r))
+        print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean per-class recall "
+              f"{r['mean_per_class_recall']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f})")
+    return sections
 
 
 def _zeroshot(args: argparse.Namespace) -> int:
-    import contrast
-    from contrast.api import load_config_of
-    from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
-
-    cfg, _ = load_config_of(args.checkpoint)
-    model, preprocess, tokenizer = contrast.load(args.checkpoint)
-    results = []
-    for task_path in args.task:
-        task = load_task(task_path)
-        r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data, batch_size=args.batch_size)
-        results.append(r)
-        print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f})")
+    cfg, model, preprocess, tokenizer = _setup(args)
+    sections = _run_zeroshot(args, cfg, model, preprocess, tokenizer)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=2))
+        Path(args.out).write_text(json.dumps([s.result for s in sections], indent=2))
+    _write(args, "zeroshot", sections)
     return 0
+
+
+def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
+    import dataclasses
+
+    from contrast.data import load_source
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
+    source = args.data or cfg.data.source
+    split = args.split or cfg.data.eval_split
+    if source == "synthetic":  # the run's own settings of the built-in set
+        data_cfg = cfg.data if cfg.data.source == "synthetic" else dataclasses.replace(cfg.data, source="synthetic")
+    else:
+        data_cfg = dataclasses.replace(cfg.data, source=source, image_column=args.image_column,
+                                       caption_column=args.caption_column)
+    with _user_errors():
+        ds = load_source(data_cfg, split)
+        if args.limit:
+            ds = ds.select(range(min(args.limit, len(ds))))
+        r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=args.group_by, rerank_itm=args.rerank_itm,
+                               batch_size=args.batch_size, device=_device(args.device))
+    r.update(data=source, split=split)
+    name = f"{Path(source).name or source}:{split}"
+    print(f"{name}: {r['num_images']} images, {r['num_texts']} captions")
+    for direction in ("image_to_text", "text_to_image"):
+        m = r[direction]
+        print(f"  {direction}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("R@")))
+        if "itm_reranked" in r:
+            m = r["itm_reranked"][direction]
+            print(f"  {direction} (ITM re-ranked top {args.rerank_itm}): "
+                  + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("R@")))
+    print(f"  ({r['definition']})")
+    return [Section("retrieval", name, r)]
+
+
+def _retrieval(args: argparse.Namespace) -> int:
+    _write(args, "retrieval", _run_retrieval(args, *_setup(args)))
+    return 0
+
+
+def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
+    import dataclasses
+
+    from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.zeroshot import load_task, task_dataset
+
+    sections = []
+    for task_path in args.task:
+        task = load_task(task_path)
+        with _user_errors():
+            splits = {}
+            for role, split in (("train", task.train_split), ("val", task.val_split), ("test", task.split)):
+                if split is None:
+                    continue
+                ds = task_dataset(dataclasses.replace(task, split=split), cfg.data)
+                if role == "train" and args.max_train and len(ds) > args.max_train:
+                    ds = ds.shuffle(seed=0).select(range(args.max_train))
+                splits[role] = ds
+            r = evaluate_linear_probe(
+                model, preprocess, splits["train"], splits["test"], splits.get("val"),
+                label_column=task.label_column, image_column=task.image_column, classnames=task.classnames,
+                features=args.features, l2_grid=args.l2 or DEFAULT_L2_GRID, batch_size=args.batch_size,
+                device=_device(args.device),
+            )
+        r["task"] = task.name
+        sections.append(Section("linear_probe", task.name, r))
+        print(f"{task.name}: linear probe test accuracy {r['test_accuracy']:.3f} at L2 {r['best_l2']:.3g} "
+              f"(val {r['val_accuracy']:.3f}; {r['num_train']} train / {r['num_val']} val / {r['num_test']} test, "
+              f"{r['features']} features of width {r['feature_dim']})")
+    return sections
+
+
+def _linear_probe(args: argparse.Namespace) -> int:
+    _write(args, "linear-probe", _run_probe(args, *_setup(args)))
+    return 0
+
+
+def _all(args: argparse.Namespace) -> int:
+    setup = _setup(args)
+    sections = _run_zeroshot(args, *setup)
+    if not args.no_probe:
+        sections += _run_probe(args, *setup)
+    if not args.no_retrieval:
+        sections += _run_retrieval(args, *setup)
+    _write(args, "all", sections)
+    return 0
+
+
+def _common(p: argparse.ArgumentParser, batch_size: int = 256) -> None:
+    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
+    p.add_argument("--batch-size", type=int, default=batch_size)
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda (auto: cuda when available)")
+    p.add_argument("--out-dir", help="write report.json, report.md and plots here (default RUN_DIR/eval/COMMAND)")
+
+
+def _retrieval_args(p: argparse.ArgumentParser, data_required: bool) -> None:
+    p.add_argument("--data", required=data_required,
+                   help="synthetic, a folder with captions.jsonl/csv, a .parquet/.arrow file or a save_to_disk folder"
+                   + ("" if data_required else " (default: the run's data source)"))
+    p.add_argument("--split", help="train | val | test (default: the run's data.eval_split)")
+    p.add_argument("--image-column", default="image")
+    p.add_argument("--caption-column", default="caption", help="a string column, or a list-of-strings column")
+    p.add_argument("--group-by", help="column naming each caption's image (default: image_id when present, else "
+                   "the image file path)")
+    p.add_argument("--rerank-itm", type=int, default=0, metavar="K",
+                   help="re-rank each query's top K by the model's image-text matching head")
+    p.add_argument("--limit", type=int, help="evaluate only the first N rows")
+
+
+def _probe_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--features", choices=["pooled", "embed"], default="pooled",
+                   help="pooled: the image tower's output before the projection; embed: the projected embedding")
+    p.add_argument("--l2", type=float, nargs="+", help="L2 strengths to sweep (default 1e-6 ... 1e2)")
+    p.add_argument("--max-train", type=int, help="fit on at most N training images (a seeded sample)")
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a trained model")
     ev = p.add_subparsers(dest="eval_command", required=True, metavar="EVAL")
     z = ev.add_parser("zeroshot", help="zero-shot classification on task files")
-    z.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
+    _common(z)
     z.add_argument("--task", required=True, nargs="+", help="task file(s), e.g. eval/tasks/shapes.yaml")
-    z.add_argument("--batch-size", type=int, default=256)
-    z.add_argument("--out", help="write the results as JSON here")
+    z.add_argument("--out", help="also write the results as a JSON list here")
     z.set_defaults(func=_zeroshot)
+
+    r = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 in both directions")
+    _common(r, batch_size=64)
+    _retrieval_args(r, data_required=True)
+    r.set_defaults(func=_retrieval)
+
+    lp = ev.add_parser("linear-probe", help="logistic regression on frozen image features, per task file")
+    _common(lp, batch_size=64)
+    lp.add_argument("--task", required=True, nargs="+", help="task file(s); train_split / val_split / split")
+    _probe_args(lp)
+    lp.set_defaults(func=_linear_probe)
+
+    a = ev.add_parser("all", help="zero-shot and linear probe on task files plus retrieval, in one report")
+    _common(a, batch_size=64)
+    a.add_argument("--task", required=True, nargs="+", help="task file(s), e.g. eval/tasks/shapes.yaml")
+    _probe_args(a)
+    _retrieval_args(a, data_required=False)
+    a.add_argument("--no-probe", action="store_true", help="skip the linear probes")
+    a.add_argument("--no-retrieval", action="store_true", help="skip retrieval")
+    a.set_defaults(func=_all)

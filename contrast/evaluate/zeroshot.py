@@ -28,6 +28,7 @@ import yaml
 from torchmetrics.classification import MulticlassAccuracy
 
 from contrast.config import ConfigError, DataConfig, from_dict
+from contrast.evaluate.metrics import classification_metrics
 
 
 @dataclass
@@ -40,6 +41,8 @@ class ZeroShotTask:
     where: dict[str, Any] = field(default_factory=dict)  # keep rows whose columns equal these values
     classnames: list[str] = field(default_factory=list)
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
+    train_split: str = "train"  # linear probe: fit on this split
+    val_split: str | None = "val"  # linear probe: choose the L2 strength here; None holds out part of train_split
 
 
 def load_task(path: str | Path) -> ZeroShotTask:
@@ -74,10 +77,19 @@ def zeroshot_classifier(
 def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None):
     """The task's rows; ``data_cfg`` supplies the run's own settings when the task uses the built-in set."""
     from contrast.data import load_source
+    from contrast.evaluate.labelled import is_class_folder, load_class_folder
 
     if task.data == "synthetic":
         cfg = data_cfg if data_cfg is not None and data_cfg.source == "synthetic" else DataConfig()
         ds = load_source(cfg, task.split)
+    elif is_class_folder(task.data):  # ROOT/CLASS/*.jpg: labels index the sorted class folder names
+        ds = load_class_folder(task.data, task.split, task.label_column)
+        folders = ds.features[task.label_column].names
+        if len(folders) != len(task.classnames):
+            raise ConfigError(
+                f"task '{task.name}': {task.data} has {len(folders)} class folders but the task lists "
+                f"{len(task.classnames)} classnames; list one name per folder, in the sorted folder order {folders[:10]}"
+            )
     else:
         # labelled data: the label column stands where a caption would; keep its own name
         cfg = DataConfig(source=task.data, image_column=task.image_column, caption_column=task.label_column)
@@ -125,7 +137,7 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
 def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
                       data_cfg: DataConfig | None = None, batch_size: int = 256,
                       device: str | torch.device = "cpu") -> dict:
-    """Top-1 / top-5 accuracy of zero-shot classification on the task's data."""
+    """Top-1 / top-5 accuracy, mean per-class recall and the confusion matrix of zero-shot classification."""
     model.eval()
     classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
     C = len(task.classnames)
@@ -133,13 +145,17 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
     skipped = [0]
     n = 0
     ds = task_dataset(task, data_cfg)
+    all_logits, all_labels = [], []
     for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, skipped):
         logits = model.encode_image(pixels.to(device)) @ classifier  # (B, C)
         for m in metrics.values():
             m.update(logits.cpu(), labels)
+        all_logits.append(logits.float().cpu())
+        all_labels.append(labels)
         n += len(labels)
     if n == 0:
         raise ConfigError(f"task '{task.name}' matched no readable images")
+    per_class = classification_metrics(torch.cat(all_logits), torch.cat(all_labels), C)
     return {
         "task": task.name,
         "n": n,
@@ -148,4 +164,8 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
         "top5": float(metrics[5].compute()),
         "chance_top1": 1.0 / C,
         "skipped_images": skipped[0],
+        "mean_per_class_recall": per_class["mean_per_class_recall"],
+        "per_class_recall": per_class["per_class_recall"],
+        "confusion": per_class["confusion"],  # [true][predicted] counts
+        "classnames": list(task.classnames),
     }

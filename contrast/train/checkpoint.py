@@ -16,11 +16,13 @@ import torch
 from safetensors.torch import load_file, save_model
 from torch import nn
 
+from contrast.errors import UserError
+
 WEIGHTS = "model.safetensors"
 STATE = "state.pt"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError, ValueError):
     """A checkpoint that is missing, incomplete, or made for a different model."""
 
 

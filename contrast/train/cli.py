@@ -24,8 +24,8 @@ def _train(args: argparse.Namespace) -> int:
     if result.skipped_images or result.skipped_captions:
         print(f"skipped {result.skipped_images} unreadable images and {result.skipped_captions} empty captions")
     if cfg.eval.tasks:
-        from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
         import contrast
+        from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
 
         model, preprocess, tokenizer = contrast.load(out)
         print("zero-shot on held-out data:")

@@ -23,6 +23,7 @@ from contrast.config import Config, save_config
 from contrast.data import load_source
 from contrast.data.collate import Collator
 from contrast.data.transforms import build_transform
+from contrast.errors import UserError
 from contrast.models import build_model
 from contrast.objectives import build_objective
 from contrast.tokenizer import build_tokenizer
@@ -32,7 +33,7 @@ from contrast.train.optim import build_optimizer, build_scheduler
 log = logging.getLogger(__name__)
 
 
-class NonFiniteLossError(RuntimeError):
+class NonFiniteLossError(UserError, RuntimeError):
     """The loss became NaN or infinite."""
 
 

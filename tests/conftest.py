@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny configs that train in seconds on a CPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_config(tmp_cache=None, **train):
+    from contrast.config import Config
+
+    cfg = Config()
+    cfg.model.embed_dim = 32
+    cfg.model.image.image_size = 16
+    cfg.model.image.kwargs = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    cfg.model.text.context_length = 16
+    cfg.model.text.width = 32
+    cfg.model.text.layers = 1
+    cfg.model.text.heads = 2
+    cfg.data.synthetic.image_size = 16
+    cfg.data.synthetic.train_size = 256
+    cfg.data.synthetic.val_size = 32
+    cfg.data.synthetic.test_size = 64
+    cfg.data.cache_dir = tmp_cache
+    cfg.train.batch_size = 16
+    cfg.train.steps = 4
+    cfg.train.warmup_steps = 1
+    cfg.train.log_every = 1
+    cfg.train.checkpoint_every = 0
+    cfg.train.lr = 1e-3
+    for k, v in train.items():
+        setattr(cfg.train, k, v)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def data_cache(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("hf_cache"))
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_cache):
+    """A small CLIP trained long enough on the built-in set to classify colours zero-shot."""
+    from contrast.train.loop import train
+
+    cfg = tiny_config(data_cache, steps=120, batch_size=64, lr=2e-3, warmup_steps=10)
+    cfg.model.image.image_size = 32
+    cfg.model.image.kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    cfg.model.text.width = 64
+    cfg.model.embed_dim = 64
+    cfg.data.synthetic.image_size = 32
+    cfg.data.synthetic.train_size = 4096
+    cfg.data.synthetic.test_size = 300
+    cfg.train.log_every = 20
+    run = tmp_path_factory.mktemp("trained") / "run"
+    train(cfg, run, progress=False)
+    return run
