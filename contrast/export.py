@@ -7,8 +7,8 @@ silently wrong directory behind.
 - ``timm``: ``model.safetensors`` + ``config.json`` in timm's hub layout (``architecture``, ``model_args``,
   ``pretrained_cfg`` with mean / std / input size). Load with ``timm.create_model("local-dir:DIR")`` or
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/model.safetensors), **model_args)``.
-  Where timm's own head pooling equals ours, the projection rides in timm's classifier (``model(x)`` is our
-  unnormalised image embedding); otherwise it is written beside as ``projection.safetensors``.
+  The backbone is saved without a classifier (``model(x)`` gives pooled features); our projection to the shared
+  embedding is written beside as ``projection.safetensors`` (``embed = pooled @ weight.T``).
 - ``hf``: a ``CLIPVisionModelWithProjection`` directory (``config.json`` + ``model.safetensors`` +
   ``preprocessor_config.json``) that ``CLIPVisionModel.from_pretrained`` also loads (LLaVA's vision tower);
   a ViT without class token and with an attention-pool head goes to ``SiglipVisionModel`` instead.
@@ -117,8 +117,6 @@ def _timm_pretrained_cfg(tower: ImageTower, num_classes: int) -> dict:
 
 
 def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
-    import copy
-
     import timm
 
     out = Path(out)
@@ -126,24 +124,13 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
     report = ExportReport("timm", out)
     tower = tower.eval()
     x = _probe_pixels(tower)
-    backbone = copy.deepcopy(tower.backbone).eval()
+    backbone = tower.backbone
     with torch.no_grad():
         tokens = tower.forward_tokens(x)
-        ours_pool = tower.pool(tokens)
-        ours_emb = tower.embed(x)
-        head_pool = backbone.forward_head(backbone.forward_features(x), pre_logits=True)
-    # the projection can live in timm's classifier only where timm's head pooling is ours
-    in_head = head_pool.shape == ours_pool.shape and bool((head_pool - ours_pool).abs().max() <= 1e-6)
-    E = tower.embed_dim if in_head else 0
-    if in_head:
-        backbone.reset_classifier(E)
-        clf = backbone.get_classifier()
-        with torch.no_grad():
-            clf.weight.copy_(tower.proj.weight)
-            if clf.bias is not None:
-                clf.bias.zero_()
-    else:
-        save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
+    # timm's classifier is left off (num_classes=0): a checkpoint with a head would be dropped by timm whenever the
+    # caller's num_classes differs from the architecture's default; the projection is written beside instead
+    E = 0
+    save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "model.safetensors"))
     model_args = {**tower.cfg.kwargs, "num_classes": E}
     config = {
@@ -152,7 +139,7 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
         "num_features": tower.width,
         "model_args": model_args,
         "pretrained_cfg": _timm_pretrained_cfg(tower, E),
-        "contrast": {"pool": tower.cfg.pool, "embed_dim": tower.embed_dim, "projection": "head" if in_head else "projection.safetensors"},
+        "contrast": {"pool": tower.cfg.pool, "embed_dim": tower.embed_dim, "projection": "projection.safetensors"},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
 
@@ -162,8 +149,10 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
         if feats.ndim == 4:
             feats = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)
         _check(report, "tokens", tokens, feats)
-        if in_head:
-            _check(report, "image_embeds", ours_emb, loaded(x))
+        if tower.is_sequence and tower.cfg.pool == "default":  # timm's own pooling is ours
+            _check(report, "pooled", tower.pool(tokens), loaded(x))
+        w = load_file(str(out / "projection.safetensors"))["weight"]
+        _check(report, "image_embeds", tower.embed(x), tower.pool(feats) @ w.t())
     return report
 
 

@@ -14,6 +14,10 @@ def build_model(cfg: ModelConfig) -> nn.Module:
 
         builders = {"blip2_stage1": blip2.Blip2Stage1, "blip2_stage2": blip2.Blip2Stage2, "caption_lm": blip2.CaptionLM}
         return builders[cfg.kind](cfg)
+    if cfg.kind == "decoder":
+        from contrast.models.decoder import VisionLanguageDecoder
+
+        return VisionLanguageDecoder(cfg)
     if cfg.kind == "blip":
         from contrast.models.blip import BlipModel
 

@@ -1,0 +1,101 @@
+"""Bridges from a vision tower to a language decoder.
+
+- Unified embedding (LLaVA): the output of one tower block (by default the penultimate, as LLaVA-1.5 uses CLIP's
+  second-to-last layer), patch tokens or class + patch tokens, mapped by a 2-layer GELU MLP to the decoder's width
+  and used as visual tokens (B, N, D_decoder) in the decoder's input sequence.
+  Liu et al., "Visual Instruction Tuning", 2023; Liu et al., "Improved Baselines with Visual Instruction Tuning", 2023.
+- Cross-attention (Llama 3.2 Vision): features of several tower blocks concatenated along the feature axis,
+  projected to the decoder's width, and read by gated cross-attention blocks interleaved with the decoder's layers.
+  Each block's attention and MLP outputs are scaled by ``tanh(gate)`` with the gate starting at zero, so the decoder
+  computes exactly what it computed without images at initialisation.
+  Llama Team, "The Llama 3 Herd of Models", 2024; the tanh gate: Alayrac et al., "Flamingo: a Visual Language
+  Model for Few-Shot Learning", 2022.
+
+Bridges use only the tower interface (``forward_intermediates``, ``num_prefix_tokens``, ``width``).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from contrast.layers import MLP, Attention
+
+TOKEN_CHOICES = ("patch", "cls_patch")
+
+
+def select_tokens(tokens: torch.Tensor, num_prefix: int, which: str) -> torch.Tensor:
+    """(B, prefix + N, D) -> patch tokens (B, N, D) or everything, prefix tokens first (B, prefix + N, D)."""
+    if which == "patch":
+        return tokens[:, num_prefix:]
+    if which == "cls_patch":
+        if num_prefix == 0:
+            raise ValueError("bridge tokens 'cls_patch' needs a tower with a class token; this one has none (use patch)")
+        return tokens
+    raise ValueError(f"bridge tokens must be one of {', '.join(TOKEN_CHOICES)}, got '{which}'")
+
+
+class UnifiedProjector(nn.Module):
+    """LLaVA-1.5's ``mlp2x_gelu``: Linear(tower width, D) -> GELU -> Linear(D, D)."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(out_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class UnifiedBridge(nn.Module):
+    """One tower layer -> token selection -> :class:`UnifiedProjector` -> visual tokens (B, N, D_decoder)."""
+
+    def __init__(self, tower_width: int, num_prefix_tokens: int, decoder_width: int, layer: int = -2, tokens: str = "patch"):
+        super().__init__()
+        select_tokens(torch.zeros(1, num_prefix_tokens + 1, 1), num_prefix_tokens, tokens)  # validate early
+        self.layer, self.tokens, self.num_prefix_tokens = layer, tokens, num_prefix_tokens
+        self.projector = UnifiedProjector(tower_width, decoder_width)
+
+    def features(self, tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        feats = tower.forward_intermediates(pixels, [self.layer])[0]  # (B, prefix + N, D_tower)
+        return select_tokens(feats, self.num_prefix_tokens, self.tokens)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.projector(features)  # (B, N, D_decoder)
+
+
+class MultiLayerTaps(nn.Module):
+    """Several tower blocks' outputs concatenated along features, then a linear map to the decoder's width."""
+
+    def __init__(self, tower_width: int, decoder_width: int, layers: list[int] | tuple[int, ...]):
+        super().__init__()
+        if not layers:
+            raise ValueError("model.bridge.taps is empty; name at least one tower block (e.g. [-1])")
+        self.layers = [int(i) for i in layers]
+        self.norm = nn.LayerNorm(tower_width * len(self.layers))
+        self.proj = nn.Linear(tower_width * len(self.layers), decoder_width)
+
+    def features(self, tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+        taps = tower.forward_intermediates(pixels, self.layers)  # k x (B, N, D_tower), in block order
+        return torch.cat(taps, dim=-1)  # (B, N, k * D_tower)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.norm(features))  # (B, N, D_decoder)
+
+
+class GatedCrossAttention(nn.Module):
+    """``x + tanh(a) * xattn(ln(x), ctx)`` then ``x + tanh(m) * mlp(ln(x))``; ``a = m = 0`` at initialisation."""
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        self.ln_attn = nn.LayerNorm(dim)
+        self.attn = Attention(dim, heads, context_dim=context_dim or dim)
+        self.gate_attn = nn.Parameter(torch.zeros(()))
+        self.ln_mlp = nn.LayerNorm(dim)
+        self.mlp = MLP(dim, int(dim * mlp_ratio))
+        self.gate_mlp = nn.Parameter(torch.zeros(()))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + torch.tanh(self.gate_attn) * self.attn(self.ln_attn(x), context=context, mask=context_mask)
+        return x + torch.tanh(self.gate_mlp) * self.mlp(self.ln_mlp(x))
