@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -281,3 +282,105 @@ def test_encoder_contract_and_existing_index_are_checked(tmp_path):
         build_index(x, stack, tmp_path / "c", progress=False)
     again = build_index(x[:50], stack, tmp_path / "c", overwrite=True, progress=False)
     assert len(again) == 50 and len(open_index(tmp_path / "c")) == 50
+
+
+# --------------------------------------------------------------------------------------------------- CLI, end to end
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, data_cache):
+    from conftest import tiny_config
+
+    from contrast.train.loop import train
+
+    cfg = tiny_config(data_cache, steps=2)
+    run = tmp_path_factory.mktemp("index_run") / "run"
+    train(cfg, run, progress=False)
+    return run
+
+
+def run_cli(capsys, *argv: str) -> tuple[int, str, str]:
+    from contrast.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_cli_build_query_eval_against_direct_model_encoding(tmp_path, tiny_run, capsys):
+    import torch
+
+    import contrast
+    from contrast.api import load_config_of
+    from contrast.data import load_source
+    from contrast.train.checkpoint import WEIGHTS, resolve, save_model_weights
+
+    ix = tmp_path / "ix"
+    code, out, _ = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic",
+                           "--out", str(ix), "--shard-size", "24", "--batch-size", "10", "--no-progress")
+    assert code == 0 and "64 image vectors x 32" in out
+    m = json.loads((ix / "manifest.json").read_text())
+    from contrast.index import file_sha256
+
+    assert m["checkpoint_hash"] == file_sha256(resolve(tiny_run) / WEIGHTS) and m["num_shards"] == 3
+
+    # independent reference: every test image encoded in one batch, cosine scores by hand
+    model, preprocess, tokenizer = contrast.load(tiny_run)
+    cfg, _ = load_config_of(tiny_run)
+    ds = load_source(cfg.data, "test")
+    with torch.no_grad():
+        imgs = model.encode_image(torch.stack([preprocess(im) for im in ds["image"]]))  # (64, 32)
+        txt = model.encode_text(tokenizer(["a red circle"]))  # (1, 32)
+    sims = (txt @ imgs.T)[0].double().numpy()
+    code, out, _ = run_cli(capsys, "index", "query", str(ix), "--text", "a red circle", "-k", "5", "--json")
+    hits = json.loads(out)
+    assert code == 0 and [h["id"] for h in hits] == np.argsort(-sims)[:5].tolist()
+    np.testing.assert_allclose([h["score"] for h in hits], np.sort(sims)[::-1][:5], atol=1e-5)
+    assert [h["caption"] for h in hits] == [ds[h["id"]]["caption"] for h in hits]
+    assert hits[0]["path"] == f"synthetic:test[{hits[0]['id']}]" and hits[0]["colour"] == ds[hits[0]["id"]]["colour"]
+
+    ds[7]["image"].save(tmp_path / "query.png")
+    code, out, _ = run_cli(capsys, "index", "query", str(ix), "--image", str(tmp_path / "query.png"), "--json")
+    hits = json.loads(out)
+    assert code == 0 and hits[0]["id"] == 7 and hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and len(hits) == 10
+
+    code, out, _ = run_cli(capsys, "index", "eval", str(ix), "-k", "5", "--json")
+    assert code == 0 and json.loads(out)["recall"] == 1.0 and json.loads(out)["num_queries"] == 64
+
+    # the same run directory with other weights: refused by hash
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    with torch.no_grad():
+        model.logit_scale.add_(1.0)
+    save_model_weights(model, resolve(other) / WEIGHTS)
+    code, _, err = run_cli(capsys, "index", "query", str(ix), "--text", "a red circle", "--checkpoint", str(other))
+    assert code == 2 and "was built by another model" in err
+
+    (ix / "manifest.json").write_text("{ not json")
+    code, _, err = run_cli(capsys, "index", "eval", str(ix))
+    assert code == 2 and "manifest.json is corrupt" in err
+
+
+def test_cli_text_modality_and_bad_input(tmp_path, tiny_run, capsys):
+    from contrast.api import load_config_of
+    from contrast.data import load_source
+
+    ix = tmp_path / "captions"
+    code, _, _ = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic", "--out",
+                         str(ix), "--modality", "text", "--factory", "HNSW32", "--no-progress")
+    assert code == 0
+    cfg, _ = load_config_of(tiny_run)
+    caption = load_source(cfg.data, "test")[11]["caption"]
+    code, out, _ = run_cli(capsys, "index", "query", str(ix), "--text", caption, "-k", "3", "--json")
+    top = json.loads(out)[0]
+    assert top["caption"] == caption and top["score"] == pytest.approx(1.0, abs=1e-4)
+
+    code, _, err = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic", "--out",
+                           str(ix), "--no-progress")
+    assert code == 2 and "already holds a finished index" in err
+    code, _, err = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic", "--out",
+                           str(tmp_path / "pq"), "--factory", "IVF1024,PQ32", "--no-progress")
+    assert code == 2 and "PQ codebooks need at least 256 vectors" in err
+    (tmp_path / "notes.txt").write_text("not an image")
+    code, _, err = run_cli(capsys, "index", "query", str(ix), "--image", str(tmp_path / "notes.txt"))
+    assert code == 2 and "pass an image file" in err
