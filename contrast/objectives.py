@@ -207,19 +207,20 @@ def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor
     return F.cross_entropy(itm_logits, itm_labels)
 
 
-def lm_loss(lm_logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Captioning loss: label-smoothed next-token cross-entropy, ``targets`` (B, T) already shifted (-100 = ignore).
+def lm_loss(
+    lm_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_captions: int, label_smoothing: float = 0.1
+) -> torch.Tensor:
+    """Captioning loss: label-smoothed next-token cross-entropy over packed positions.
 
-    Each caption's loss is the mean over its own tokens and the batch loss the mean over captions, so a batch split
-    evenly across ranks averages back to the single-process value whatever the caption lengths.
+    ``lm_logits`` (P, V) and ``targets`` (P,) are the positions that have a next token; ``rows`` (P,) names the
+    caption each belongs to. Each caption's loss is the mean over its own tokens and the batch loss the mean over
+    ``num_captions`` captions, so a batch split evenly across ranks averages back to the single-process value
+    whatever the caption lengths.
     """
-    B, T, V = lm_logits.shape
-    per_token = F.cross_entropy(
-        lm_logits.reshape(B * T, V), targets.reshape(B * T), ignore_index=-100,
-        label_smoothing=label_smoothing, reduction="none",
-    ).view(B, T)  # (B, T), zero where ignored
-    counts = (targets != -100).sum(dim=1).clamp(min=1)
-    return (per_token.sum(dim=1) / counts).mean()
+    per_token = F.cross_entropy(lm_logits, targets, label_smoothing=label_smoothing, reduction="none")  # (P,)
+    sums = per_token.new_zeros(num_captions).index_add(0, rows, per_token)  # (num_captions,)
+    counts = torch.bincount(rows, minlength=num_captions).clamp(min=1)
+    return (sums / counts).mean()
 
 
 def itc_or_distilled_term(out, *, gather: Gather | None = None, rank: int = 0, alpha: float = 0.4) -> torch.Tensor:
@@ -238,5 +239,6 @@ def itm_term(out, *, gather: Gather | None = None, rank: int = 0) -> torch.Tenso
 
 
 def lm_term(out, *, gather: Gather | None = None, rank: int = 0, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Captioning LM loss on a model output carrying ``lm_logits`` and ``lm_targets``."""
-    return lm_loss(out.lm_logits, out.lm_targets, label_smoothing)
+    """Captioning LM loss on a model output carrying packed ``lm_logits``, ``lm_targets`` and ``lm_rows``."""
+    num_captions = getattr(out, "num_captions", None) or out.image_emb.shape[0]  # decoder-only outputs carry it
+    return lm_loss(out.lm_logits, out.lm_targets, out.lm_rows, num_captions, label_smoothing)

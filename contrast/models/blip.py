@@ -42,8 +42,11 @@ class BlipOutput:
     logit_scale: torch.Tensor  # scalar multiplier for ITC
     itm_logits: torch.Tensor  # (3B, 2): positives, (text, hard-negative image), (image, hard-negative text)
     itm_labels: torch.Tensor  # (3B,) 1 for a match, 0 otherwise
-    lm_logits: torch.Tensor  # (B, T', V) decoder logits, T' = the batch's longest caption
-    lm_targets: torch.Tensor  # (B, T') next-token targets aligned with lm_logits, -100 where ignored
+    itm_neg_text: torch.Tensor  # (B,) index into the global batch of each image's hard-negative caption
+    itm_neg_image: torch.Tensor  # (B,) index into the global batch of each caption's hard-negative image
+    lm_logits: torch.Tensor  # (P, V) decoder logits at the P positions that have a next-token target
+    lm_targets: torch.Tensor  # (P,) the next token at each of those positions
+    lm_rows: torch.Tensor  # (P,) the caption (row of the batch) each position belongs to
     image_emb_m: torch.Tensor | None = None  # (N + Q, E) teacher features of the global batch, then the queue
     text_emb_m: torch.Tensor | None = None
     logit_bias: torch.Tensor | None = None  # unused; keeps the dual-encoder field set
@@ -223,12 +226,20 @@ class BlipModel(nn.Module):
         """Match / no-match logits (B, 2) from the image-grounded encoder's [ENC] output."""
         return self.itm_head(self.text(input_ids, "enc", image_tokens)[:, 0])
 
+    def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """Match score (B,) for retrieval re-ranking: the match logit minus the no-match logit."""
+        logits = self.itm_logits(input_ids, self.image_tokens(pixels))  # (B, 2)
+        return logits[:, 1] - logits[:, 0]
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Vocabulary logits (..., V) from decoder states (..., D); the output matrix is the token embedding."""
+        return F.linear(hidden, self.text.token_embedding.weight, self.lm_bias)
+
     def lm_logits(
         self, input_ids: torch.Tensor, image_tokens: torch.Tensor, valid: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Next-token logits (B, T, V) of the image-grounded decoder; position t predicts token t + 1."""
-        h = self.text(input_ids, "dec", image_tokens, valid=valid)
-        return F.linear(h, self.text.token_embedding.weight, self.lm_bias)
+        return self.lm_head(self.text(input_ids, "dec", image_tokens, valid=valid))
 
     # ------------------------------------------------------------------ training forward
 
@@ -301,14 +312,15 @@ class BlipModel(nn.Module):
         itm_logits = self.itm_logits(itm_ids, itm_tokens)
         itm_labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])
 
-        # captioning: trim padding beyond the batch's longest caption
+        # captioning: trim padding beyond the batch's longest caption; logits only where a next token exists
         T = int(valid.sum(dim=1).max())
         dec_ids, dec_valid = ids[:, :T], valid[:, :T]
-        lm_logits = self.lm_logits(dec_ids, img_tokens, valid=dec_valid)  # (B, T, V)
-        targets = torch.full_like(dec_ids, -100)
-        targets[:, :-1] = dec_ids[:, 1:].masked_fill(~dec_valid[:, 1:], -100)
+        hidden = self.text(dec_ids, "dec", img_tokens, valid=dec_valid)  # (B, T, D)
+        has_next = torch.zeros_like(dec_valid)
+        has_next[:, :-1] = dec_valid[:, 1:]  # position t predicts token t + 1
+        rows, cols = has_next.nonzero(as_tuple=True)  # (P,), (P,)
         return BlipOutput(
             image_emb=image_emb, text_emb=text_emb, logit_scale=scale, itm_logits=itm_logits,
-            itm_labels=itm_labels, lm_logits=lm_logits, lm_targets=targets,
-            image_emb_m=image_emb_m, text_emb_m=text_emb_m,
+            itm_labels=itm_labels, itm_neg_text=neg_txt, itm_neg_image=neg_img, lm_logits=self.lm_head(hidden[rows, cols]), lm_targets=dec_ids[rows, cols + 1],
+            lm_rows=rows, image_emb_m=image_emb_m, text_emb_m=text_emb_m,
         )
