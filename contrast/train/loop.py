@@ -152,6 +152,10 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress:
     run_dir = Path(out_dir)
     main = dist_info.is_main
     if main:
+        if not resume and (run_dir / "checkpoints" / "latest").is_file():
+            raise UserError(
+                f"{run_dir} already holds a trained run; continue it with --resume latest, or pass another --out"
+            )
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
 
