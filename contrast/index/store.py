@@ -41,6 +41,8 @@ from typing import Any
 import faiss
 import numpy as np
 
+from contrast.errors import UserError
+
 FORMAT_VERSION = 1
 METRIC = "inner_product"
 MIN_POINTS_PER_LIST = 39  # faiss k-means wants at least this many training points per centroid
@@ -50,7 +52,7 @@ Encoder = Callable[[list[Any]], Any]  # batch of items -> (B, E) float32 L2-norm
 Describer = Callable[[Any], dict[str, Any]]  # item -> JSON-serialisable metadata
 
 
-class IndexStoreError(ValueError):
+class IndexStoreError(UserError, ValueError):
     """A missing, corrupt or mismatched index directory, or settings faiss cannot build."""
 
 
