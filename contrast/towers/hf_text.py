@@ -17,6 +17,7 @@ from torch import nn
 
 from contrast.config import TextTowerConfig
 from contrast.towers.adapters import WeightsError, resolve_path
+from contrast.towers.cache import attach_cache, check_frozen
 
 
 def _hf_folder(cfg: TextTowerConfig) -> str:
@@ -59,6 +60,14 @@ def build_hf_tokenizer(cfg: TextTowerConfig) -> HFTokenizer:
     return HFTokenizer(_hf_folder(cfg), cfg.context_length)
 
 
+def _has(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+        return True
+    except AttributeError:
+        return False
+
+
 class HFTextTower(nn.Module):
     """``transformers.AutoModel`` encoder + masked mean pooling + a bias-free projection to the embedding width."""
 
@@ -74,21 +83,24 @@ class HFTextTower(nn.Module):
             raise WeightsError(f"cannot load a Hugging Face model from {path}: {e}") from e
         hf_cfg = self.encoder.config
         self.pad_token_id = int(hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
-        self.layers = self._layers()
+        self._layers_path = self._find_layers()
         self.proj = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
         self.locked_layers: set[int] | None = None  # None: nothing locked
+        self.feature_cache = attach_cache(self, cfg.feature_cache, lambda: list(self.encoder.parameters()))
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
 
-    def _layers(self) -> nn.ModuleList:
+    def _find_layers(self) -> str:
         for name in ("encoder.layer", "encoder.layers", "layers", "transformer.layer"):
-            mod = self.encoder
-            for part in name.split("."):
-                mod = getattr(mod, part, None)
-            if isinstance(mod, nn.ModuleList):
-                return mod
+            if isinstance(self.encoder.get_submodule(name) if _has(self.encoder, name) else None, nn.ModuleList):
+                return name
         raise WeightsError(f"cannot find the layer stack of {type(self.encoder).__name__} (looked for encoder.layer)")
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        """The encoder's transformer layers (not registered twice: they live under ``encoder``)."""
+        return self.encoder.get_submodule(self._layers_path)
 
     @property
     def width(self) -> int:
@@ -113,8 +125,16 @@ class HFTextTower(nn.Module):
         return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
 
     def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        tokens = self.forward_tokens(input_ids, attention_mask)
-        return self.proj(self.pool(tokens, input_ids, attention_mask))
+        mask = self.attention_mask(input_ids, attention_mask)
+        if self.feature_cache is not None:  # a fully locked encoder: reuse pooled features of seen texts
+            check_frozen(self.feature_cache, "model.text")
+
+            def compute(idx: list[int]) -> torch.Tensor:
+                return self.pool(self.forward_tokens(input_ids[idx], mask[idx]), input_ids[idx], mask[idx])
+
+            rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]  # the real tokens only: padding-independent
+            return self.proj(self.feature_cache(rows, compute))
+        return self.proj(self.pool(self.forward_tokens(input_ids, mask), input_ids, mask))
 
     def forward_intermediates(
         self, input_ids: torch.Tensor, indices: list[int], attention_mask: torch.Tensor | None = None

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from contrast.config import ImageTowerConfig
+from contrast.towers.cache import attach_cache, check_frozen
 
 
 class ImageTower(nn.Module):
@@ -30,6 +31,7 @@ class ImageTower(nn.Module):
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
         self.proj = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
+        self.feature_cache = attach_cache(self, cfg.feature_cache, lambda: list(self.backbone.parameters()))
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
 
@@ -62,6 +64,10 @@ class ImageTower(nn.Module):
         return tokens.mean(dim=1)  # global average pooling of a CNN map
 
     def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        if self.feature_cache is not None:  # a fully locked backbone: reuse pooled features of seen images
+            check_frozen(self.feature_cache, "model.image")
+            feats = self.feature_cache(list(pixels), lambda idx: self.pool(self.forward_tokens(pixels[idx])))
+            return self.proj(feats)
         return self.proj(self.pool(self.forward_tokens(pixels)))
 
     def forward_intermediates(self, pixels: torch.Tensor, indices: list[int] | int) -> list[torch.Tensor]:
