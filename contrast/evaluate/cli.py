@@ -17,7 +17,7 @@ from typing import Any
 @contextlib.contextmanager
 def _user_errors() -> Iterator[None]:
     """Bad data or task files surface from the evaluations as ValueError; print them as user errors."""
-    from contrast.cli import UserError
+    from contrast.errors import UserError
 
     try:
         yield
