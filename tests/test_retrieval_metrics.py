@@ -343,3 +343,56 @@ def test_missing_column_is_named(tmp_path):
         evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, caption_column="text")
     with pytest.raises(ValueError, match="group-by column 'album'"):
         evaluate_retrieval(ColourModel(), _preprocess, _tokenize, _layouts(tmp_path)["image path"], group_by="album")
+
+
+def test_multi_query_similarity_takes_the_best_query():
+    from contrast.evaluate.retrieval import similarity
+
+    img = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one image, two query embeddings
+    txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])
+    assert similarity(img, txt).tolist() == [[1.0, pytest.approx(0.8), 0.0]]
+    assert similarity(img[:, 0], txt).tolist() == [[1.0, pytest.approx(0.6), -1.0]]
+
+
+def test_blip_itm_reranking_matches_a_brute_force_reorder():
+    """A real BLIP model: the re-ranked ranks equal sorting each query's top-3 by the model's own ITM scores."""
+    from datasets import Dataset
+    from PIL import Image
+
+    from contrast.config import from_dict
+    from contrast.evaluate.retrieval import evaluate_retrieval
+    from contrast.models import build_model
+    from contrast.tokenizer import ClipTokenizer
+
+    tiny = {"kind": "blip", "embed_dim": 32,
+            "image": {"name": "vit_tiny_patch16_224", "image_size": 16,
+                      "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}},
+            "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2}}
+    torch.manual_seed(0)
+    model = build_model(from_dict({"model": tiny}).model).eval()
+    tok = ClipTokenizer(16)
+    g = torch.Generator().manual_seed(0)
+    imgs = [Image.fromarray((torch.rand(16, 16, 3, generator=g) * 255).byte().numpy()) for _ in range(6)]
+    caps = [f"a {c} {s}" for c, s in zip(["red", "blue", "green", "white", "purple", "yellow"],
+                                          ["circle", "square", "star", "cross", "diamond", "triangle"])]
+    ds = Dataset.from_dict({"image": imgs, "caption": caps})
+    r = evaluate_retrieval(model, _preprocess, tok, ds, ks=(1, 2), rerank_itm=3)
+
+    with torch.no_grad():
+        pixels = torch.stack([_preprocess(i) for i in imgs])
+        ids = tok(caps)
+        sim = model.encode_image(pixels) @ model.encode_text(ids).T  # (6, 6), no ties
+        itm = torch.stack([model.itm_score(pixels[i].expand(6, -1, -1, -1), ids) for i in range(6)])  # (img, txt)
+
+    def reranked_rank(scores: torch.Tensor, itm_row: torch.Tensor, positive: int) -> int:
+        order = torch.argsort(scores, descending=True).tolist()
+        top = sorted(order[:3], key=lambda c: -float(itm_row[c]))
+        return (top + order[3:]).index(positive)
+
+    i2t = [reranked_rank(sim[i], itm[i], i) for i in range(6)]
+    t2i = [reranked_rank(sim[:, t], itm[:, t], t) for t in range(6)]
+    for k in (1, 2):
+        assert r["itm_reranked"]["image_to_text"][f"R@{k}"] == pytest.approx(sum(x < k for x in i2t) / 6)
+        assert r["itm_reranked"]["text_to_image"][f"R@{k}"] == pytest.approx(sum(x < k for x in t2i) / 6)
+    assert r["itm_reranked"]["image_to_text"]["mean_rank"] == pytest.approx(1 + sum(i2t) / 6)
+    assert r["itm_reranked"]["text_to_image"]["mean_rank"] == pytest.approx(1 + sum(t2i) / 6)

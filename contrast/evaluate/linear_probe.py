@@ -171,11 +171,13 @@ def extract_features(
     device: str | torch.device = "cpu",
 ) -> torch.Tensor:
     """Frozen image features (N, D): ``pooled`` = the image tower's pooled output before the projection (the
-    representation a downstream model consumes), ``embed`` = the projected embedding, unnormalised."""
+    representation a downstream model consumes), ``embed`` = the projected embedding, unnormalised (averaged over
+    queries for models with several embeddings per image)."""
     if features not in ("pooled", "embed"):
         raise ValueError(f"features must be 'pooled' or 'embed', got '{features}'")
-    tower = getattr(model, "image", None)
-    if features == "pooled" and not (hasattr(tower, "forward_tokens") and hasattr(tower, "pool")):
+    towers = [getattr(model, a, None) for a in ("image", "tower")]
+    tower = next((t for t in towers if hasattr(t, "forward_tokens") and hasattr(t, "pool")), None)
+    if features == "pooled" and tower is None:
         raise ValueError(f"{type(model).__name__} has no image tower with forward_tokens/pool; use features='embed'")
     if image_column not in dataset.column_names:
         raise ValueError(f"no image column '{image_column}' in the data (columns: {', '.join(dataset.column_names)})")
@@ -187,6 +189,8 @@ def extract_features(
             f = tower.pool(tower.forward_tokens(pixels))
         else:
             f = model.encode_image(pixels, normalize=False)
+            if f.ndim == 3:  # (b, Q, E) query embeddings
+                f = f.mean(dim=1)
         out.append(f.float().cpu())
     return torch.cat(out)
 

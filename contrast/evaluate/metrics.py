@@ -74,7 +74,7 @@ def recall_at_k(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[int
     """Fraction of queries whose rank is below K, for each K."""
     if ranks.numel() == 0:
         raise ValueError("no queries to score")
-    return {int(k): float((ranks < k).float().mean()) for k in ks}
+    return {int(k): float((ranks < k).double().mean()) for k in ks}
 
 
 def rank_summary(ranks: torch.Tensor, ks: Sequence[int] = (1, 5, 10)) -> dict[str, float]:

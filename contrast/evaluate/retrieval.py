@@ -125,7 +125,8 @@ def encode_images(
     device: str | torch.device = "cpu",
     keep_pixels: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """L2-normalised image embeddings (N, E) of the given rows, and the preprocessed pixels if asked for."""
+    """L2-normalised image embeddings (N, E), or (N, Q, E) for multi-query models, of the given rows; and the
+    preprocessed pixels if asked for."""
     embs, kept = [], []
     for s in range(0, len(rows), batch_size):
         cells = dataset.select(rows[s : s + batch_size])[image_column]
@@ -160,11 +161,23 @@ def _itm_scorer(model: ItmScorer, pixels: torch.Tensor, ids: torch.Tensor, image
     return score
 
 
+def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(I, T) image-text scores: dot products, or for several embeddings per image (I, Q, E) (BLIP-2 queries)
+    the best query's."""
+    if image_emb.ndim == 3:
+        return torch.einsum("iqe,te->itq", image_emb, text_emb).amax(dim=-1)  # (I, T)
+    return image_emb @ text_emb.T  # (I, T)
+
+
 def retrieval_from_embeddings(
-    image_emb: torch.Tensor, text_emb: torch.Tensor, text_to_image: torch.Tensor, ks: Sequence[int] = (1, 5, 10)
+    image_emb: torch.Tensor,
+    text_emb: torch.Tensor,
+    text_to_image: torch.Tensor,
+    ks: Sequence[int] = (1, 5, 10),
+    sim_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = similarity,
 ) -> dict[str, Any]:
     """recall@K both ways from embeddings (cosine similarity when they are L2-normalised)."""
-    sim = image_emb @ text_emb.T  # (I, T)
+    sim = sim_fn(image_emb, text_emb)  # (I, T)
     i2t, t2i = image_text_ranks(sim, text_to_image)
     return {"image_to_text": rank_summary(i2t, ks), "text_to_image": rank_summary(t2i, ks)}
 
@@ -211,9 +224,10 @@ def evaluate_retrieval(
             "captions_grouped_by": groups.grouped_by,
             "definition": RETRIEVAL_DEFINITION,
         }
-        result.update(retrieval_from_embeddings(img, txt, groups.text_to_image, ks))
+        sim_fn = getattr(model, "similarity", None) or similarity  # a model's own rule when it has one
+        result.update(retrieval_from_embeddings(img, txt, groups.text_to_image, ks, sim_fn))
         if rerank_itm:
-            sim = img @ txt.T  # (I, T)
+            sim = sim_fn(img, txt)  # (I, T)
             pos = groups.text_to_image.reshape(1, -1) == torch.arange(len(groups.image_rows)).reshape(-1, 1)  # (I, T)
             i2t = rerank(sim, rerank_itm, _itm_scorer(model, pixels, ids, True, device), pos, batch_size)
             t2i = rerank(sim.T, rerank_itm, _itm_scorer(model, pixels, ids, False, device), pos.T, batch_size)
