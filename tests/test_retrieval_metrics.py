@@ -272,10 +272,12 @@ def _layouts(tmp_path):
         {"image": [paths[0], paths[0], paths[1], paths[2], paths[2]],
          "caption": ["red", "yellow", "green", "blue", "crimson"]}
     ).cast_column("image", ImageFeature())
-    return {"caption lists": lists, "column 'image_id'": ids, "image path": by_path}
+    return {"caption lists": lists, "column 'image_id'": ids, "image (same file or same bytes)": by_path}
 
 
 def test_evaluate_retrieval_groups_captions_in_every_layout(tmp_path):
+    from datasets import Dataset
+
     from contrast.evaluate.retrieval import evaluate_retrieval
 
     # by hand (see the vectors above): image->text ranks [1, 0, 0] (the red image ties its own "red" with the blue
@@ -292,6 +294,13 @@ def test_evaluate_retrieval_groups_captions_in_every_layout(tmp_path):
         assert r["text_to_image"]["R@3"] == 1.0
         assert r["text_to_image"]["mean_rank"] == pytest.approx(1 + 3 / 5)
         assert "any of its positives" in r["definition"]
+    # rows holding identical stored bytes (no id column, no file) are one image too
+    red, green, blue = _images()
+    same_bytes = Dataset.from_dict({"image": [red, red, green, blue, blue],
+                                    "caption": ["red", "yellow", "green", "blue", "crimson"]})
+    r = evaluate_retrieval(ColourModel(), _preprocess, _tokenize, same_bytes, ks=(1, 2, 3))
+    assert (r["num_images"], r["image_to_text"]["R@1"]) == (3, pytest.approx(2 / 3))
+    assert r["text_to_image"]["mean_rank"] == pytest.approx(1 + 3 / 5)
 
 
 def test_one_caption_per_row_without_grouping():
@@ -301,7 +310,7 @@ def test_one_caption_per_row_without_grouping():
 
     ds = Dataset.from_dict({"image": _images(), "caption": ["crimson", "green", "blue"]})
     r = evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, ks=(1,))
-    assert r["captions_grouped_by"].startswith("row")
+    assert r["captions_grouped_by"].startswith("image") and r["num_images"] == 3  # three distinct images
     # "crimson" embeds as red, and is the red image's caption here: every query is found at rank 0
     assert r["image_to_text"]["R@1"] == 1.0 and r["text_to_image"]["R@1"] == 1.0
 
@@ -342,7 +351,7 @@ def test_missing_column_is_named(tmp_path):
     with pytest.raises(ValueError, match="no column 'text'"):
         evaluate_retrieval(ColourModel(), _preprocess, _tokenize, ds, caption_column="text")
     with pytest.raises(ValueError, match="group-by column 'album'"):
-        evaluate_retrieval(ColourModel(), _preprocess, _tokenize, _layouts(tmp_path)["image path"], group_by="album")
+        evaluate_retrieval(ColourModel(), _preprocess, _tokenize, _layouts(tmp_path)["image (same file or same bytes)"], group_by="album")
 
 
 def test_multi_query_similarity_takes_the_best_query():

@@ -5,7 +5,7 @@ query). Captions are grouped by image in one of three ways, chosen by :func:`gro
 
 - the caption column holds a list of strings per row (one row per image);
 - several rows share a value of a grouping column (``image_id`` by default when present, or ``--group-by COLUMN``);
-- several rows share an image file (the image column's path);
+- several rows hold the same image (the same file, or identical stored bytes);
 otherwise each row is its own image with one caption.
 
 Re-ranking (BLIP, Li et al. 2022, section 4.2): each query's top-k shortlist by embedding similarity is re-ordered
@@ -62,17 +62,28 @@ def to_pil(value: Any) -> Image.Image:
 
 
 def _image_keys(dataset: Any, image_column: str) -> list[Any] | None:
-    """The file path of each row's image, or None when the images carry no paths."""
+    """An identity per row's image: a digest of its bytes when they are stored in the data, else its file path;
+    None when some row has neither. (Stored bytes win over a path, which may be a bare, repeated file name.)"""
+    import hashlib
+
     from datasets import Image as ImageFeature
 
     feature = dataset.features.get(image_column)
     if isinstance(feature, ImageFeature):
         cells = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
-        paths = [c.get("path") if isinstance(c, dict) else None for c in cells]
     else:
         cells = dataset[image_column]
-        paths = [c if isinstance(c, str) else None for c in cells]
-    return None if any(p is None for p in paths) else paths
+    keys: list[Any] = []
+    for c in cells:
+        if isinstance(c, dict) and c.get("bytes"):
+            keys.append(hashlib.sha1(c["bytes"]).hexdigest())
+        elif isinstance(c, dict) and c.get("path"):
+            keys.append(c["path"])
+        elif isinstance(c, str):
+            keys.append(c)
+        else:
+            return None
+    return keys
 
 
 def group_captions(
@@ -103,7 +114,7 @@ def group_captions(
     if key_col is not None:
         keys, how = dataset[key_col], f"column '{key_col}'"
     else:
-        keys, how = _image_keys(dataset, image_column), "image path"
+        keys, how = _image_keys(dataset, image_column), "image (same file or same bytes)"
         if keys is None:
             keys, how = list(range(len(dataset))), "row (one caption per image)"
     first_row: dict[Any, int] = {}  # group key -> first row holding it (insertion order = image index)
