@@ -145,6 +145,8 @@ def load_source(cfg: DataConfig, split: str) -> Dataset:
     if cfg.image_column != "image":
         ds = ds.rename_column(cfg.image_column, "image")
     if cfg.caption_column != "caption":
+        if "caption" in ds.column_names:  # the configured column wins over one that happens to be named caption
+            ds = ds.remove_columns("caption")
         ds = ds.rename_column(cfg.caption_column, "caption")
     if not isinstance(ds.features["image"], ImageFeature):
         ds = ds.cast_column("image", ImageFeature())
