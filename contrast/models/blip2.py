@@ -40,14 +40,21 @@ class Blip2Output:
     logit_scale: torch.Tensor  # scalar multiplier
     itm_logits: torch.Tensor  # (3B, 2): positives, then (image, hard-negative text), then (hard-negative image, text)
     itm_labels: torch.Tensor  # (3B,) 1 for a match
-    lm_logits: torch.Tensor  # (B, T-1, V) ITG logits at positions 0..T-2
-    lm_targets: torch.Tensor  # (B, T-1) the next tokens, -100 at padding
+    lm_logits: torch.Tensor  # (P, V+1) ITG logits at the P text positions that have a next token
+    lm_targets: torch.Tensor  # (P,) those next tokens
+    lm_rows: torch.Tensor  # (P,) the caption each position belongs to
+
+    @property
+    def num_captions(self) -> int:
+        return self.text_emb.shape[0]
 
 
 @dataclass
 class DecoderOutput:
-    lm_logits: torch.Tensor  # (B, T-1, V) logits at the caption positions 0..T-2
-    lm_targets: torch.Tensor  # (B, T-1) next tokens, -100 at padding
+    lm_logits: torch.Tensor  # (P, V) logits at the P caption positions that have a next token
+    lm_targets: torch.Tensor  # (P,) those next tokens
+    lm_rows: torch.Tensor  # (P,) the caption each position belongs to
+    num_captions: int
 
 
 def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
@@ -56,11 +63,24 @@ def next_token_targets(input_ids: torch.Tensor) -> torch.Tensor:
     return input_ids[:, 1:].masked_fill(~real, -100)
 
 
-def caption_nll(lm_logits: torch.Tensor, lm_targets: torch.Tensor) -> torch.Tensor:
-    """Summed negative log-likelihood and token count (plain cross-entropy, no smoothing) for reporting."""
-    nll = F.cross_entropy(lm_logits.reshape(-1, lm_logits.shape[-1]).float(), lm_targets.reshape(-1),
-                          ignore_index=-100, reduction="sum")
-    return torch.stack([nll, (lm_targets != -100).sum().to(nll.dtype)])
+def trim_padding(input_ids: torch.Tensor) -> torch.Tensor:
+    """Drop the columns after the batch's longest caption: they are padding everywhere and change no output."""
+    keep = int(text_padding_mask(input_ids).sum(dim=1).max())
+    return input_ids[:, :keep]  # (B, T')
+
+
+def packed_targets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(where, targets, rows)``: a (B, T-1) mask of the positions that have a real next token, those tokens (P,)
+    and their caption numbers (P,). Logits are computed at those positions only."""
+    tgt = next_token_targets(input_ids)  # (B, T-1)
+    where = tgt != -100
+    return where, tgt[where], where.nonzero()[:, 0]
+
+
+def caption_nll(out: DecoderOutput | Blip2Output) -> tuple[float, int]:
+    """Summed plain (unsmoothed) next-token negative log-likelihood over a batch and the number of tokens."""
+    nll = F.cross_entropy(out.lm_logits.float(), out.lm_targets, reduction="sum")
+    return float(nll), int(out.lm_targets.numel())
 
 
 # --------------------------------------------------------------------------------------------------- frozen parts
@@ -112,14 +132,17 @@ class SmallDecoder(nn.Module):
         self.ln_final = nn.LayerNorm(cfg.width)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
 
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
         L = inputs_embeds.shape[1]
         if L > self.positional_embedding.shape[0]:
             raise ValueError(f"decoder input of {L} positions exceeds model.blip2.decoder.max_positions "
                              f"{self.positional_embedding.shape[0]}; raise it")
         # right padding under a causal mask never reaches a real position, so attention_mask is not needed here
         x, _ = self.transformer(inputs_embeds + self.positional_embedding[:L], causal=True)
-        return self.ln_final(x) @ self.token_embedding.weight.t()  # (B, L, V)
+        return self.ln_final(x)  # (B, L, W)
+
+    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.hidden(inputs_embeds) @ self.token_embedding.weight.t()  # (B, L, V)
 
 
 class CausalDecoder(nn.Module):
@@ -149,9 +172,18 @@ class CausalDecoder(nn.Module):
         return self.lm.get_input_embeddings()(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits (B, L, V) at every position."""
         if self.cfg.source == "own":
             return self.lm(inputs_embeds, attention_mask)
         return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
+
+    def caption_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, start: int,
+                       where: torch.Tensor) -> torch.Tensor:
+        """(P, V) logits at caption positions ``start + t`` for the (B, T-1) selection ``where``."""
+        if self.cfg.source == "own":  # the LM head runs on the selected positions only
+            h = self.lm.hidden(inputs_embeds)[:, start : start + where.shape[1]][where]  # (P, W)
+            return h @ self.lm.token_embedding.weight.t()
+        return self(inputs_embeds, attention_mask)[:, start : start + where.shape[1]][where]
 
 
 def _hf_causal_lm(cfg: DecoderConfig) -> nn.Module:
@@ -237,7 +269,7 @@ class Blip2Stage1(nn.Module):
         return torch.einsum("iqe,je->ijq", image_emb, text_emb).amax(dim=-1)
 
     def lm_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.lm_transform(hidden) @ self.qformer.word_embeddings.weight.t() + self.lm_bias  # (B, T, V+1)
+        return self.lm_transform(hidden) @ self.qformer.word_embeddings.weight.t() + self.lm_bias  # (..., V+1)
 
     def itm_logits(self, feats: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, 2) match / no-match logits: the head over each query output, averaged over queries."""
@@ -247,9 +279,9 @@ class Blip2Stage1(nn.Module):
 
     def forward(self, batch: dict[str, torch.Tensor]) -> Blip2Output:
         feats = self.image_features(batch)  # (B, N, width)
-        ids = batch["input_ids"]
-        B, Q = ids.shape[0], self.qformer.num_queries
+        ids = trim_padding(batch["input_ids"])  # (B, T')
         real = text_padding_mask(ids)
+        B, Q = ids.shape[0], self.qformer.num_queries
 
         # ITC: queries and text in one pass, neither seeing the other
         h = self.qformer(feats, ids, "itc", text_mask=real)  # (B, Q+T, D)
@@ -273,8 +305,9 @@ class Blip2Stage1(nn.Module):
         dec_ids = ids.clone()
         dec_ids[:, 0] = self.qformer.dec_token_id
         g = self.qformer(feats, dec_ids, "itg", text_mask=real)
-        lm_logits = self.lm_logits(g[:, Q:-1])  # (B, T-1, V+1)
-        return Blip2Output(image_emb, text_emb, scale, itm_logits, itm_labels, lm_logits, next_token_targets(ids))
+        where, targets, rows = packed_targets(ids)
+        lm_logits = self.lm_logits(g[:, Q:-1][where])  # (P, V+1)
+        return Blip2Output(image_emb, text_emb, scale, itm_logits, itm_labels, lm_logits, targets, rows)
 
 
 # --------------------------------------------------------------------------------------------------- stage 2
@@ -289,9 +322,10 @@ class CaptionLM(nn.Module):
         self.decoder = CausalDecoder(cfg.blip2.decoder, cfg.text.vocab_size)
 
     def forward(self, batch: dict[str, torch.Tensor]) -> DecoderOutput:
-        ids = batch["input_ids"]
-        logits = self.decoder(self.decoder.embed(ids), text_padding_mask(ids).long())  # (B, T, V)
-        return DecoderOutput(logits[:, :-1], next_token_targets(ids))
+        ids = trim_padding(batch["input_ids"])
+        where, targets, rows = packed_targets(ids)
+        logits = self.decoder.caption_logits(self.decoder.embed(ids), text_padding_mask(ids).long(), 0, where)
+        return DecoderOutput(logits, targets, rows, ids.shape[0])
 
 
 class Blip2Stage2(nn.Module):
@@ -328,7 +362,7 @@ class Blip2Stage2(nn.Module):
         return self.proj(self.qformer.encode_queries(feats))
 
     def forward(self, batch: dict[str, torch.Tensor], use_prompt: bool = True) -> DecoderOutput:
-        ids = batch["input_ids"]
+        ids = trim_padding(batch["input_ids"])
         real = text_padding_mask(ids)
         x = self.decoder.embed(ids)  # (B, T, W)
         mask = real.long()
@@ -338,11 +372,12 @@ class Blip2Stage2(nn.Module):
             Q = prompt.shape[1]
             x = torch.cat([prompt, x], dim=1)  # (B, Q+T, W)
             mask = torch.cat([torch.ones(ids.shape[0], Q, dtype=torch.long, device=ids.device), mask], dim=1)
-        logits = self.decoder(x, mask)  # (B, Q+T, V)
-        return DecoderOutput(logits[:, Q:-1], next_token_targets(ids))
+        where, targets, rows = packed_targets(ids)
+        logits = self.decoder.caption_logits(x, mask, Q, where)  # (P, V)
+        return DecoderOutput(logits, targets, rows, ids.shape[0])
 
 
 __all__ = [
     "Blip2Output", "DecoderOutput", "Blip2Stage1", "Blip2Stage2", "CaptionLM", "CausalDecoder", "SmallDecoder",
-    "build_frozen_tower", "caption_nll", "next_token_targets",
+    "build_frozen_tower", "caption_nll", "next_token_targets", "packed_targets",
 ]
