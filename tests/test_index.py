@@ -189,6 +189,7 @@ def test_killed_build_resumes_to_the_same_index(tmp_path):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (killed / "manifest.json").exists(), "the build finished before it could be killed"
+    (killed / "shards" / "emb_00009.npy.tmp1.npy").write_bytes(b"\x93NUMPY half a shard")  # as if killed mid-write
     build_index(x, stack, killed, factory="HNSW32", shard_size=64, batch_size=32, progress=False)
     assert_same_index(whole, killed)
 

@@ -290,6 +290,8 @@ def build_index(
         raise IndexStoreError(f"{out} already holds a finished index; choose another output directory "
                               f"or pass overwrite (--overwrite) to replace it")
     (out / "shards").mkdir(parents=True, exist_ok=True)
+    for stale in [*out.glob("*.tmp*"), *(out / "shards").glob("*.tmp*")]:  # half-written files of a killed build
+        stale.unlink()
 
     params = {"factory": factory, "shard_size": shard_size, "checkpoint_hash": checkpoint_hash,
               "modality": modality, "source": source, "split": split}
@@ -496,7 +498,7 @@ class RetrievalIndex:
         _set_search_params(self.index, nprobe if nprobe is not None else self.manifest.nprobe,
                            ef_search if ef_search is not None else self.manifest.ef_search, k)
         scores, rows = self.index.search(q, k)
-        ids = np.where(rows >= 0, np.asarray(self._ids)[np.maximum(rows, 0)], -1)
+        ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)  # reads only the hits' ids
         meta = self.metadata(rows) if with_metadata else []
         return SearchResult(scores=scores, ids=ids, rows=rows, metadata=meta)
 
