@@ -29,8 +29,12 @@ MODES = ("unified", "xattn")
 
 @dataclass
 class DecoderLMOutput:
-    lm_logits: torch.Tensor  # (B, T-1, V) logits at caption positions 0..T-2
-    lm_targets: torch.Tensor  # (B, T-1) the next caption token, -100 past the end of text
+    """Packed caption positions: only positions that have a next caption token get logits."""
+
+    lm_logits: torch.Tensor  # (P, V) logits at the caption positions whose next token is real
+    lm_targets: torch.Tensor  # (P,) that next token
+    lm_rows: torch.Tensor  # (P,) the caption each position belongs to
+    num_captions: int  # B
     num_visual_tokens: int  # visual tokens in the decoder's sequence (unified mode; 0 otherwise)
 
 
@@ -117,8 +121,8 @@ class VisionLanguageDecoder(nn.Module):
         """(B, N, D_decoder): the bridge's output (unified: prepended tokens; xattn: cross-attention context)."""
         return self.bridge(self.visual_features(pixels))
 
-    def decode(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Logits (B, T, V) at the caption positions (after any visual tokens); returns the visual-token count too."""
+    def hidden(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+        """Final hidden states (B, T, W) at the caption positions (after any visual tokens), and the visual-token count."""
         x = self.token_embedding(input_ids)  # (B, T, W)
         n_vis = 0
         if visual is not None and self.mode == "unified":
@@ -136,15 +140,23 @@ class VisionLanguageDecoder(nn.Module):
                 x = self.xattn[str(i)](x, visual)
             # right padding under a causal mask never reaches a real position, so no padding mask is needed
             x = blk(x, causal=True)
-        return self.ln_final(x[:, n_vis:]) @ self.token_embedding.weight.t(), n_vis  # (B, T, V)
+        return self.ln_final(x[:, n_vis:]), n_vis  # (B, T, W)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden @ self.token_embedding.weight.t()  # (..., V), head tied to the token embedding
 
     def forward(self, batch: dict[str, torch.Tensor]) -> DecoderLMOutput:
         ids = batch["input_ids"]
         visual = self.visual_tokens(batch["pixels"]) if self.use_images else None
-        logits, n_vis = self.decode(ids, visual)
+        h, n_vis = self.hidden(ids, visual)
+        targets = next_token_targets(ids)  # (B, T-1)
+        keep = targets != -100
+        rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(targets)[keep]  # (P,)
         return DecoderLMOutput(
-            lm_logits=logits[:, :-1],  # (B, T-1, V): predicts ids[:, 1:]
-            lm_targets=next_token_targets(ids),
+            lm_logits=self.logits(h[:, :-1][keep]),  # (P, V): only positions with a real next token
+            lm_targets=targets[keep],
+            lm_rows=rows,
+            num_captions=ids.shape[0],
             num_visual_tokens=n_vis,
         )
 
@@ -152,9 +164,8 @@ class VisionLanguageDecoder(nn.Module):
     def caption_loss(self, batch: dict[str, torch.Tensor]) -> tuple[float, int]:
         """Summed next-token negative log-likelihood (no smoothing) over caption tokens, and the token count."""
         out = self(batch)
-        V = out.lm_logits.shape[-1]
-        nll = F.cross_entropy(out.lm_logits.reshape(-1, V).float(), out.lm_targets.reshape(-1), ignore_index=-100, reduction="sum")
-        return float(nll), int((out.lm_targets != -100).sum())
+        nll = F.cross_entropy(out.lm_logits.float(), out.lm_targets, reduction="sum")
+        return float(nll), int(out.lm_targets.numel())
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         """The bridge's tensors (projector / taps + gated cross-attention), exported beside the tower."""
