@@ -139,6 +139,12 @@ def infer_clip_config(
     v_hidden = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     v_heads = width // int(vc.get("head_width", 64))
     t_width = sd["token_embedding.weight"].shape[1]
+    t_heads = int(tc.get("heads", t_width // 64))
+    if v_heads < 1 or width % v_heads or t_heads < 1 or t_width % t_heads:
+        raise ConversionError(
+            f"cannot infer head counts for widths {width} (image) / {t_width} (text) with OpenAI's 64-wide heads; "
+            "pass the model's open_clip config (--open-clip-config) naming vision_cfg.head_width and text_cfg.heads"
+        )
     t_hidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
     act = "quick_gelu" if quick_gelu else "gelu"
     kwargs: dict[str, Any] = dict(
@@ -163,7 +169,7 @@ def infer_clip_config(
         vocab_size=sd["token_embedding.weight"].shape[0],
         width=t_width,
         layers=_count_blocks(sd, "transformer.resblocks."),
-        heads=int(tc.get("heads", t_width // 64)),
+        heads=t_heads,
         mlp_ratio=t_hidden / t_width,
         act=act,
     )
