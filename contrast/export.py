@@ -349,7 +349,14 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Expo
     if fmt == "open_clip":
         return export_open_clip(model, out)
     tower = find_image_tower(model)
-    return export_timm(tower, out) if fmt == "timm" else export_hf(tower, out)
+    report = export_timm(tower, out) if fmt == "timm" else export_hf(tower, out)
+    if hasattr(model, "bridge_state"):  # a decoder run: its projector / taps + gated cross-attention go beside
+        save_file({k: v.detach().contiguous() for k, v in model.bridge_state().items()}, str(Path(out) / "bridge.safetensors"))
+        b = model.cfg.bridge
+        meta = {"mode": b.mode, "layer": b.layer, "tokens": b.tokens, "taps": list(b.taps), "xattn_every": b.xattn_every,
+                "tower_width": tower.width, "decoder_width": model.width, "decoder_heads": b.decoder.heads}
+        (Path(out) / "bridge.json").write_text(json.dumps(meta, indent=2))
+    return report
 
 
 def import_checkpoint(
