@@ -385,3 +385,23 @@ def test_cli_text_modality_and_bad_input(tmp_path, tiny_run, capsys):
     (tmp_path / "notes.txt").write_text("not an image")
     code, _, err = run_cli(capsys, "index", "query", str(ix), "--image", str(tmp_path / "notes.txt"))
     assert code == 2 and "pass an image file" in err
+
+
+def test_cli_folder_source_records_file_paths(tmp_path, tiny_run, capsys):
+    from PIL import Image
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rows = []
+    for i in range(24):
+        Image.new("RGB", (20, 20), (10 * i, 255 - 10 * i, (37 * i) % 256)).save(folder / f"img{i}.png")
+        rows.append(json.dumps({"file": f"img{i}.png", "caption": f"patch {i}"}))
+    (folder / "captions.jsonl").write_text("\n".join(rows))
+    ix = tmp_path / "ix"
+    code, out, _ = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", str(folder),
+                           "--split", "train", "--out", str(ix), "--no-progress")
+    assert code == 0 and "22 image vectors" in out  # 24 rows: 22 train, 1 val, 1 test
+    code, out, _ = run_cli(capsys, "index", "query", str(ix), "--image", str(folder / "img5.png"), "--json")
+    top = json.loads(out)[0]
+    assert (top["id"], top["path"], top["caption"]) == (5, str(folder / "img5.png"), "patch 5")
+    assert top["score"] == pytest.approx(1.0, abs=1e-4)
