@@ -112,6 +112,7 @@ def test_stage1_output_and_itm_hard_negatives():
     with torch.no_grad():
         pos = model.itm_logits(feats, ids)
     torch.testing.assert_close(out.itm_logits[:B], pos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model.itm_score(batch["pixels"], ids), pos[:, 1] - pos[:, 0], atol=1e-5, rtol=1e-5)
     # each negative row matches some (image j, text k) pair with differing captions, never the positive
     with torch.no_grad():
         jj, kk = torch.meshgrid(torch.arange(B), torch.arange(B), indexing="ij")

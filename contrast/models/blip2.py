@@ -277,6 +277,13 @@ class Blip2Stage1(nn.Module):
         h = self.qformer(feats, input_ids, "itm")  # (B, Q+T, D)
         return self.itm_head(h[:, :Q]).mean(dim=1)
 
+    @torch.no_grad()
+    def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B,) match scores (match minus no-match logit) for re-ranking; pixels or tower features (B, N, width)."""
+        feats = self.image_features({"pixels": pixels} if pixels.ndim == 4 else {"image_feats": pixels})
+        logits = self.itm_logits(feats, trim_padding(input_ids))
+        return logits[:, 1] - logits[:, 0]
+
     def forward(self, batch: dict[str, torch.Tensor]) -> Blip2Output:
         feats = self.image_features(batch)  # (B, N, width)
         ids = trim_padding(batch["input_ids"])  # (B, T')
