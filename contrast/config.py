@@ -80,6 +80,7 @@ class QFormerConfig:
     mlp_ratio: float = 4.0
     cross_attention_every: int = 2  # layers 0, k, 2k, ... cross-attend to the image features
     layer_norm_eps: float = 1e-12
+    init_std: float = 0.02  # normal init of weights, embeddings and queries (BERT's 0.02)
     grad_checkpointing: bool = False
 
 

@@ -131,7 +131,7 @@ class QFormer(nn.Module):
         self._init()
 
     def _init(self) -> None:
-        std = 0.02  # BERT's initializer range
+        std = self.cfg.init_std  # BERT's initializer range by default
         nn.init.normal_(self.query_tokens, std=std)
         for m in self.modules():
             if isinstance(m, nn.Linear):
