@@ -15,7 +15,6 @@ logits (the :class:`ItmScorer` protocol).
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -23,6 +22,7 @@ from typing import Any, Protocol, runtime_checkable
 import torch
 from PIL import Image
 
+from contrast.data.collate import decode_image
 from contrast.evaluate.metrics import (
     RETRIEVAL_DEFINITION,
     image_text_ranks,
@@ -52,13 +52,7 @@ class CaptionGroups:
 
 def to_pil(value: Any) -> Image.Image:
     """A datasets image cell (PIL image, {'bytes', 'path'} dict or a path) as an RGB PIL image."""
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, dict):
-        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    else:
-        img = Image.open(value)
-    return img.convert("RGB")
+    return decode_image(value).convert("RGB")
 
 
 def _image_keys(dataset: Any, image_column: str) -> list[Any] | None:
