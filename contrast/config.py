@@ -208,6 +208,7 @@ class TrainConfig:
     log_every: int = 10
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda
+    compile: bool = False  # torch.compile the model (fuses elementwise work; the first steps pay for compiling)
 
 
 @dataclass

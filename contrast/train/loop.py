@@ -189,6 +189,8 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress:
         train_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    if cfg.train.compile:
+        train_model = torch.compile(train_model)
     gather = D.gather_with_grad if dist_info.world_size > 1 else None
     if hasattr(model, "set_distributed"):  # a forward that needs the global batch (BLIP's hard negatives)
         model.set_distributed(gather, dist_info.rank)

@@ -6,7 +6,7 @@ optimizer set-up, each in its own process (so peak memory is that process's own)
 FLOP/s (FLOPs of one training step counted by torch.utils.flop_counter, divided by the measured step time), its
 share of this machine's fp32 matmul peak (measured here on a large matmul), and peak resident memory.
 
-    python eval/bench/train_throughput.py [--steps 8] [--warmup 2] [--batch 128] [--threads N]
+    python eval/bench/train_throughput.py [--steps 8] [--warmup 2] [--batch 128] [--threads N] [--compile]
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import torch
 WIDTH, IMAGE, PATCH, V_LAYERS, T_LAYERS, HEADS, CTX, EMBED = 256, 64, 8, 6, 4, 4, 32, 256
 
 
-def build_contrast():
+def build_contrast(compile: bool = False):
     from contrast.config import Config, TrainConfig
     from contrast.models import build_model
     from contrast.objectives import build_objective
@@ -40,9 +40,10 @@ def build_contrast():
     model = build_model(cfg.model)
     opt = build_optimizer(model, TrainConfig(lr=1e-4))
     objective = build_objective(cfg.loss)
+    forward = torch.compile(model) if compile else model
 
     def step(pixels, ids):
-        loss = objective(model({"pixels": pixels, "input_ids": ids})).total
+        loss = objective(forward({"pixels": pixels, "input_ids": ids})).total
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -85,13 +86,22 @@ def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    model, step = {"contrast": build_contrast, "open_clip": build_open_clip}[impl]()
+    builders = {"contrast": build_contrast, "open_clip": build_open_clip,
+                "contrast+compile": lambda: build_contrast(compile=True)}
+    model, step = builders[impl]()
     model.train()
     pixels = torch.randn(batch, 3, IMAGE, IMAGE)
     ids = torch.randint(1, 49406, (batch, CTX))
     ids[:, -1] = 49407  # end-of-text last, as the tokenizer leaves it for full-length captions
-    with FlopCounterMode(display=False) as fc:
-        step(pixels, ids)
+    if impl.endswith("+compile"):  # count FLOPs on the eager model; compiling happens in the warm-up steps
+        eager, eager_step = build_contrast()
+        with FlopCounterMode(display=False) as fc:
+            eager_step(pixels, ids)
+        del eager, eager_step
+        warmup += 1
+    else:
+        with FlopCounterMode(display=False) as fc:
+            step(pixels, ids)
     flops = fc.get_total_flops()
     for _ in range(max(0, warmup - 1)):
         step(pixels, ids)
@@ -130,7 +140,8 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--impl", choices=["contrast", "open_clip"], help=argparse.SUPPRESS)
+    ap.add_argument("--compile", action="store_true", help="add a row for contrast with train.compile (torch.compile)")
+    ap.add_argument("--impl", choices=["contrast", "open_clip", "contrast+compile"], help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -139,7 +150,7 @@ def main() -> None:
         return
     peak = matmul_peak()
     rows = []
-    for impl in ("open_clip", "contrast"):
+    for impl in ("open_clip", "contrast") + (("contrast+compile",) if args.compile else ()):
         cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup", str(args.warmup),
                "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
         out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
@@ -154,9 +165,10 @@ def main() -> None:
         print(f"{r['impl']:<10} {r['images_per_s']:>8.1f} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} "
               f"{r['flop_per_s'] / 1e9:>9.1f} {100 * r['flop_per_s'] / peak:>6.1f}% {r['peak_rss_mib']:>13.0f} "
               f"{r['params_m']:>9.2f}")
-    oc, ours = rows
-    print(f"contrast / open_clip: {ours['images_per_s'] / oc['images_per_s']:.2f}x images/s, "
-          f"{ours['peak_rss_mib'] / oc['peak_rss_mib']:.2f}x peak memory")
+    oc = rows[0]
+    for ours in rows[1:]:
+        print(f"{ours['impl']} / open_clip: {ours['images_per_s'] / oc['images_per_s']:.2f}x images/s, "
+              f"{ours['peak_rss_mib'] / oc['peak_rss_mib']:.2f}x peak memory")
 
 
 if __name__ == "__main__":
