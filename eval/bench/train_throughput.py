@@ -159,10 +159,10 @@ def main() -> None:
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
           f"(2048^3 matmul, best of 10); batch {args.batch}, median of {args.steps} steps")
-    print(f"{'impl':<10} {'img/s':>8} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'% peak':>7} "
+    print(f"{'impl':<16} {'img/s':>8} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'% peak':>7} "
           f"{'peak RSS MiB':>13} {'params M':>9}")
     for r in rows:
-        print(f"{r['impl']:<10} {r['images_per_s']:>8.1f} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} "
+        print(f"{r['impl']:<16} {r['images_per_s']:>8.1f} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} "
               f"{r['flop_per_s'] / 1e9:>9.1f} {100 * r['flop_per_s'] / peak:>6.1f}% {r['peak_rss_mib']:>13.0f} "
               f"{r['params_m']:>9.2f}")
     oc = rows[0]
