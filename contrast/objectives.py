@@ -83,11 +83,6 @@ class Objective:
         return LossOutput(total=total, parts=parts)
 
 
-def itc_term(out, *, gather: Gather | None = None, rank: int = 0) -> torch.Tensor:
-    """InfoNCE on a model output carrying ``image_emb``, ``text_emb`` and ``logit_scale``."""
-    return info_nce(out.image_emb, out.text_emb, out.logit_scale, gather=gather, rank=rank)
-
-
 def hard_negative_indices(
     sim: torch.Tensor,
     positive: torch.Tensor,
