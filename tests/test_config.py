@@ -67,3 +67,12 @@ def test_shipped_recipes_load():
 
     for recipe in sorted(Path("recipes").glob("*.yaml")):
         load_recipe(recipe)
+
+
+def test_unknown_model_kind_is_an_error():
+    from contrast.models import build_model
+
+    cfg = Config()
+    cfg.model.kind = "blpi"
+    with pytest.raises(ConfigError, match="did you mean 'blip'"):
+        build_model(cfg.model)
