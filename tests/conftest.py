@@ -39,6 +39,20 @@ def tiny_config(tmp_cache=None, **train):
     return cfg
 
 
+def tiny_model_dict(kind: str = "clip", context_length: int = 16, text_layers: int = 1) -> dict:
+    """A model section (as a recipe would hold it) for a 16 px ViT and a 32-wide text transformer."""
+    return {
+        "kind": kind,
+        "embed_dim": 32,
+        "image": {
+            "name": "vit_tiny_patch16_224",
+            "image_size": 16,
+            "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+        },
+        "text": {"context_length": context_length, "width": 32, "layers": text_layers, "heads": 2},
+    }
+
+
 @pytest.fixture(scope="session")
 def data_cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("hf_cache"))

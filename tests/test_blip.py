@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_model_dict
 
 from contrast.config import from_dict
 from contrast.models import build_model
@@ -14,16 +15,7 @@ from contrast.models.blip import BlipModel
 from contrast.objectives import build_objective, distilled_info_nce, hard_negative_indices, info_nce, lm_loss
 from contrast.tokenizer import ClipTokenizer
 
-TINY = {
-    "kind": "blip",
-    "embed_dim": 32,
-    "image": {
-        "name": "vit_tiny_patch16_224",
-        "image_size": 16,
-        "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    },
-    "text": {"context_length": 16, "width": 32, "layers": 2, "heads": 2},
-}
+TINY = tiny_model_dict("blip", text_layers=2)
 CAPTIONS = ["a small red circle", "a large blue square above a small green star", "a small red circle",
             "a large white cross"]
 

@@ -4,22 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import tiny_model_dict
 
 from contrast.caption import beam_search, caption_images, greedy
 from contrast.config import from_dict
 from contrast.models import build_model
 from contrast.tokenizer import ClipTokenizer
 
-TINY = {
-    "kind": "blip",
-    "embed_dim": 32,
-    "image": {
-        "name": "vit_tiny_patch16_224",
-        "image_size": 16,
-        "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    },
-    "text": {"context_length": 8, "width": 32, "layers": 1, "heads": 2},
-}
+TINY = tiny_model_dict("blip", context_length=8)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import tiny_model_dict
 
 from contrast import distributed
 from contrast.config import from_dict
@@ -22,15 +23,7 @@ from contrast.objectives import build_objective
 WORLD = 2
 PER_RANK = 4
 
-TINY_MODEL = {
-    "embed_dim": 32,
-    "image": {
-        "name": "vit_tiny_patch16_224",
-        "image_size": 16,
-        "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
-    },
-    "text": {"context_length": 16, "width": 32, "layers": 1, "heads": 2},
-}
+TINY_MODEL = tiny_model_dict()
 CAPTIONS = [
     "a small red circle", "a large blue square", "a small green triangle above a small white star",
     "a large yellow diamond", "a small purple cross left of a small red square", "a large white circle",
