@@ -7,6 +7,8 @@ torch has them. Blocks are pre-LayerNorm (as in CLIP / GPT-2) and can carry an o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -147,3 +149,93 @@ class Transformer(nn.Module):
             if i in return_layers:
                 taps.append(x)
         return x, taps
+
+
+def layer_indices(num_layers: int, indices: int | Sequence[int]) -> list[int]:
+    """Block indices in timm's ``forward_intermediates`` convention, as sorted non-negative positions.
+
+    An int ``n`` selects the last ``n`` blocks; a sequence selects those blocks, negative entries counting from the
+    end (-1 is the last block). Outputs are returned in block order, each block once.
+    """
+    if isinstance(indices, int):
+        if not 0 < indices <= num_layers:
+            raise ValueError(f"the last-n index {indices} is out of range: n must be between 1 and {num_layers}")
+        return list(range(num_layers - indices, num_layers))
+    picked = set()
+    for i in indices:
+        if not -num_layers <= i < num_layers:
+            raise ValueError(
+                f"block index {i} is out of range for {num_layers} blocks: use 0..{num_layers - 1} or "
+                f"-{num_layers}..-1 (counting from the end)"
+            )
+        picked.add(i % num_layers)
+    if not picked:
+        raise ValueError("no block indices given: pass an int n (the last n blocks) or a non-empty list")
+    return sorted(picked)
+
+
+class TokenTransformer(nn.Module):
+    """Token embedding + learned positions + a pre-LN :class:`Transformer` + a final LayerNorm.
+
+    The text tower (CLIP's text transformer) and the small causal decoders are this stack. Positions start at zero
+    and the token embedding at PyTorch's default; :meth:`init_clip_` applies CLIP's text-tower initialisation.
+    """
+
+    def __init__(
+        self,
+        vocab_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        mlp_ratio: float = 4.0,
+        context_length: int = 77,
+        act: type[nn.Module] = nn.GELU,
+        causal: bool = True,
+    ):
+        super().__init__()
+        self.context_length = context_length
+        self.causal = causal
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.zeros(context_length, width))
+        self.transformer = Transformer(width, layers, heads, mlp_ratio, act=act)
+        self.ln_final = nn.LayerNorm(width)
+
+    def init_clip_(self) -> None:
+        """CLIP's text init: token std 0.02, positions std 0.01, attention / projection / MLP stds by width and depth."""
+        w, L = self.token_embedding.embedding_dim, len(self.transformer.blocks)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        attn_std, proj_std, fc_std = w**-0.5, (w**-0.5) * ((2 * L) ** -0.5), (2 * w) ** -0.5
+        for blk in self.transformer.blocks:
+            nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
+            nn.init.normal_(blk.attn.proj.weight, std=proj_std)
+            nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
+            nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token embeddings (B, T, W), without positions."""
+        return self.token_embedding(ids)
+
+    def forward(
+        self,
+        ids: torch.Tensor | None = None,
+        *,
+        embeds: torch.Tensor | None = None,
+        return_layers: int | Sequence[int] = (),
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """``(hidden (B, T, W) after ln_final, taps)`` from token ids or ready token embeddings (B, T, W).
+
+        ``return_layers`` picks blocks whose raw outputs (before ln_final) are returned as taps, in block order
+        (:func:`layer_indices`: an int n is the last n blocks, negative entries count from the end).
+        """
+        if (ids is None) == (embeds is None):
+            raise ValueError("TokenTransformer takes exactly one of ids or embeds")
+        x = self.token_embedding(ids) if embeds is None else embeds  # (B, T, W)
+        T = x.shape[1]
+        if T > self.context_length:
+            raise ValueError(f"a sequence of {T} tokens exceeds the context length {self.context_length}")
+        no_taps = not isinstance(return_layers, int) and len(return_layers) == 0
+        layers = () if no_taps else tuple(layer_indices(len(self.transformer.blocks), return_layers))
+        x = x + self.positional_embedding[:T]  # (B, T, W)
+        x, tapped = self.transformer(x, causal=self.causal, return_layers=layers)
+        return self.ln_final(x), tapped

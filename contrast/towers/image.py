@@ -2,26 +2,70 @@
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
 import timm
 import torch
 from torch import nn
 
 from contrast.config import ImageTowerConfig
+from contrast.layers import layer_indices
 from contrast.towers.cache import attach_cache, check_frozen
 
 
+def _same_size(img_size: Any, image_size: int) -> bool:
+    sizes = list(img_size) if isinstance(img_size, list | tuple) else [img_size]
+    return all(int(s) == image_size for s in sizes)
+
+
+def _create(name: str, kwargs: dict[str, Any]) -> nn.Module:
+    return timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+
+
+def create_backbone(cfg: ImageTowerConfig) -> tuple[nn.Module, dict[str, Any]]:
+    """The timm model ``cfg.name`` (no classifier) and the kwargs it was built with.
+
+    The input size is stated once, in ``cfg.image_size``: it is passed as ``img_size`` to architectures that take one
+    (ViTs, EVA, ...), and left out for those that do not (CNNs raise TypeError on an unknown ``img_size``).
+    """
+    kwargs = dict(cfg.kwargs)
+    if "img_size" in kwargs and not _same_size(kwargs["img_size"], cfg.image_size):
+        raise ValueError(
+            f"model.image.kwargs.img_size {kwargs['img_size']} differs from model.image.image_size {cfg.image_size}: "
+            "remove img_size from model.image.kwargs (model.image.image_size is the one place for the input size)"
+        )
+    try:
+        if "img_size" in kwargs:
+            return _create(cfg.name, kwargs), kwargs
+        sized = {**kwargs, "img_size": cfg.image_size}
+        try:
+            return _create(cfg.name, sized), sized
+        except TypeError as e:
+            if "img_size" not in str(e):  # another bad kwarg: report it below
+                raise
+            return _create(cfg.name, kwargs), kwargs  # an architecture without an input size (a CNN)
+    except (RuntimeError, TypeError, ValueError) as e:
+        raise ValueError(
+            f"timm could not build image tower '{cfg.name}' with kwargs {kwargs}: {e}. "
+            "Check model.image.name against timm.list_models() and the kwargs that model accepts."
+        ) from e
+
+
 class ImageTower(nn.Module):
+    """A timm backbone as a :class:`~contrast.towers.Tower`: pixels (B, 3, H, W) -> tokens, pooled, projected.
+
+    ``timm_kwargs`` are the kwargs the backbone was built with (``img_size`` included where the architecture takes
+    one): what ``timm.create_model`` needs to rebuild it, e.g. as an export's ``model_args``.
+    """
+
     def __init__(self, cfg: ImageTowerConfig, embed_dim: int):
         super().__init__()
         self.cfg = cfg
-        kwargs = dict(cfg.kwargs)
-        try:
-            self.backbone = timm.create_model(cfg.name, pretrained=False, num_classes=0, **kwargs)
-        except (RuntimeError, TypeError, ValueError) as e:
-            raise ValueError(
-                f"timm could not build image tower '{cfg.name}' with kwargs {kwargs}: {e}. "
-                "Check model.image.name against timm.list_models() and the kwargs that model accepts."
-            ) from e
+        self.backbone, self.timm_kwargs = create_backbone(cfg)
+        self.freeze_norm_stats = False
+        self._frozen_norms: tuple[str, ...] = ()  # batch-norm layers train() keeps in eval mode
         if cfg.weights:  # a local file or package:NAME; foreign layouts (lukemelas EfficientNet) are converted
             from contrast.towers.adapters import load_backbone_weights
 
@@ -50,11 +94,18 @@ class ImageTower(nn.Module):
 
     def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         feats = self.backbone.forward_features(pixels)
+        if feats.ndim == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":  # Swin, MaxViT: channels last
+            return feats.flatten(1, 2)  # (B, H*W, C)
         if feats.ndim == 4:  # CNN feature map (B, C, H, W)
             feats = feats.flatten(2).transpose(1, 2)  # (B, H*W, C)
         return feats  # (B, N, D)
 
-    def pool(self, tokens: torch.Tensor) -> torch.Tensor:
+    def token_mask(self, pixels: torch.Tensor) -> None:
+        """Every image token is real."""
+        return None
+
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, D) by ``model.image.pool``; ``mask`` is ignored (image tokens have no padding)."""
         if self.cfg.pool == "avg":
             return tokens[:, self.num_prefix_tokens :].mean(dim=1)
         if self.cfg.pool == "token":
@@ -70,39 +121,64 @@ class ImageTower(nn.Module):
             return self.proj(feats)
         return self.proj(self.pool(self.forward_tokens(pixels)))
 
-    def forward_intermediates(self, pixels: torch.Tensor, indices: list[int] | int) -> list[torch.Tensor]:
-        """Outputs of the chosen blocks as (B, N, D) token sequences (prefix tokens included for ViTs)."""
+    @property
+    def num_blocks(self) -> int:
+        """How many outputs :meth:`forward_intermediates` can tap: blocks of a ViT, feature stages of a CNN."""
+        return len(self.backbone.feature_info)
+
+    def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
+        """Outputs of the chosen blocks as (B, N, D) token sequences, in block order.
+
+        ``indices`` as in timm: an int n is the last n blocks, negative entries count from the end. ViT outputs keep
+        their prefix tokens where timm returns them (XCiT adds its class token only after its blocks).
+        """
+        take = layer_indices(self.num_blocks, indices)
+        fwd = self.backbone.forward_intermediates
         if not self.is_sequence:
-            maps = self.backbone.forward_intermediates(pixels, indices=indices, intermediates_only=True)
+            maps = fwd(pixels, indices=take, intermediates_only=True)
             return [m.flatten(2).transpose(1, 2) for m in maps]  # (B, H*W, C) each
-        if self.num_prefix_tokens == 0:
-            return self.backbone.forward_intermediates(pixels, indices=indices, intermediates_only=True, output_fmt="NLC")
-        _, taps = self.backbone.forward_intermediates(
-            pixels, indices=indices, output_fmt="NLC", return_prefix_tokens=True
-        )
+        if self.num_prefix_tokens == 0 or "return_prefix_tokens" not in inspect.signature(fwd).parameters:
+            return fwd(pixels, indices=take, intermediates_only=True, output_fmt="NLC")
+        _, taps = fwd(pixels, indices=take, output_fmt="NLC", return_prefix_tokens=True)
         return [torch.cat([prefix, tok], dim=1) for tok, prefix in taps]  # (B, prefix + N, D)
 
-    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
-        """Freeze the backbone, leaving its last ``unlocked_groups`` timm parameter groups trainable."""
-        for p in self.backbone.parameters():
-            p.requires_grad = False
-        if unlocked_groups > 0:
-            from timm.models import group_parameters
+    def _groups(self) -> list[list[str]]:
+        """The backbone's coarse timm parameter groups, first to last (parameter names)."""
+        from timm.models import group_parameters
 
-            groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True), reverse=False)
-            names = dict(self.backbone.named_parameters())
-            for group in list(groups.values())[-unlocked_groups:]:
-                for n in group:
-                    names[n].requires_grad = True
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True), reverse=False)
+        return list(groups.values())
+
+    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze the backbone but its last ``unlocked_groups`` timm parameter groups; ``proj`` stays trainable.
+
+        With ``freeze_norm_stats`` the batch-norm layers of the frozen part keep their running statistics (eval mode).
+        """
+        groups = self._groups()
+        if not 0 <= unlocked_groups <= len(groups):
+            raise ValueError(
+                f"model.image.unlocked_groups must be between 0 and {len(groups)} (the parameter groups of "
+                f"'{self.cfg.name}'), got {unlocked_groups}"
+            )
+        self.backbone.requires_grad_(False)
+        params = dict(self.backbone.named_parameters())
+        for group in groups[len(groups) - unlocked_groups :]:
+            for name in group:
+                params[name].requires_grad = True
+        self.proj.requires_grad_(True)
         self.freeze_norm_stats = freeze_norm_stats
+        self._frozen_norms = tuple(
+            name
+            for name, m in self.backbone.named_modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in m.parameters())
+        )
         self.train(self.training)
 
     def train(self, mode: bool = True) -> ImageTower:
         super().train(mode)
-        if getattr(self, "freeze_norm_stats", False):  # a locked tower keeps its batch-norm statistics
-            for m in self.backbone.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    m.eval()
+        if self.freeze_norm_stats:  # the locked part keeps its batch-norm statistics
+            for name in self._frozen_norms:
+                self.backbone.get_submodule(name).eval()
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:

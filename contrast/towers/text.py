@@ -1,38 +1,44 @@
-"""Text tower: a pre-LN transformer with learned positions, a causal mask and end-of-text pooling (CLIP's layout)."""
+"""Text tower: a pre-LN transformer with learned positions, a causal mask and end-of-text pooling (CLIP's layout).
+
+Reference: Radford et al., "Learning Transferable Visual Models From Natural Language Supervision", 2021.
+"""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from contrast.config import TextTowerConfig
-from contrast.layers import Transformer, activation
+from contrast.layers import TokenTransformer, activation, layer_indices
 
 
-class TextTower(nn.Module):
+class TextTower(TokenTransformer):
+    """:class:`TokenTransformer` + a bias-free projection; a :class:`~contrast.towers.Tower` over BPE token ids.
+
+    State-dict keys: ``token_embedding.weight``, ``positional_embedding``, ``transformer.blocks.N.*``,
+    ``ln_final.*``, ``proj.weight``. :meth:`embed` is the tower's ``(B, E)`` embedding; the stack's token lookup is
+    ``token_embedding(ids)``.
+    """
+
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
-        super().__init__()
+        super().__init__(
+            cfg.vocab_size,
+            cfg.width,
+            cfg.layers,
+            cfg.heads,
+            cfg.mlp_ratio,
+            context_length=cfg.context_length,
+            act=activation(cfg.act),
+            causal=cfg.causal,
+        )
         self.cfg = cfg
-        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.width)
-        self.positional_embedding = nn.Parameter(torch.empty(cfg.context_length, cfg.width))
-        self.transformer = Transformer(cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, act=activation(cfg.act))
-        self.ln_final = nn.LayerNorm(cfg.width)
         self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
-        self._init()
+        self.init_clip_()
+        nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
-
-    def _init(self) -> None:
-        w, L = self.cfg.width, self.cfg.layers
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        attn_std, proj_std, fc_std = w**-0.5, (w**-0.5) * ((2 * L) ** -0.5), (2 * w) ** -0.5
-        for blk in self.transformer.blocks:
-            nn.init.normal_(blk.attn.qkv.weight, std=attn_std)
-            nn.init.normal_(blk.attn.proj.weight, std=proj_std)
-            nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
-            nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
-        nn.init.normal_(self.proj.weight, std=w**-0.5)
 
     @property
     def width(self) -> int:
@@ -42,32 +48,42 @@ class TextTower(nn.Module):
     def embed_dim(self) -> int:
         return self.proj.out_features
 
-    def forward_tokens(self, input_ids: torch.Tensor, return_layers: tuple[int, ...] = ()) -> torch.Tensor:
-        T = input_ids.shape[1]
-        if T > self.cfg.context_length:
-            raise ValueError(f"text of {T} tokens exceeds the tower's context length {self.cfg.context_length}")
-        x = self.token_embedding(input_ids) + self.positional_embedding[:T]  # (B, T, D)
-        x, _ = self.transformer(x, causal=self.cfg.causal)
-        return self.ln_final(x)  # (B, T, D)
+    def forward_tokens(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self(input_ids)[0]  # (B, T, D)
 
-    def pool(self, tokens: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        """The end-of-text token's output; it has the highest id in the vocabulary."""
-        eot = input_ids.argmax(dim=-1)  # (B,)
-        return tokens[torch.arange(tokens.shape[0], device=tokens.device), eot]  # (B, D)
+    def token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, T) True up to and including the end-of-text token, which has the highest id of the vocabulary."""
+        eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
+        return torch.arange(input_ids.shape[1], device=input_ids.device) <= eot  # (B, T)
+
+    def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The output at the last True position of ``mask`` (the end-of-text token); the last position if None."""
+        B, T = tokens.shape[:2]
+        if mask is None:
+            return tokens[:, -1]  # (B, D)
+        positions = torch.arange(T, device=tokens.device)  # (T,)
+        last = (mask.long() * positions).argmax(dim=-1)  # (B,), the largest True position
+        return tokens[torch.arange(B, device=tokens.device), last]  # (B, D)
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.forward_tokens(input_ids), input_ids))
+        return self.proj(self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids)))
 
-    def forward_intermediates(self, input_ids: torch.Tensor, indices: list[int]) -> list[torch.Tensor]:
-        T = input_ids.shape[1]
-        x = self.token_embedding(input_ids) + self.positional_embedding[:T]
-        return self.transformer(x, causal=self.cfg.causal, return_layers=tuple(indices))[1]
+    def forward_intermediates(self, input_ids: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
+        """Raw outputs of the chosen blocks (before ln_final), each (B, T, D), in block order."""
+        layer_indices(len(self.transformer.blocks), indices)  # refuses bad indices (an empty list too) up front
+        return self(input_ids, return_layers=indices)[1]
 
-    def lock(self, unlocked_layers: int = 0) -> None:
-        for p in self.parameters():
-            p.requires_grad = False
-        if unlocked_layers > 0:
-            for blk in self.transformer.blocks[-unlocked_layers:]:
+    def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
+        """Freeze all but the last ``unlocked_groups`` layers (and then ln_final); ``proj`` stays trainable.
+
+        ``freeze_norm_stats`` is accepted for the common interface: this tower has no running statistics or dropout.
+        """
+        n = len(self.transformer.blocks)
+        if not 0 <= unlocked_groups <= n:
+            raise ValueError(f"model.text.unlocked_groups must be between 0 and {n} (the layer count), got {unlocked_groups}")
+        self.requires_grad_(False)
+        if unlocked_groups > 0:
+            for blk in self.transformer.blocks[n - unlocked_groups :]:
                 blk.requires_grad_(True)
             self.ln_final.requires_grad_(True)
         self.proj.requires_grad_(True)
