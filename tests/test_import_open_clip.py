@@ -9,8 +9,9 @@ import torch
 from open_clip.model import CLIP
 from safetensors.torch import save_file
 
-from contrast.api import load
 from contrast.export import import_checkpoint
+from contrast.models import build_model
+from contrast.runs import load
 from contrast.towers.convert import ConversionError, import_clip
 
 CONFIGS = [  # two sizes, QuickGELU (OpenAI-style) and GELU
@@ -75,7 +76,9 @@ def test_wrong_activation_is_detectable():
     """The comparison above can fail: importing a QuickGELU model as GELU changes the embeddings."""
     cfg = CONFIGS[0]
     oc = _open_clip(cfg)
-    wrong, _ = import_clip(oc.state_dict(), quick_gelu=False, open_clip_cfg=cfg)
+    sd, mcfg = import_clip(oc.state_dict(), quick_gelu=False, open_clip_cfg=cfg)
+    wrong = build_model(mcfg).eval()
+    wrong.load_state_dict(sd)  # strict: the converted state dict names every tensor of the dual encoder
     x, ids = _inputs(cfg)
     with torch.no_grad():
         assert (wrong.encode_image(x) - oc.encode_image(x, normalize=True)).abs().max() > 1e-4
@@ -88,3 +91,34 @@ def test_unsupported_open_clip_options_are_refused():
         import_clip(_open_clip(CONFIGS[0]).state_dict(), quick_gelu=True, open_clip_cfg=cfg)
     with pytest.raises(ConversionError, match="not an open_clip"):
         import_clip({"foo": torch.zeros(1)}, quick_gelu=True)
+
+
+def test_import_clip_gives_a_state_dict_and_a_config_without_building_a_model():
+    cfg = CONFIGS[1]
+    sd, mcfg = import_clip(_open_clip(cfg).state_dict(), quick_gelu=False, open_clip_cfg=cfg)
+    assert isinstance(sd, dict) and all(isinstance(v, torch.Tensor) for v in sd.values())
+    assert (mcfg.kind, mcfg.embed_dim, mcfg.text.width, mcfg.image.image_size) == ("clip", 24, 48, 32)
+    assert sd["text.proj.weight"].shape == (24, 48) and sd["image.backbone.cls_token"].shape == (1, 1, 48)
+
+
+def test_import_checkpoint_refuses_a_state_dict_that_does_not_fill_the_model(tmp_path):
+    sd = _open_clip(CONFIGS[1]).state_dict()
+    del sd["ln_final.bias"]
+    torch.save(sd, tmp_path / "partial.pt")
+    (tmp_path / "open_clip_config.json").write_text(json.dumps({"model_cfg": CONFIGS[1]}))
+    with pytest.raises(ConversionError, match=r"does not fit the dual encoder: missing \['text.ln_final.bias'\]"):
+        import_checkpoint(tmp_path / "partial.pt", tmp_path / "run", open_clip_config=tmp_path / "open_clip_config.json")
+    assert not (tmp_path / "run").exists()
+
+
+def test_torchscript_archive_and_unreadable_files(tmp_path):
+    """OpenAI's released checkpoints are TorchScript archives: their state dict is read without running them."""
+    from contrast.towers.convert import ConversionError, load_foreign_state_dict
+
+    m = torch.jit.script(torch.nn.Linear(3, 2))
+    m.save(str(tmp_path / "m.pt"))
+    sd = load_foreign_state_dict(str(tmp_path / "m.pt"))
+    assert set(sd) == {"weight", "bias"} and torch.equal(sd["weight"], m.weight.detach())
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ConversionError, match="bad.pt"):
+        load_foreign_state_dict(str(tmp_path / "bad.pt"))

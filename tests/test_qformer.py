@@ -121,8 +121,10 @@ def _hf_pair():
             if isinstance(m, torch.nn.LayerNorm):
                 m.weight.copy_(1 + 0.1 * torch.randn_like(m.weight))
     query_tokens = torch.randn(1, 4, 32)
-    ours = convert_hf_qformer(hf.state_dict(), query_tokens, embeddings=emb.state_dict(), config=hf_cfg).eval()
-    return hf, emb, query_tokens, ours
+    conv = convert_hf_qformer(hf.state_dict(), query_tokens, embeddings=emb.state_dict(), config=hf_cfg)
+    ours = QFormer(conv.cfg, **conv.sizes)
+    ours.load_state_dict(conv.state_dict)  # strict: with text input and embeddings every tensor is converted
+    return hf, emb, query_tokens, ours.eval()
 
 
 def _hf_mask(mask: torch.Tensor) -> torch.Tensor:
@@ -174,3 +176,26 @@ def test_converter_rejects_mismatched_query_width():
 
     with pytest.raises(ValueError, match="query tokens"):
         convert_hf_qformer(hf.state_dict(), torch.randn(1, 4, 31), embeddings=emb.state_dict(), config=hf.config)
+
+
+def test_converted_state_dict_is_checked_against_the_built_qformer():
+    hf, emb, query_tokens, _ = _hf_pair()
+    from contrast.towers.convert_hf_qformer import convert_hf_qformer, load_converted_qformer
+
+    # without the text feed-forward and the embeddings: a partial state dict, the rest keeps its initial values
+    no_text = {k: v for k, v in hf.state_dict().items() if ".intermediate." not in k and ".output." not in k
+               or "_query" in k or "attention" in k}
+    conv = convert_hf_qformer(no_text, query_tokens, config=hf.config)
+    assert "word_embeddings.weight" not in conv.state_dict and not any("mlp_text" in k for k in conv.state_dict)
+    qf = load_converted_qformer(QFormer(conv.cfg, **conv.sizes), conv.state_dict)
+    assert torch.equal(qf.query_tokens, query_tokens)
+    # the [DEC] row follows the Hugging Face vocabulary
+    full = convert_hf_qformer(hf.state_dict(), query_tokens, embeddings=emb.state_dict(), config=hf.config)
+    assert full.state_dict["word_embeddings.weight"].shape == (hf.config.vocab_size + 1, 32)
+    # a Q-Former of another shape, or a foreign tensor name, is refused with the offending keys named
+    other = QFormer(conv.cfg, vision_width=conv.vision_width + 1, vocab_size=conv.vocab_size,
+                    context_length=conv.context_length)
+    with pytest.raises(ValueError, match="do not fit: .*xattn.kv.weight"):
+        load_converted_qformer(other, conv.state_dict)
+    with pytest.raises(ValueError, match="do not fit: .*'nope'"):
+        load_converted_qformer(QFormer(conv.cfg, **conv.sizes), {**conv.state_dict, "nope": torch.zeros(1)})

@@ -284,6 +284,37 @@ def build_index(
         raise IndexStoreError("batch_size, shard_size and add_chunk must be positive")
     out = Path(out_dir)
     t0 = time.perf_counter()
+    _prepare_out_dir(out, overwrite)
+    params = {"factory": factory, "shard_size": shard_size, "checkpoint_hash": checkpoint_hash,
+              "modality": modality, "source": source, "split": split}
+    state = _open_build_state(out, params)
+    if state.get("encoded") is None:  # step 1: encode into shards (resumes from the last finished shard)
+        state["encoded"] = _encode_remaining(items, encode, describe, out, shard_size, batch_size, dim, progress)
+        state["elapsed"] = float(state.get("elapsed", 0.0)) + time.perf_counter() - t0
+        t0 = time.perf_counter()
+        _atomic_write_json(out / "build.json", state)
+    count = int(state["encoded"])
+    if count == 0:
+        raise IndexStoreError("the source yielded no items; nothing to index")
+
+    num_shards = -(-count // shard_size)
+    index, effective, notes = _trained_index(out, factory, count, shard_size, min(count, max_train), seed)  # step 2
+    dim = index.d
+    _write_index_files(index, out, count, num_shards, add_chunk)  # step 3: add vectors, write index + metadata
+    nprobe, ef = _default_search_params(index)
+    manifest = IndexManifest(
+        embed_dim=dim, count=count, factory=factory, factory_effective=effective, checkpoint=checkpoint,
+        checkpoint_hash=checkpoint_hash, modality=modality, source=source, split=split, shard_size=shard_size,
+        num_shards=num_shards, nprobe=nprobe, ef_search=ef,
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        build_seconds=round(float(state.get("elapsed", 0.0)) + time.perf_counter() - t0, 3), notes=notes,
+    )
+    _atomic_write_json(out / "manifest.json", dataclasses.asdict(manifest))  # last: marks the index finished
+    return RetrievalIndex(out, manifest, index)
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Clear the directory if ``overwrite``, refuse a finished index, create ``shards/``, drop half-written files."""
     if overwrite and out.exists():
         _remove_index_files(out)
     if (out / "manifest.json").exists():
@@ -293,91 +324,98 @@ def build_index(
     for stale in [*out.glob("*.tmp*"), *(out / "shards").glob("*.tmp*")]:  # half-written files of a killed build
         stale.unlink()
 
-    params = {"factory": factory, "shard_size": shard_size, "checkpoint_hash": checkpoint_hash,
-              "modality": modality, "source": source, "split": split}
+
+def _open_build_state(out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The build state of an unfinished build with the same ``params``, or a fresh one written to ``build.json``."""
     build_file = out / "build.json"
     state: dict[str, Any] = {"params": params, "encoded": None, "elapsed": 0.0}
-    if build_file.exists():
-        try:
-            state = json.loads(build_file.read_text())
-            old = state["params"]
-        except (json.JSONDecodeError, KeyError, TypeError):
-            raise IndexStoreError(f"{build_file} is corrupt; pass overwrite (--overwrite) to start over") from None
-        diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
-        if diff:
-            what = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
-            raise IndexStoreError(f"{out} holds an unfinished build with other settings ({what}); rerun with the "
-                                  f"same settings to resume it, or pass overwrite (--overwrite) to start over")
-    else:
+    if not build_file.exists():
         if any((out / "shards").iterdir()):
             raise IndexStoreError(f"{out}/shards holds files but no build.json; pass overwrite (--overwrite)")
         _atomic_write_json(build_file, state)
+        return state
+    try:
+        state = json.loads(build_file.read_text())
+        old = state["params"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise IndexStoreError(f"{build_file} is corrupt; pass overwrite (--overwrite) to start over") from None
+    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
+    if diff:
+        what = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+        raise IndexStoreError(f"{out} holds an unfinished build with other settings ({what}); rerun with the "
+                              f"same settings to resume it, or pass overwrite (--overwrite) to start over")
+    return state
 
+
+def _encode_remaining(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, shard_size: int,
+                      batch_size: int, dim: int | None, progress: bool) -> int:
+    """Encode what the finished shards lack; returns the total item count."""
     rows = _finished_shards(out)
-    if state.get("encoded") is None:
-        if any(r != shard_size for r in rows[:-1]) or (rows and rows[-1] > shard_size):
-            raise IndexStoreError(f"{out}/shards does not match shard size {shard_size}; pass overwrite")
-        if rows and rows[-1] < shard_size:  # a short shard is the last one: the source ended there
-            done = sum(rows)
-        else:
-            done = _encode_shards(items, encode, describe, out, len(rows), shard_size, batch_size, dim, progress)
-        state["encoded"] = done
-        state["elapsed"] = float(state.get("elapsed", 0.0)) + time.perf_counter() - t0
-        t0 = time.perf_counter()
-        _atomic_write_json(build_file, state)
-    count = int(state["encoded"])
-    if count == 0:
-        raise IndexStoreError("the source yielded no items; nothing to index")
+    if any(r != shard_size for r in rows[:-1]) or (rows and rows[-1] > shard_size):
+        raise IndexStoreError(f"{out}/shards does not match shard size {shard_size}; pass overwrite")
+    if rows and rows[-1] < shard_size:  # a short shard is the last one: the source ended there
+        return sum(rows)
+    return _encode_shards(items, encode, describe, out, len(rows), shard_size, batch_size, dim, progress)
 
-    num_shards = -(-count // shard_size)
+
+def _trained_index(out: Path, factory: str, count: int, shard_size: int, n_train: int,
+                   seed: int) -> tuple[faiss.Index, str, list[str]]:
+    """An empty faiss index for ``factory`` as planned for the stored vectors, trained on ``n_train`` of them when it
+    needs training; with the effective factory string and the planning notes."""
     dim = int(np.load(_emb_path(out, 0), mmap_mode="r").shape[1])
     effective, notes = plan_factory(factory, dim, count)
     for note in notes:
         print(f"contrast index: {note}")
     index = faiss.index_factory(dim, effective, faiss.METRIC_INNER_PRODUCT)
     if not index.is_trained:
-        sample = _training_sample(out, count, shard_size, min(count, max_train), seed)
+        sample = _training_sample(out, count, shard_size, n_train, seed)
         index.train(sample)
         del sample
-    ids_tmp = out / f"ids.npy.tmp{os.getpid()}"
+    return index, effective, notes
+
+
+def _write_index_files(index: faiss.Index, out: Path, count: int, num_shards: int, add_chunk: int) -> None:
+    """Add every shard to ``index`` and write index.faiss, ids.npy, metadata_offsets.npy, metadata.jsonl.
+
+    Each file is written under a temporary name and moved into place only when all of them are complete.
+    """
+    pid = os.getpid()
+    ids_tmp = out / f"ids.npy.tmp{pid}"
+    offsets_tmp = out / f"metadata_offsets.npy.tmp{pid}"
+    meta_tmp = out / f"metadata.jsonl.tmp{pid}"
     ids_all = np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int64, shape=(count,))
-    offsets = np.lib.format.open_memmap(out / f"metadata_offsets.npy.tmp{os.getpid()}", mode="w+",
-                                        dtype=np.int64, shape=(count,))
-    meta_tmp = out / f"metadata.jsonl.tmp{os.getpid()}"
-    row = 0
+    offsets = np.lib.format.open_memmap(offsets_tmp, mode="w+", dtype=np.int64, shape=(count,))
     with open(meta_tmp, "wb") as meta_out:
-        for s in range(num_shards):
-            emb = np.load(_emb_path(out, s), mmap_mode="r")
-            for lo in range(0, emb.shape[0], add_chunk):
-                index.add(np.ascontiguousarray(emb[lo : lo + add_chunk]))
-            with open(_meta_path(out, s), "rb") as f:
-                for line in f:
-                    offsets[row] = meta_out.tell()
-                    ids_all[row] = json.loads(line)["id"]
-                    meta_out.write(line)
-                    row += 1
+        row = _add_shards(index, out, num_shards, add_chunk, ids_all, offsets, meta_out)
     if row != count or index.ntotal != count:
         raise IndexStoreError(f"{out}/shards hold {row} metadata rows and {index.ntotal} vectors, expected {count}; "
                               f"pass overwrite (--overwrite) to rebuild")
     ids_all.flush()
     offsets.flush()
     del ids_all, offsets
-    nprobe, ef = _default_search_params(index)
-    tmp = out / f"index.faiss.tmp{os.getpid()}"
+    tmp = out / f"index.faiss.tmp{pid}"
     faiss.write_index(index, str(tmp))
     os.replace(tmp, out / "index.faiss")
     os.replace(ids_tmp, out / "ids.npy")
-    os.replace(out / f"metadata_offsets.npy.tmp{os.getpid()}", out / "metadata_offsets.npy")
+    os.replace(offsets_tmp, out / "metadata_offsets.npy")
     os.replace(meta_tmp, out / "metadata.jsonl")
-    manifest = IndexManifest(
-        embed_dim=dim, count=count, factory=factory, factory_effective=effective, checkpoint=checkpoint,
-        checkpoint_hash=checkpoint_hash, modality=modality, source=source, split=split, shard_size=shard_size,
-        num_shards=num_shards, nprobe=nprobe, ef_search=ef,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        build_seconds=round(float(state.get("elapsed", 0.0)) + time.perf_counter() - t0, 3), notes=notes,
-    )
-    _atomic_write_json(out / "manifest.json", dataclasses.asdict(manifest))
-    return RetrievalIndex(out, manifest, index)
+
+
+def _add_shards(index: faiss.Index, out: Path, num_shards: int, add_chunk: int, ids_all: np.ndarray,
+                offsets: np.ndarray, meta_out: Any) -> int:
+    """Add the shards' vectors to ``index`` in chunks and copy their metadata; returns the rows written."""
+    row = 0
+    for s in range(num_shards):
+        emb = np.load(_emb_path(out, s), mmap_mode="r")
+        for lo in range(0, emb.shape[0], add_chunk):
+            index.add(np.ascontiguousarray(emb[lo : lo + add_chunk]))
+        with open(_meta_path(out, s), "rb") as f:
+            for line in f:
+                offsets[row] = meta_out.tell()
+                ids_all[row] = json.loads(line)["id"]
+                meta_out.write(line)
+                row += 1
+    return row
 
 
 def _encode_shards(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, first_shard: int,

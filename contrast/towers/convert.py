@@ -1,8 +1,9 @@
 """Converters between our module layout and foreign CLIP layouts (key maps, shape transposes, config inference).
 
 Inbound: open_clip / OpenAI CLIP state dicts (``visual.conv1``, ``visual.transformer.resblocks.i.attn.in_proj_weight``,
-``text_projection``, ...) become a :class:`~contrast.models.clip.DualEncoder` state dict, with the image tower held by
-a timm ViT (pre-norm, class token, token pooling, LayerNorm eps 1e-5, optionally QuickGELU).
+``text_projection``, ...) become the state dict of our dual encoder (plus the config that builds it), with the image
+tower held by a timm ViT (pre-norm, class token, token pooling, LayerNorm eps 1e-5, optionally QuickGELU). This module
+produces state dicts and configs only and never builds a model: the caller builds one from the config and loads it.
 
 Outbound: a timm ViT image tower becomes open_clip's native ``VisionTransformer`` layout or Hugging Face
 ``CLIPVisionModelWithProjection`` keys, where the architecture fits; :func:`clip_layout_problems` says why it does not.
@@ -18,13 +19,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from contrast.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from contrast.config import ClipModelConfig, ImageTowerConfig, TextTowerConfig
 from contrast.layers import QuickGELU
+from contrast.towers.adapters import WeightsError, read_state_dict
 
 # The timm architecture that hosts imported CLIP image towers: its defaults already are pre-norm + LayerNorm(eps=1e-5);
 # the size kwargs inferred from the checkpoint override the rest.
@@ -49,17 +52,12 @@ def unwrap_state_dict(obj: Any) -> dict[str, torch.Tensor]:
 
 def load_foreign_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a .safetensors file, a torch state dict (weights only) or an OpenAI TorchScript archive."""
-    p = str(path)
-    if p.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return unwrap_state_dict(load_file(p))
     try:
-        return unwrap_state_dict(torch.load(p, map_location="cpu", weights_only=True))
-    except RuntimeError as e:
+        return unwrap_state_dict(read_state_dict(Path(path)))
+    except WeightsError as e:
         if "TorchScript" not in str(e) and "constants.pkl" not in str(e):
-            raise
-    return unwrap_state_dict(torch.jit.load(p, map_location="cpu").state_dict())  # OpenAI's released .pt archives
+            raise ConversionError(str(e)) from e
+    return unwrap_state_dict(torch.jit.load(str(path), map_location="cpu").state_dict())  # OpenAI's .pt archives
 
 
 def is_openai_layout(sd: dict[str, torch.Tensor]) -> bool:
@@ -118,8 +116,8 @@ def infer_clip_config(
     open_clip_cfg: dict | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
-) -> ModelConfig:
-    """The :class:`ModelConfig` that reproduces an open_clip / OpenAI CLIP state dict.
+) -> ClipModelConfig:
+    """The dual encoder's :class:`ClipModelConfig` that reproduces an open_clip / OpenAI CLIP state dict.
 
     Head counts come from ``open_clip_cfg`` (open_clip's ``model_cfg``) when given, otherwise OpenAI's rule
     (width / 64). ``quick_gelu`` is not recorded in a state dict: OpenAI's models use it, most open_clip ones do not.
@@ -132,28 +130,39 @@ def infer_clip_config(
     oc = open_clip_cfg or {}
     if oc:
         _check_open_clip_cfg(oc)
-    vc, tc = oc.get("vision_cfg", {}), oc.get("text_cfg", {})
-    width, _, patch, _ = sd["visual.conv1.weight"].shape
-    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
-    v_layers = _count_blocks(sd, "visual.transformer.resblocks.")
-    v_hidden = sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    v_heads = width // int(vc.get("head_width", 64))
+    width = sd["visual.conv1.weight"].shape[0]
     t_width = sd["token_embedding.weight"].shape[1]
-    t_heads = int(tc.get("heads", t_width // 64))
+    v_heads = width // int(oc.get("vision_cfg", {}).get("head_width", 64))
+    t_heads = int(oc.get("text_cfg", {}).get("heads", t_width // 64))
     if v_heads < 1 or width % v_heads or t_heads < 1 or t_width % t_heads:
         raise ConversionError(
             f"cannot infer head counts for widths {width} (image) / {t_width} (text) with OpenAI's 64-wide heads; "
             "pass the model's open_clip config (--open-clip-config) naming vision_cfg.head_width and text_cfg.heads"
         )
-    t_hidden = sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0]
-    act = "quick_gelu" if quick_gelu else "gelu"
+    bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
+    return ClipModelConfig(
+        kind="clip",
+        image=_clip_image_config(sd, v_heads, quick_gelu, mean, std),
+        text=_clip_text_config(sd, t_heads, quick_gelu),
+        embed_dim=sd["text_projection"].shape[1],
+        init_logit_scale=float(sd["logit_scale"]) if "logit_scale" in sd else ClipModelConfig.init_logit_scale,
+        init_logit_bias=bias,
+    )
+
+
+def _clip_image_config(sd: dict[str, torch.Tensor], heads: int, quick_gelu: bool,
+                       mean: tuple[float, float, float] | None,
+                       std: tuple[float, float, float] | None) -> ImageTowerConfig:
+    """The timm ViT that holds CLIP's ``visual.*`` tensors, sized from the state dict."""
+    width, _, patch, _ = sd["visual.conv1.weight"].shape  # (W, 3, P, P)
+    grid = round((sd["visual.positional_embedding"].shape[0] - 1) ** 0.5)
     kwargs: dict[str, Any] = dict(
         img_size=grid * patch,
         patch_size=patch,
         embed_dim=width,
-        depth=v_layers,
-        num_heads=v_heads,
-        mlp_ratio=v_hidden / width,
+        depth=_count_blocks(sd, "visual.transformer.resblocks."),
+        num_heads=heads,
+        mlp_ratio=sd["visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
         class_token=True,
         global_pool="token",
     )
@@ -164,23 +173,20 @@ def infer_clip_config(
         image.mean = tuple(mean)
     if std is not None:
         image.std = tuple(std)
-    text = TextTowerConfig(
+    return image
+
+
+def _clip_text_config(sd: dict[str, torch.Tensor], heads: int, quick_gelu: bool) -> TextTowerConfig:
+    """Our text tower sized from CLIP's text tensors."""
+    width = sd["token_embedding.weight"].shape[1]
+    return TextTowerConfig(
         context_length=sd["positional_embedding"].shape[0],
         vocab_size=sd["token_embedding.weight"].shape[0],
-        width=t_width,
+        width=width,
         layers=_count_blocks(sd, "transformer.resblocks."),
-        heads=t_heads,
-        mlp_ratio=t_hidden / t_width,
-        act=act,
-    )
-    bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
-    return ModelConfig(
-        kind="clip",
-        image=image,
-        text=text,
-        embed_dim=sd["text_projection"].shape[1],
-        init_logit_scale=float(sd["logit_scale"]) if "logit_scale" in sd else ModelConfig.init_logit_scale,
-        init_logit_bias=bias,
+        heads=heads,
+        mlp_ratio=sd["transformer.resblocks.0.mlp.c_fc.weight"].shape[0] / width,
+        act="quick_gelu" if quick_gelu else "gelu",
     )
 
 
@@ -212,7 +218,7 @@ def _map_block_key(rest: str, table: dict[str, str]) -> str:
 
 
 def openai_to_ours(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """open_clip / OpenAI CLIP keys -> :class:`DualEncoder` keys (``image.backbone.*``, ``image.proj``, ``text.*``)."""
+    """open_clip / OpenAI CLIP keys -> our dual encoder's keys (``image.backbone.*``, ``image.proj``, ``text.*``)."""
     out: dict[str, torch.Tensor] = {}
     for k, v in sd.items():
         if k in ("input_resolution", "context_length", "vocab_size"):  # scalars stored in OpenAI's archives
@@ -259,17 +265,13 @@ def import_clip(
     open_clip_cfg: dict | None = None,
     mean: tuple[float, float, float] | None = None,
     std: tuple[float, float, float] | None = None,
-):
-    """Build a :class:`DualEncoder` holding an open_clip / OpenAI CLIP state dict. Returns ``(model, ModelConfig)``."""
-    from contrast.models.clip import DualEncoder
+) -> tuple[dict[str, torch.Tensor], ClipModelConfig]:
+    """An open_clip / OpenAI CLIP state dict as ``(our dual encoder's state dict, the model config that builds it)``.
 
+    No model is built here: build one from the config and load the state dict strictly (every key must match).
+    """
     cfg = infer_clip_config(sd, quick_gelu=quick_gelu, open_clip_cfg=open_clip_cfg, mean=mean, std=std)
-    model = DualEncoder(cfg)
-    ours = openai_to_ours(sd)
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    if unexpected or missing:
-        raise ConversionError(f"converted CLIP does not fit the dual encoder: missing {missing}, unexpected {unexpected}")
-    return model.eval(), cfg
+    return openai_to_ours(sd), cfg
 
 
 # --------------------------------------------------------------------------------------------------- outbound

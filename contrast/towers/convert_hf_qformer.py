@@ -1,18 +1,25 @@
-"""Load a Hugging Face ``Blip2QFormerModel`` (state dict + query tokens + text embeddings) into our :class:`QFormer`.
+"""Convert a Hugging Face ``Blip2QFormerModel`` (state dict + query tokens + text embeddings) into our Q-Former's
+state dict and config.
 
 Hugging Face keeps BERT's module names (``encoder.layer.{i}.attention.attention.query`` ...) with separate query /
 key / value projections; ours fuse them (``attn.qkv``, cross-attention ``xattn.q`` + ``xattn.kv``). The mapping
-happens here, at load time, so the module keeps its own names.
+happens here, at load time, so the module keeps its own names. Nothing here builds a model: the caller builds the
+Q-Former from :class:`ConvertedQFormer` and loads the weights with :func:`load_converted_qformer`::
+
+    conv = convert_hf_qformer(hf.state_dict(), query_tokens, config=hf.config, embeddings=emb.state_dict())
+    qformer = QFormer(conv.cfg, **conv.sizes)
+    load_converted_qformer(qformer, conv.state_dict)
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from contrast.config import QFormerConfig
-from contrast.models.qformer import QFormer
 
 
 def _get(config: Any, name: str) -> Any:
@@ -81,19 +88,37 @@ def convert_state_dict(sd: dict[str, torch.Tensor], query_tokens: torch.Tensor, 
     return out
 
 
+@dataclass
+class ConvertedQFormer:
+    """A Hugging Face Q-Former in our terms: the state dict and what builds the module it fits."""
+
+    state_dict: dict[str, torch.Tensor]
+    cfg: QFormerConfig
+    vision_width: int
+    vocab_size: int  # Hugging Face's vocabulary; our word embedding has one more row, [DEC]
+    context_length: int
+
+    @property
+    def sizes(self) -> dict[str, int]:
+        """The Q-Former constructor's size arguments: ``QFormer(conv.cfg, **conv.sizes)``."""
+        return {"vision_width": self.vision_width, "vocab_size": self.vocab_size, "context_length": self.context_length}
+
+
 def convert_hf_qformer(
     state_dict: dict[str, torch.Tensor],
     query_tokens: torch.Tensor,
     *,
     config: Any,
     embeddings: dict[str, torch.Tensor] | None = None,
-) -> QFormer:
-    """Build our :class:`QFormer` from a Hugging Face ``Blip2QFormerModel`` state dict.
+) -> ConvertedQFormer:
+    """Our Q-Former's state dict and config from a Hugging Face ``Blip2QFormerModel`` state dict.
 
     ``query_tokens`` is the (1, Q, D) parameter that lives beside the Q-Former in ``Blip2Model`` /
     ``Blip2ForConditionalGeneration``; ``config`` its ``Blip2QFormerConfig`` (or a dict of the same fields);
     ``embeddings`` the ``Blip2TextEmbeddings`` state dict when text inputs are wanted (word and position
-    embeddings). Our word embedding gains one row, the [DEC] token, after the Hugging Face vocabulary.
+    embeddings). Our word embedding gains one row, the [DEC] token, after the Hugging Face vocabulary; it is
+    drawn as our Q-Former initialises embeddings (normal, std ``cfg.init_std``). Without text feed-forward weights
+    or ``embeddings`` those tensors are absent from the state dict: load it with :func:`load_converted_qformer`.
     """
     cfg, vision_width, vocab, context = qformer_config_from_hf(config, int(query_tokens.shape[-2]))
     if query_tokens.shape[-1] != cfg.width:
@@ -101,21 +126,30 @@ def convert_hf_qformer(
             f"query tokens have width {query_tokens.shape[-1]} but the Q-Former's hidden size is {cfg.width}; "
             "pass the query_tokens of the same BLIP-2 model"
         )
-    model = QFormer(cfg, vision_width=vision_width, vocab_size=vocab, context_length=context)
     mapped = convert_state_dict(state_dict, query_tokens, cfg.layers, embeddings)
     if "word_embeddings.weight" in mapped:
-        w = mapped["word_embeddings.weight"]
+        w = mapped["word_embeddings.weight"]  # (vocab, D)
         if w.shape[0] != vocab:
             raise ValueError(f"the text embeddings have {w.shape[0]} rows but config.vocab_size is {vocab}")
-        mapped["word_embeddings.weight"] = torch.cat([w, model.word_embeddings.weight.detach()[vocab:]], dim=0)
-    own = model.state_dict()
-    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in mapped.items()
+        dec = torch.empty(1, w.shape[1], dtype=w.dtype, device=w.device).normal_(std=cfg.init_std)  # (1, D)
+        mapped["word_embeddings.weight"] = torch.cat([w, dec], dim=0)  # (vocab + 1, D)
+    return ConvertedQFormer(mapped, cfg, vision_width=vision_width, vocab_size=vocab, context_length=context)
+
+
+def load_converted_qformer(qformer: nn.Module, state_dict: dict[str, torch.Tensor]) -> nn.Module:
+    """Load a converted state dict into a built Q-Former; every tensor must fit one of its own (name and shape).
+
+    Tensors the Hugging Face model did not have (text feed-forward, text embeddings) keep their initial values.
+    """
+    own = qformer.state_dict()
+    bad = [f"{k}: {tuple(v.shape)} vs ours {tuple(own[k].shape)}" for k, v in state_dict.items()
            if k in own and v.shape != own[k].shape]
-    unknown = [k for k in mapped if k not in own]
+    unknown = [k for k in state_dict if k not in own]
     if bad or unknown:
         raise ValueError(f"Q-Former weights do not fit: {bad + unknown}")
-    model.load_state_dict(mapped, strict=False)
-    return model
+    qformer.load_state_dict(state_dict, strict=False)
+    return qformer
 
 
-__all__ = ["convert_hf_qformer", "convert_state_dict", "qformer_config_from_hf"]
+__all__ = ["ConvertedQFormer", "convert_hf_qformer", "convert_state_dict", "load_converted_qformer",
+           "qformer_config_from_hf"]
