@@ -1,6 +1,6 @@
 """contrast: contrastive image-text pretraining (CLIP, SigLIP, BLIP, BLIP-2) on any image tower.
 
-Importing the package has no side effects; ``contrast.load`` is imported lazily.
+Importing the package has no side effects; ``contrast.load`` imports the library on first use.
 """
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ __version__ = "0.1.0"
 
 
 def load(path, device="cpu"):
-    """``model, preprocess, tokenizer = contrast.load(RUN_DIR)``; see :func:`contrast.api.load`."""
-    from contrast.api import load as _load
+    """``model, preprocess, tokenizer = contrast.load(RUN_DIR)``; see :func:`contrast.runs.load`."""
+    from contrast.runs import load as _load
 
     return _load(path, device=device)
 

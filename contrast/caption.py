@@ -3,19 +3,20 @@
 Reference: Li et al., "BLIP: Bootstrapping Language-Image Pre-training for Unified Vision-Language Understanding and
 Generation", 2022 (captions are decoded from the LM head, beam search with 3 beams in the paper's evaluation).
 
-A captioner is any model offering ``image_tokens(pixels) -> (B, N, D)`` and
-``lm_logits(ids, image_tokens, valid=...) -> (B, T, V)`` whose position 0 is the decoder's start token (the model
-replaces it by its [DEC] token). Decoding stops at the tokenizer's end-of-text token.
+A captioner is any :class:`~contrast.models.Model` with the ``caption`` capability: ``image_tokens(pixels) ->
+(B, N, D)`` and ``lm_logits(ids, image_tokens, valid=...) -> (B, T, V)`` whose position 0 is the decoder's start
+token (the model replaces it by its [DEC] token). Decoding stops at the tokenizer's end-of-text token.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
+
+from contrast.models import Model
+
+MAX_CAPTION_TOKENS = 30  # most tokens per generated caption, start token included
 
 
 @dataclass
@@ -25,10 +26,9 @@ class Caption:
     logprob: float  # sum of the generated tokens' log-probabilities
 
 
-def _banned(model, sot_id: int) -> list[int]:
+def _banned(model: Model, sot_id: int) -> list[int]:
     """Ids the decoder may never emit: the start-of-text token and the model's own mode tokens."""
-    extra = list(range(model.cfg.text.vocab_size, model.text.vocab_size)) if hasattr(model, "text") else []
-    return [sot_id, *extra]
+    return [sot_id, *model.special_token_ids]
 
 
 def _next_logprobs(model, ids: torch.Tensor, image_tokens: torch.Tensor, banned: list[int]) -> torch.Tensor:
@@ -40,7 +40,7 @@ def _next_logprobs(model, ids: torch.Tensor, image_tokens: torch.Tensor, banned:
 
 
 @torch.no_grad()
-def greedy(model, pixels: torch.Tensor, sot_id: int, eot_id: int, max_length: int = 30) -> list[tuple[list[int], float]]:
+def greedy(model, pixels: torch.Tensor, sot_id: int, eot_id: int, max_length: int = MAX_CAPTION_TOKENS) -> list[tuple[list[int], float]]:
     """The most likely next token at every step, for each image of ``pixels`` (B, 3, H, W)."""
     tokens = model.image_tokens(pixels)  # (B, N, D)
     B = tokens.shape[0]
@@ -67,7 +67,7 @@ def beam_search(
     sot_id: int,
     eot_id: int,
     beams: int = 3,
-    max_length: int = 30,
+    max_length: int = MAX_CAPTION_TOKENS,
     length_penalty: float = 1.0,
 ) -> list[tuple[list[int], float]]:
     """Beam search over the decoder, all images and beams in one batch.
@@ -118,74 +118,17 @@ def _strip(ids: list[int], eot_id: int) -> list[int]:
 
 
 def caption_images(
-    model, tokenizer, pixels: torch.Tensor, beams: int = 1, max_length: int = 30, length_penalty: float = 1.0
+    model, tokenizer, pixels: torch.Tensor, beams: int = 1, max_length: int = MAX_CAPTION_TOKENS, length_penalty: float = 1.0
 ) -> list[Caption]:
     """Captions for a batch of preprocessed images; ``beams == 1`` is greedy decoding."""
-    if not (hasattr(model, "image_tokens") and hasattr(model, "lm_logits")):
+    if not model.supports("caption"):
         raise ValueError(f"{type(model).__name__} has no captioning decoder; captioning needs a model of kind blip")
     if beams < 1:
         raise ValueError(f"beams must be at least 1, got {beams}")
     sot, eot = tokenizer.sot_token_id, tokenizer.eot_token_id
-    max_length = min(max_length, model.cfg.text.context_length)
+    max_length = min(max_length, model.context_length)
     if beams == 1:
         found = greedy(model, pixels, sot, eot, max_length)
     else:
         found = beam_search(model, pixels, sot, eot, beams, max_length, length_penalty)
     return [Caption(ids=ids, text=tokenizer.decode(ids), logprob=lp) for ids, lp in found]
-
-
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _caption(args: argparse.Namespace) -> int:
-    from PIL import Image, UnidentifiedImageError
-
-    import contrast
-    from contrast.cli import UserError
-    from contrast.train.checkpoint import CheckpointError
-
-    try:
-        model, preprocess, tokenizer = contrast.load(args.checkpoint, device=args.device)
-    except CheckpointError as e:
-        raise UserError(str(e)) from e
-    if not hasattr(model, "lm_logits"):
-        raise UserError(
-            f"{args.checkpoint} holds a {type(model).__name__}, which has no captioning decoder; "
-            "train a model of kind blip (e.g. recipes/blip_tiny.yaml) to caption images"
-        )
-    if args.beams < 1:
-        raise UserError(f"--beams must be at least 1, got {args.beams}")
-    pixels = []
-    for path in args.images:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"image not found: {p}")
-        try:
-            with Image.open(p) as img:
-                pixels.append(preprocess(img.convert("RGB")))
-        except (UnidentifiedImageError, OSError) as e:
-            raise UserError(f"cannot read {p} as an image ({e})") from e
-    results: list[Caption] = []
-    for lo in range(0, len(pixels), args.batch_size):
-        chunk = torch.stack(pixels[lo : lo + args.batch_size]).to(args.device)
-        results += caption_images(model, tokenizer, chunk, args.beams, args.max_length, args.length_penalty)
-    for path, cap in zip(args.images, results):
-        if args.json:
-            print(json.dumps({"image": path, "caption": cap.text, "logprob": round(cap.logprob, 4)}))
-        else:
-            print(f"{path}\t{cap.text}")
-    return 0
-
-
-def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("caption", help="caption images with a trained BLIP model")
-    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
-    p.add_argument("--checkpoint", required=True, help="run directory or checkpoint of a model of kind blip")
-    p.add_argument("--beams", type=int, default=1, help="beam width; 1 (default) is greedy decoding")
-    p.add_argument("--max-length", type=int, default=30, help="most tokens per caption, start token included")
-    p.add_argument("--length-penalty", type=float, default=1.0,
-                   help="beam search: rank finished beams by logprob / length ** this")
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", action="store_true", help="one JSON object per image")
-    p.set_defaults(func=_caption)

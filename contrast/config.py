@@ -141,24 +141,60 @@ class BridgeConfig:
 
 @dataclass
 class ModelConfig:
-    kind: str = "clip"  # the model family build_model() assembles: clip (dual encoder; SigLIP and LiT too)
+    """What every model family shares; ``kind`` selects the family, whose config class adds its own sections."""
+
+    kind: str = "clip"  # the model family: clip (dual encoder; SigLIP and LiT too), blip, blip2_stage1, ...
     image: ImageTowerConfig = field(default_factory=ImageTowerConfig)
     text: TextTowerConfig = field(default_factory=TextTowerConfig)
     embed_dim: int = 256
     init_logit_scale: float = math.log(1 / 0.07)
     max_logit_scale: float = 100.0
     init_logit_bias: float | None = None  # SigLIP: a learnable bias, initialised here (e.g. -10)
-    qformer: QFormerConfig = field(default_factory=QFormerConfig)  # kinds blip2_stage1 | blip2_stage2
+
+    @property
+    def features_dir(self) -> str | None:
+        """A `contrast features extract` directory whose saved tower features replace images (BLIP-2 only)."""
+        return None
+
+
+@dataclass
+class ClipModelConfig(ModelConfig):
+    """Kind ``clip``: an image tower and a text tower scored by ITC or the sigmoid loss."""
+
+
+@dataclass
+class BlipModelConfig(ModelConfig):
+    """Kind ``blip``: image tower + one text transformer with ITC, ITM and LM heads."""
+
+    kind: str = "blip"
+    blip: BlipConfig = field(default_factory=BlipConfig)
+
+
+@dataclass
+class Blip2ModelConfig(ModelConfig):
+    """Kinds ``blip2_stage1``, ``blip2_stage2`` and ``caption_lm`` (the stage-2 decoder trained on captions alone)."""
+
+    kind: str = "blip2_stage1"
+    qformer: QFormerConfig = field(default_factory=QFormerConfig)
     blip2: Blip2Config = field(default_factory=Blip2Config)
-    blip: BlipConfig = field(default_factory=BlipConfig)  # kind blip
-    bridge: BridgeConfig = field(default_factory=BridgeConfig)  # kind decoder
+
+    @property
+    def features_dir(self) -> str | None:
+        return self.blip2.features
+
+
+@dataclass
+class DecoderModelConfig(ModelConfig):
+    """Kind ``decoder``: a small causal decoder reading an image tower through a bridge."""
+
+    kind: str = "decoder"
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
 
 
 @dataclass
 class SyntheticConfig:
-    """The built-in procedural shapes set."""
+    """The built-in procedural shapes set; its images are drawn at ``model.image.image_size``."""
 
-    image_size: int = 32
     train_size: int = 20000
     val_size: int = 1000
     test_size: int = 1000
@@ -180,12 +216,49 @@ class DataConfig:
 
 @dataclass
 class LossConfig:
-    itc: float = 1.0
+    """Loss weights (a term with weight 0 is off) and their settings. Each family's defaults are its class's fields."""
+
+    itc: float = 0.0
     sigmoid: float = 0.0  # SigLIP's pairwise sigmoid loss (needs model.init_logit_bias)
-    itm: float = 0.0  # image-text matching with hard negatives (BLIP)
-    lm: float = 0.0  # image-grounded captioning loss (BLIP)
-    lm_label_smoothing: float = 0.1
+    itm: float = 0.0  # image-text matching with hard negatives (BLIP, BLIP-2)
+    lm: float = 0.0  # captioning / next-token loss
+    lm_label_smoothing: float = 0.1  # BLIP's captioning loss
     distill_alpha: float = 0.4  # weight of the teacher's soft ITC targets when model.blip.momentum_distill is on
+
+
+@dataclass
+class ClipLossConfig(LossConfig):
+    itc: float = 1.0
+
+
+@dataclass
+class BlipLossConfig(LossConfig):
+    itc: float = 1.0
+    itm: float = 1.0
+    lm: float = 1.0
+
+
+@dataclass
+class CaptionLossConfig(LossConfig):
+    lm: float = 1.0
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model family's config classes: the ``model`` section and the ``loss`` section with its default weights."""
+
+    model: type
+    loss: type
+
+
+FAMILIES: dict[str, Family] = {
+    "clip": Family(ClipModelConfig, ClipLossConfig),
+    "blip": Family(BlipModelConfig, BlipLossConfig),
+    "blip2_stage1": Family(Blip2ModelConfig, BlipLossConfig),
+    "blip2_stage2": Family(Blip2ModelConfig, CaptionLossConfig),
+    "caption_lm": Family(Blip2ModelConfig, CaptionLossConfig),
+    "decoder": Family(DecoderModelConfig, CaptionLossConfig),
+}
 
 
 @dataclass
@@ -219,11 +292,25 @@ class EvalConfig:
 
 @dataclass
 class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
+    model: ModelConfig = field(default_factory=ClipModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
+    loss: LossConfig = field(default_factory=ClipLossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def new_config(kind: str = "clip") -> Config:
+    """A default config of the family ``kind`` (its model sections and default loss weights)."""
+    fam = family(kind)
+    return Config(model=fam.model(kind=kind), loss=fam.loss())
+
+
+def family(kind: str) -> Family:
+    if kind not in FAMILIES:
+        near = difflib.get_close_matches(str(kind), FAMILIES, n=1)
+        hint = f"did you mean '{near[0]}'? " if near else ""
+        raise ConfigError(f"model.kind '{kind}' is not a model family; {hint}choose one of {', '.join(FAMILIES)}")
+    return FAMILIES[kind]
 
 
 # --------------------------------------------------------------------------------------------------- loading
@@ -294,21 +381,65 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
+# keys that moved: old dotted path -> what to write instead
+MOVED = {
+    "model.text.unlocked_layers": "model.text.unlocked_groups",
+    "data.synthetic.image_size": "model.image.image_size (the one image size; the built-in set is drawn at it)",
+}
+
+
+def _unknown_key(cls: type, key: str, section: str, names: list[str]) -> ConfigError:
+    path = f"{section}.{key}" if section else key
+    if path in MOVED:
+        return ConfigError(f"'{path}' is now '{MOVED[path]}'; rename it in the recipe")
+    if section == "model":
+        owners = sorted(k for k, f in FAMILIES.items() if key in {x.name for x in dataclasses.fields(f.model)})
+        if owners:
+            return ConfigError(f"model.{key} belongs to model.kind {' / '.join(owners)}; this recipe's kind has no "
+                               f"such section (set model.kind, or remove model.{key})")
+    near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys are: {', '.join(names)}"
+    where = f"section '{section}'" if section else "the top level"
+    return ConfigError(f"unknown key '{key}' in {where}{hint}")
+
+
 def _build(cls: type, data: dict, section: str = "") -> Any:
     hints = typing.get_type_hints(cls)
+    if cls is Config:  # the family named by model.kind decides the classes of the model and loss sections
+        fam = family((data.get("model") or {}).get("kind", "clip") if isinstance(data.get("model"), dict) else "clip")
+        hints = {**hints, "model": fam.model, "loss": fam.loss}
+        data = _drop_equal_image_sizes(data)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         if key not in names:
-            near = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{near[0]}'?" if near else f"; valid keys are: {', '.join(names)}"
-            where = f"section '{section}'" if section else "the top level"
-            raise ConfigError(f"unknown key '{key}' in {where}{hint}")
+            raise _unknown_key(cls, str(key), section, names)
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}" if section else key)
+    for key in names:  # sections left out still take the family's classes
+        if key not in kwargs and cls is Config and key in ("model", "loss"):
+            kwargs[key] = hints[key]()
     return cls(**kwargs)
 
 
+def _drop_equal_image_sizes(data: dict) -> dict:
+    """Older recipes repeat the image size in data.synthetic; accept the copy when it agrees, else say where it goes."""
+    synth = ((data.get("data") or {}).get("synthetic") or {}) if isinstance(data.get("data"), dict) else {}
+    if not isinstance(synth, dict) or "image_size" not in synth:
+        return data
+    image = ((data.get("model") or {}).get("image") or {}) if isinstance(data.get("model"), dict) else {}
+    size = image.get("image_size", ImageTowerConfig.image_size) if isinstance(image, dict) else None
+    if synth["image_size"] != size:
+        raise ConfigError(
+            f"data.synthetic.image_size ({synth['image_size']}) differs from model.image.image_size ({size}); the "
+            "image size is stated once, in model.image.image_size: remove data.synthetic.image_size"
+        )
+    data = {**data, "data": {**data["data"], "synthetic": {k: v for k, v in synth.items() if k != "image_size"}}}
+    return data
+
+
 def from_dict(data: dict | None, cls: type = Config) -> Any:
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of sections (model:, data:, train:, ...), got {type(data).__name__}")
     return _build(cls, data or {})
 
 

@@ -1,7 +1,8 @@
 """Rank / world helpers and gathering across processes.
 
 Everything here is a no-op at world size 1, so single-process code paths call the same functions. Models never
-import this module: the training loop injects :func:`gather_with_grad` into objectives.
+import this module: the training loop hands :func:`gather_with_grad` to objectives and models in a
+:class:`contrast.objectives.Comm`.
 """
 
 from __future__ import annotations
@@ -43,14 +44,6 @@ def init_from_env(device: torch.device | None = None) -> DistInfo:
     return info()
 
 
-def rank() -> int:
-    return info().rank
-
-
-def world_size() -> int:
-    return info().world_size
-
-
 def barrier() -> None:
     if is_initialized():
         dist.barrier()
@@ -82,15 +75,6 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
-
-
-def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
-    """Concatenate ``x`` from every rank along dim 0 without gradient. Identity at world size 1."""
-    if not is_initialized() or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out, dim=0)
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

@@ -6,3 +6,7 @@ The command line prints these as one message, without a traceback, and exits wit
 
 class UserError(Exception):
     """Input that cannot be used; the message says what is wrong and what to do."""
+
+
+class CheckpointError(UserError, ValueError):
+    """A checkpoint or run directory that is missing, incomplete, or made for a different model."""

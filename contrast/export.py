@@ -18,7 +18,6 @@ silently wrong directory behind.
 
 from __future__ import annotations
 
-import argparse
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +26,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from contrast.config import Config, ImageTowerConfig, save_config
+from contrast.config import Config, save_config
+from contrast.errors import UserError
+from contrast.models import DualEncoder, build_model
+from contrast.runs import WEIGHTS, load_model, save_model_weights, step_dir
+from contrast.towers import ImageTower, TextTower
 from contrast.towers.convert import (
     ConversionError,
     clip_layout_problems,
@@ -39,13 +42,12 @@ from contrast.towers.convert import (
     vit_to_hf_clip,
     vit_to_hf_siglip,
 )
-from contrast.towers.image import ImageTower
 
 TOLERANCE = 1e-5
 FORMATS = ("timm", "hf", "open_clip")
 
 
-class ExportError(ValueError):
+class ExportError(UserError, ValueError):
     """An export that the tower's architecture does not fit, or whose reloaded features differ from ours."""
 
 
@@ -76,15 +78,6 @@ def _probe_pixels(tower: ImageTower, n: int = 2) -> torch.Tensor:
     g = torch.Generator().manual_seed(0)
     s = tower.cfg.image_size
     return torch.randn(n, 3, s, s, generator=g)
-
-
-def find_image_tower(model: nn.Module) -> ImageTower:
-    """The image tower of any of our model families (``.image`` or ``.tower``)."""
-    for name in ("image", "tower", "visual"):
-        t = getattr(model, name, None)
-        if isinstance(t, ImageTower):
-            return t
-    raise ExportError(f"{type(model).__name__} holds no image tower to export")
 
 
 def fitting_formats(tower: ImageTower, has_text: bool = True) -> list[str]:
@@ -132,7 +125,7 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
     E = 0
     save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "model.safetensors"))
-    model_args = {**tower.cfg.kwargs, "num_classes": E}
+    model_args = {**tower.timm_kwargs, "num_classes": E}  # img_size included: timm builds the same input size
     config = {
         "architecture": tower.cfg.name,
         "num_classes": E,
@@ -154,42 +147,6 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
         w = load_file(str(out / "projection.safetensors"))["weight"]
         _check(report, "image_embeds", tower.embed(x), tower.pool(feats) @ w.t())
     return report
-
-
-def load_exported_tower(path: str | Path) -> ImageTower:
-    """An :class:`ImageTower` from a timm export directory (``config.json`` + ``model.safetensors``) or a run dir."""
-    p = Path(path)
-    cfg_file = p / "config.json"
-    if cfg_file.is_file() and "architecture" in (cfg := json.loads(cfg_file.read_text())):
-        meta = cfg.get("contrast", {})
-        kwargs = {k: v for k, v in cfg.get("model_args", {}).items() if k != "num_classes"}
-        pc = cfg["pretrained_cfg"]
-        icfg = ImageTowerConfig(
-            name=cfg["architecture"],
-            kwargs=kwargs,
-            image_size=int(pc["input_size"][-1]),
-            pool=meta.get("pool", "default"),
-            mean=tuple(pc["mean"]),
-            std=tuple(pc["std"]),
-        )
-        E = int(meta.get("embed_dim", cfg.get("num_classes") or 0))
-        if E <= 0:
-            raise ExportError(f"{p} is a timm export without a projection; it was not written by contrast export")
-        tower = ImageTower(icfg, E)
-        sd = load_file(str(p / "model.safetensors"))
-        clf = cfg["pretrained_cfg"].get("classifier", "head")
-        if meta.get("projection") == "head":
-            tower.proj.weight.data.copy_(sd.pop(f"{clf}.weight"))
-            sd.pop(f"{clf}.bias", None)
-        else:
-            tower.proj.weight.data.copy_(load_file(str(p / "projection.safetensors"))["weight"])
-        tower.backbone.load_state_dict(sd, strict=True)
-        return tower.eval()
-    if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / "model.safetensors").is_file():
-        from contrast.api import load
-
-        return find_image_tower(load(p)[0])
-    raise ExportError(f"{p} is neither a timm export directory (config.json with 'architecture') nor a run directory")
 
 
 # --------------------------------------------------------------------------------------------------- Hugging Face
@@ -244,7 +201,7 @@ def _export_hf_clip(tower: ImageTower, out: Path) -> ExportReport:
     x = _probe_pixels(tower)
     tower = tower.eval()
     with torch.no_grad():
-        hidden = tower.forward_intermediates(x, [len(tower.backbone.blocks) - 1])[0]  # last block, before ln_post
+        hidden = tower.forward_intermediates(x, [-1])[0]  # last block, before ln_post
         pooled = tower.pool(tower.forward_tokens(x))
         emb = tower.embed(x)
         plain = CLIPVisionModel.from_pretrained(str(out)).eval()
@@ -291,8 +248,8 @@ def _export_hf_siglip(tower: ImageTower, out: Path) -> ExportReport:
 def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
     import open_clip
 
-    tower = find_image_tower(model)
-    if getattr(model, "text", None) is None or not hasattr(model.text, "token_embedding"):
+    tower = model.image_tower
+    if not (isinstance(model, DualEncoder) and isinstance(model.text, TextTower)):
         raise ExportError(
             "open_clip checkpoints hold an image and a text tower; this model has no CLIP text tower. "
             "Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False))
@@ -341,16 +298,14 @@ def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
 
 def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> ExportReport:
     """Export the image tower of a run directory / checkpoint in ``fmt`` (timm | hf | open_clip) and verify it."""
-    from contrast.api import load
-
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    model, _, _ = load(checkpoint)
+    model = load_model(checkpoint)
     if fmt == "open_clip":
         return export_open_clip(model, out)
-    tower = find_image_tower(model)
+    tower = model.image_tower
     report = export_timm(tower, out) if fmt == "timm" else export_hf(tower, out)
-    if hasattr(model, "bridge_state"):  # a decoder run: its projector / taps + gated cross-attention go beside
+    if model.supports("bridge"):  # a decoder run: its projector / taps + gated cross-attention go beside
         save_file({k: v.detach().contiguous() for k, v in model.bridge_state().items()}, str(Path(out) / "bridge.safetensors"))
         b = model.cfg.bridge
         meta = {"mode": b.mode, "layer": b.layer, "tokens": b.tokens, "taps": list(b.taps), "xattn_every": b.xattn_every,
@@ -371,7 +326,6 @@ def import_checkpoint(
     ``open_clip_config``: open_clip's model config JSON (a ``model_cfg`` file or ``open_clip_config.json``);
     without it the OpenAI conventions apply (64-wide heads, QuickGELU unless ``quick_gelu`` says otherwise).
     """
-    from contrast.train import checkpoint as C
 
     oc_cfg, mean, std = None, None, None
     if open_clip_config is not None:
@@ -382,55 +336,21 @@ def import_checkpoint(
     if quick_gelu is None:
         quick_gelu = bool(oc_cfg.get("quick_gelu", False)) if oc_cfg is not None else True
     sd = load_foreign_state_dict(str(weights))
-    model, mcfg = import_clip(sd, quick_gelu=quick_gelu, open_clip_cfg=oc_cfg, mean=mean, std=std)
+    ours, mcfg = import_clip(sd, quick_gelu=quick_gelu, open_clip_cfg=oc_cfg, mean=mean, std=std)
+    model = build_model(mcfg)
+    missing, unexpected = model.load_state_dict(ours, strict=False)
+    if unexpected or missing:
+        raise ConversionError(f"converted CLIP does not fit the dual encoder: missing {missing}, unexpected {unexpected}")
+    model.eval()
     out = Path(out)
     cfg = Config(model=mcfg)
-    cfg.data.synthetic.image_size = mcfg.image.image_size
     out.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out / "config.yaml")
-    step = C.step_dir(out, 0)
+    step = step_dir(out, 0)
     step.mkdir(parents=True, exist_ok=True)
-    C.save_model_weights(model, step / C.WEIGHTS)
+    save_model_weights(model, step / WEIGHTS)
     (out / "checkpoints" / "latest").write_text(step.name + "\n")
     return out
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    from contrast.cli import UserError
-
-    try:
-        report = export_checkpoint(args.checkpoint, args.format, args.out)
-    except (ExportError, ConversionError) as e:
-        raise UserError(str(e)) from e
-    print(report.summary())
-    return 0
-
-
-def _cmd_import(args: argparse.Namespace) -> int:
-    from contrast.cli import UserError
-
-    qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
-    try:
-        out = import_checkpoint(args.weights, args.out, open_clip_config=args.open_clip_config, quick_gelu=qg)
-    except ConversionError as e:
-        raise UserError(str(e)) from e
-    print(f"imported {args.weights} into {out} (load with contrast.load('{out}'), train with --set or eval as any run)")
-    return 0
-
-
-def add_cli(subparsers: argparse._SubParsersAction) -> None:
-    p = subparsers.add_parser("export", help="export a trained image tower to timm / Hugging Face / open_clip, verified")
-    p.add_argument("--checkpoint", required=True, help="RUN_DIR or a step directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
-    p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=_cmd_export)
-    q = subparsers.add_parser("import", help="convert an open_clip / OpenAI CLIP checkpoint into a contrast run directory")
-    q.add_argument("--weights", required=True, help="state dict: .safetensors, .pt/.bin, or an OpenAI TorchScript .pt")
-    q.add_argument("--open-clip-config", default=None, help="open_clip model config JSON (open_clip_config.json or model_cfg)")
-    q.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto",
-                   help="auto: from the open_clip config; QuickGELU for OpenAI checkpoints without one")
-    q.add_argument("--out", required=True, help="run directory to create")
-    q.set_defaults(func=_cmd_import)
 
 
 __all__ = [
@@ -441,5 +361,4 @@ __all__ = [
     "export_open_clip",
     "export_checkpoint",
     "import_checkpoint",
-    "load_exported_tower",
     ]

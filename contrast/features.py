@@ -24,12 +24,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from contrast.data import load_source
+from contrast.data.collate import decode_image
+from contrast.data.transforms import build_transform
+from contrast.errors import UserError
+from contrast.runs import FEATURES_TOWER as TOWER
+from contrast.runs import frozen_tower, save_model_weights
+
 META = "meta.json"
-TOWER = "tower.safetensors"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
-class FeatureError(ValueError):
+class FeatureError(UserError, ValueError):
     """A features directory that is missing, incomplete or made by another tower."""
 
 
@@ -58,9 +64,6 @@ def extract(
 ) -> dict:
     """Run ``tower.forward_tokens`` over a datasets split (columns image, caption) and write shards. Returns meta."""
     from tqdm import tqdm
-
-    from contrast.data.collate import decode_image
-    from contrast.train.checkpoint import save_model_weights
 
     if dtype not in DTYPES:
         raise FeatureError(f"dtype must be one of {', '.join(DTYPES)}, got '{dtype}'")
@@ -185,81 +188,40 @@ class FeatureCollator:
         if not keep:
             return None
         tokens = self.tokenizer([r["caption"].strip() for r in keep])
-        batch = {
+        return {
             "image_feats": torch.stack([r["image_feats"] for r in keep]).float(),  # (B, N, width)
             "index": torch.tensor([r["__index__"] for r in keep]),
+            "input_ids": tokens,
         }
-        if isinstance(tokens, dict):
-            batch.update(tokens)
-        else:
-            batch["input_ids"] = tokens
-        return batch
 
 
 def build_feature_data(cfg: Any, tokenizer: Callable, split: str) -> tuple[FeatureShards, FeatureCollator]:
-    """The training rows and collator when ``model.blip2.features`` is set: saved features replace the tower."""
-    rows = FeatureShards(cfg.model.blip2.features, split)
+    """The training rows and collator when the model reads saved features (``model.blip2.features``)."""
+    rows = FeatureShards(cfg.model.features_dir, split)
     image = rows.meta.get("image") or {}
     for name in ("name", "image_size"):
         if name in image and image[name] != getattr(cfg.model.image, name):
             raise FeatureError(
-                f"the features in {cfg.model.blip2.features} come from model.image.{name}={image[name]!r}, but this "
+                f"the features in {cfg.model.features_dir} come from model.image.{name}={image[name]!r}, but this "
                 f"recipe has {getattr(cfg.model.image, name)!r}; extract features with this recipe's tower"
             )
     return rows, FeatureCollator(tokenizer)
 
 
-# --------------------------------------------------------------------------------------------------- CLI
-
-
-def _cmd_extract(args) -> int:
-    from contrast.api import load_config_of
-    from contrast.cli import UserError
-    from contrast.config import load_recipe
-    from contrast.data import load_source
-    from contrast.data.transforms import build_transform
-    from contrast.models.blip2 import build_frozen_tower
-
-    if bool(args.checkpoint) == bool(args.recipe):
-        raise UserError("give exactly one tower source: --checkpoint RUN_DIR or --recipe FILE")
-    if args.checkpoint:
-        cfg, _ = load_config_of(args.checkpoint)
-        cfg.model.blip2.tower = str(args.checkpoint)
-        cfg.model.blip2.features = None
-    else:
-        cfg = load_recipe(args.recipe, args.set)
-        cfg.model.blip2.features = None
-    if args.data:
-        cfg.data.source = args.data
-    torch.manual_seed(cfg.train.seed)  # a fresh tower is built exactly as the training run would build it
-    tower = build_frozen_tower(cfg.model)
+def extract_for(cfg: Any, out: str | Path, splits: list[str], *, tower_run: str | None = None, batch_size: int = 256,
+                shard_size: int = 4096, dtype: str = "float32", device: str = "cpu", source: str = "") -> dict:
+    """Extract ``splits`` of ``cfg.data`` with the image tower of the run ``tower_run``, or a fresh ``cfg.model.image``
+    tower built exactly as the training run would build it. Returns the directory's meta."""
+    torch.manual_seed(cfg.train.seed)
+    tower = frozen_tower(cfg.model, tower_run)
     transform = build_transform(cfg.model.image)
-    splits = args.split or [cfg.data.train_split, cfg.data.eval_split]
+    meta: dict = {}
     for split in splits:
-        meta = extract(tower, load_source(cfg.data, split), transform, args.out, split,
-                       batch_size=args.batch_size, shard_size=args.shard_size, dtype=args.dtype, device=args.device,
-                       image_cfg=cfg.model.image, source=str(args.checkpoint or args.recipe))
-        info = meta["splits"][split]
-        print(f"{split}: {info['rows']} rows x {meta['tokens']} tokens x {meta['width']} -> {args.out}/{split} "
-              f"({len(info['shards'])} shards)")
-    return 0
+        meta = extract(tower, load_source(cfg.data, split, cfg.model.image.image_size), transform, out, split,
+                       batch_size=batch_size, shard_size=shard_size, dtype=dtype, device=device,
+                       image_cfg=cfg.model.image, source=source)
+    return meta
 
 
-def add_cli(sub) -> None:
-    p = sub.add_parser("features", help="precompute frozen image-tower features")
-    fsub = p.add_subparsers(dest="features_command", required=True, metavar="ACTION")
-    e = fsub.add_parser("extract", help="run a frozen image tower over a data source and save safetensors shards")
-    e.add_argument("--checkpoint", help="a run directory or checkpoint whose image tower to use")
-    e.add_argument("--recipe", help="a recipe whose tower to use (model.blip2.tower, else a fresh model.image)")
-    e.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override")
-    e.add_argument("--data", help="data source (default: the run's / recipe's data.source)")
-    e.add_argument("--split", action="append", help="split(s) to extract (default: train and eval splits)")
-    e.add_argument("--out", required=True, help="output directory")
-    e.add_argument("--batch-size", type=int, default=256)
-    e.add_argument("--shard-size", type=int, default=4096, help="rows per shard file")
-    e.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
-    e.add_argument("--device", default="cpu")
-    e.set_defaults(func=_cmd_extract)
-
-
-__all__ = ["extract", "FeatureShards", "FeatureCollator", "build_feature_data", "read_meta", "add_cli", "FeatureError"]
+__all__ = ["extract", "extract_for", "FeatureShards", "FeatureCollator", "build_feature_data", "read_meta",
+           "FeatureError"]

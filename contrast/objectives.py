@@ -20,6 +20,27 @@ import torch.nn.functional as F
 Gather = Callable[[torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Comm:
+    """Cross-process context handed to objectives and models: a gather (concatenate along dim 0 across ranks,
+    gradients flowing back; None in one process) and this rank."""
+
+    gather: Gather | None = None
+    rank: int = 0
+
+    def all(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` (B, ...) from every rank, concatenated in rank order; ``x`` itself in one process."""
+        return self.gather(x) if self.gather is not None else x
+
+
+def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
+    """(I, T) image-text scores: the dot product, or for query embeddings (I, Q, E) the best query of each pair
+    (Li et al., BLIP-2, 2023)."""
+    if image_emb.ndim == 3:
+        return torch.einsum("iqe,je->ijq", image_emb, text_emb).amax(dim=-1)  # (I, T)
+    return image_emb @ text_emb.t()
+
+
 def info_nce(
     image_emb: torch.Tensor,
     text_emb: torch.Tensor,
@@ -40,12 +61,8 @@ def info_nce(
     all_img = gather(image_emb) if gather is not None else image_emb  # (N, E) or (N, Q, E)
     all_txt = gather(text_emb) if gather is not None else text_emb  # (N, E)
     labels = torch.arange(B, device=image_emb.device) + rank * B
-    if image_emb.ndim == 3:
-        logits_i2t = logit_scale * torch.einsum("iqe,je->ijq", image_emb, all_txt).amax(dim=-1)  # (B, N)
-        logits_t2i = logit_scale * torch.einsum("je,iqe->jiq", text_emb, all_img).amax(dim=-1)  # (B, N)
-        return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
-    logits_i2t = logit_scale * image_emb @ all_txt.t()  # (B, N)
-    logits_t2i = logit_scale * text_emb @ all_img.t()  # (B, N)
+    logits_i2t = logit_scale * similarity(image_emb, all_txt)  # (B, N)
+    logits_t2i = logit_scale * similarity(all_img, text_emb).t()  # (B, N)
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
@@ -61,23 +78,22 @@ Term = Callable[..., torch.Tensor]
 
 
 class Objective:
-    """A weighted sum of loss terms. Each term is ``fn(model_output, gather=..., rank=...) -> scalar``.
+    """A weighted sum of loss terms. Each term is ``fn(model_output, comm) -> scalar``.
 
     The training loop calls ``objective(model_output)`` and never knows which terms it holds.
     """
 
-    def __init__(self, terms: dict[str, tuple[float, Term]], gather: Gather | None = None, rank: int = 0):
+    def __init__(self, terms: dict[str, tuple[float, Term]], comm: Comm | None = None):
         if not terms:
             raise ValueError("the objective has no terms with a positive weight; set at least one loss weight > 0")
         self.terms = terms
-        self.gather = gather
-        self.rank = rank
+        self.comm = comm or Comm()
 
     def __call__(self, out) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}
         total = None
         for name, (weight, fn) in self.terms.items():
-            value = fn(out, gather=self.gather, rank=self.rank)
+            value = fn(out, self.comm)
             parts[name] = value.detach()
             total = weight * value if total is None else total + weight * value
         return LossOutput(total=total, parts=parts)
@@ -109,20 +125,23 @@ def hard_negative_indices(
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 
-def build_objective(loss_cfg, gather: Gather | None = None, rank: int = 0) -> Objective:
-    """Map each positive weight in ``LossConfig`` to its term. A new loss adds one entry to ``available``."""
+def build_objective(loss_cfg, comm: Comm | None = None) -> Objective:
+    """Map each positive weight of the loss config to its term. A new loss adds one entry to ``available``."""
     available: dict[str, Term] = {
-        "itc": functools.partial(itc_or_distilled_term, alpha=float(getattr(loss_cfg, "distill_alpha", 0.4))),
+        "itc": functools.partial(itc_term, alpha=loss_cfg.distill_alpha),
         "sigmoid": sigmoid_term,
         "itm": itm_term,
-        "lm": functools.partial(lm_term, label_smoothing=float(getattr(loss_cfg, "lm_label_smoothing", 0.1))),
+        "lm": functools.partial(lm_term, label_smoothing=loss_cfg.lm_label_smoothing),
     }
-    terms: dict[str, tuple[float, Term]] = {}
-    for name, fn in available.items():
-        weight = float(getattr(loss_cfg, name, 0.0) or 0.0)
-        if weight > 0:
-            terms[name] = (weight, fn)
-    return Objective(terms, gather=gather, rank=rank)
+    terms = {name: (float(getattr(loss_cfg, name)), fn) for name, fn in available.items() if getattr(loss_cfg, name) > 0}
+    return Objective(terms, comm)
+
+
+def _needs(out, part: str, term: str):
+    value = getattr(out, part)
+    if value is None:
+        raise ValueError(f"loss.{term} is on but this model produces no {part}; set loss.{term}: 0 for this model kind")
+    return value
 
 
 # --------------------------------------------------------------------------------------------------- SigLIP
@@ -158,9 +177,10 @@ def sigmoid_loss(
     return -F.logsigmoid(signs * logits).sum() / B
 
 
-def sigmoid_term(out, *, gather: Gather | None = None, rank: int = 0) -> torch.Tensor:
-    """The sigmoid loss on a model output carrying ``image_emb``, ``text_emb``, ``logit_scale`` and ``logit_bias``."""
-    return sigmoid_loss(out.image_emb, out.text_emb, out.logit_scale, out.logit_bias, gather=gather, rank=rank)
+def sigmoid_term(out, comm: Comm) -> torch.Tensor:
+    """The sigmoid loss on a model output's embeddings, logit scale and logit bias."""
+    img = _needs(out, "image_emb", "sigmoid")
+    return sigmoid_loss(img, out.text_emb, out.logit_scale, out.logit_bias, gather=comm.gather, rank=comm.rank)
 
 
 # --------------------------------------------------------------------------------------------------- BLIP
@@ -197,13 +217,19 @@ def distilled_info_nce(
     return 0.5 * (loss_i2t + loss_t2i)
 
 
+def lm_nll(lm_logits: torch.Tensor, targets: torch.Tensor) -> tuple[float, int]:
+    """Summed plain (unsmoothed) next-token negative log-likelihood over packed positions, and their count."""
+    nll = F.cross_entropy(lm_logits.float(), targets, reduction="sum")
+    return float(nll), int(targets.numel())
+
+
 def itm_loss(itm_logits: torch.Tensor, itm_labels: torch.Tensor) -> torch.Tensor:
     """Image-text matching: 2-way cross-entropy over positive and hard-negative pairs (logits (P, 2), labels (P,))."""
     return F.cross_entropy(itm_logits, itm_labels)
 
 
 def lm_loss(
-    lm_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_captions: int, label_smoothing: float = 0.1
+    lm_logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, num_captions: int, label_smoothing: float
 ) -> torch.Tensor:
     """Captioning loss: label-smoothed next-token cross-entropy over packed positions.
 
@@ -218,22 +244,23 @@ def lm_loss(
     return (sums / counts).mean()
 
 
-def itc_or_distilled_term(out, *, gather: Gather | None = None, rank: int = 0, alpha: float = 0.4) -> torch.Tensor:
-    """ITC: plain InfoNCE over the gathered batch, or the momentum-distilled form when the output carries teacher
-    features (``image_emb_m`` / ``text_emb_m``, BLIP with ``model.blip.momentum_distill``)."""
-    if getattr(out, "image_emb_m", None) is not None:
-        return distilled_info_nce(
-            out.image_emb, out.text_emb, out.logit_scale, out.image_emb_m, out.text_emb_m, alpha, rank=rank
-        )
-    return info_nce(out.image_emb, out.text_emb, out.logit_scale, gather=gather, rank=rank)
+def itc_term(out, comm: Comm, alpha: float) -> torch.Tensor:
+    """ITC: InfoNCE over the gathered batch, or its momentum-distilled form when the output carries teacher features
+    (BLIP with ``model.blip.momentum_distill``)."""
+    img = _needs(out, "image_emb", "itc")
+    if out.teacher is not None:
+        t = out.teacher
+        return distilled_info_nce(img, out.text_emb, out.logit_scale, t.image_emb, t.text_emb, alpha, rank=comm.rank)
+    return info_nce(img, out.text_emb, out.logit_scale, gather=comm.gather, rank=comm.rank)
 
 
-def itm_term(out, *, gather: Gather | None = None, rank: int = 0) -> torch.Tensor:
-    """ITM on a model output carrying ``itm_logits`` and ``itm_labels`` (negatives were drawn by the model)."""
-    return itm_loss(out.itm_logits, out.itm_labels)
+def itm_term(out, comm: Comm) -> torch.Tensor:
+    """ITM on the positives and hard negatives the model drew."""
+    itm = _needs(out, "itm", "itm")
+    return itm_loss(itm.logits, itm.labels)
 
 
-def lm_term(out, *, gather: Gather | None = None, rank: int = 0, label_smoothing: float = 0.1) -> torch.Tensor:
-    """Captioning LM loss on a model output carrying packed ``lm_logits``, ``lm_targets`` and ``lm_rows``."""
-    num_captions = getattr(out, "num_captions", None) or out.image_emb.shape[0]  # decoder-only outputs carry it
-    return lm_loss(out.lm_logits, out.lm_targets, out.lm_rows, num_captions, label_smoothing)
+def lm_term(out, comm: Comm, label_smoothing: float) -> torch.Tensor:
+    """Captioning LM loss on packed logits (``out.lm``)."""
+    lm = _needs(out, "lm", "lm")
+    return lm_loss(lm.logits, lm.targets, lm.rows, lm.num_captions, label_smoothing)

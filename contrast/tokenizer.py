@@ -31,9 +31,19 @@ class ClipTokenizer:
         return self._tok.decode(ids).strip()
 
 
+def text_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) True at real positions of BPE ids: up to and including the end-of-text token (the highest id).
+
+    The BPE tokenizer pads with id 0, which is also a real token, so the end-of-text position decides.
+    """
+    T = input_ids.shape[1]
+    eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
+    return torch.arange(T, device=input_ids.device)[None, :] <= eot  # (B, T)
+
+
 def build_tokenizer(text_cfg):
     """The tokenizer a text tower config asks for (``model.text.kind``: clip -> BPE, hf -> the model's own)."""
-    if getattr(text_cfg, "kind", "clip") == "hf":
+    if text_cfg.kind == "hf":
         from contrast.towers.hf_text import build_hf_tokenizer
 
         return build_hf_tokenizer(text_cfg)

@@ -18,12 +18,11 @@ def tiny_config(tmp_cache=None, **train):
     cfg = Config()
     cfg.model.embed_dim = 32
     cfg.model.image.image_size = 16
-    cfg.model.image.kwargs = {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
+    cfg.model.image.kwargs = {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}
     cfg.model.text.context_length = 16
     cfg.model.text.width = 32
     cfg.model.text.layers = 1
     cfg.model.text.heads = 2
-    cfg.data.synthetic.image_size = 16
     cfg.data.synthetic.train_size = 256
     cfg.data.synthetic.val_size = 32
     cfg.data.synthetic.test_size = 64
@@ -47,7 +46,7 @@ def tiny_model_dict(kind: str = "clip", context_length: int = 16, text_layers: i
         "image": {
             "name": "vit_tiny_patch16_224",
             "image_size": 16,
-            "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
+            "kwargs": {"patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2},
         },
         "text": {"context_length": context_length, "width": 32, "layers": text_layers, "heads": 2},
     }
@@ -65,10 +64,9 @@ def trained_run(tmp_path_factory, data_cache):
 
     cfg = tiny_config(data_cache, steps=120, batch_size=64, lr=2e-3, warmup_steps=10)
     cfg.model.image.image_size = 32
-    cfg.model.image.kwargs = {"img_size": 32, "patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
+    cfg.model.image.kwargs = {"patch_size": 8, "embed_dim": 64, "depth": 2, "num_heads": 2}
     cfg.model.text.width = 64
     cfg.model.embed_dim = 64
-    cfg.data.synthetic.image_size = 32
     cfg.data.synthetic.train_size = 4096
     cfg.data.synthetic.test_size = 300
     cfg.train.log_every = 20

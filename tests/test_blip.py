@@ -36,13 +36,13 @@ def test_output_layout():
     b = batch()
     out = model(b)
     B, ids = 4, b["input_ids"]
-    assert out.itm_logits.shape == (3 * B, 2)
-    assert out.itm_labels.tolist() == [1] * B + [0] * (2 * B)
+    assert out.itm.logits.shape == (3 * B, 2)
+    assert out.itm.labels.tolist() == [1] * B + [0] * (2 * B)
     # packed LM targets: every caption's tokens after the start token, end-of-text included, in order
     n_tokens = (ids > 0).sum(dim=1)  # start .. end-of-text
-    assert out.lm_logits.shape == (int((n_tokens - 1).sum()), model.text.vocab_size)
+    assert out.lm.logits.shape == (int((n_tokens - 1).sum()), model.text.vocab_size)
     for i in range(B):
-        assert out.lm_targets[out.lm_rows == i].tolist() == ids[i, 1 : n_tokens[i]].tolist()
+        assert out.lm.targets[out.lm.rows == i].tolist() == ids[i, 1 : n_tokens[i]].tolist()
     assert model.text.vocab_size == ClipTokenizer(16).vocab_size + 3
 
 
@@ -54,8 +54,8 @@ def test_hard_negatives_skip_positive_and_identical_captions():
     for _ in range(8):
         out = model(b)
         for i in range(4):
-            assert not same[i, out.itm_neg_text[i]], "an identical caption was drawn as a negative"
-            assert not same[i, out.itm_neg_image[i]], "an image of an identical caption was drawn as a negative"
+            assert not same[i, out.itm.neg_text[i]], "an identical caption was drawn as a negative"
+            assert not same[i, out.itm.neg_image[i]], "an image of an identical caption was drawn as a negative"
 
 
 def test_hard_negative_draw_is_reproducible_and_follows_the_similarities():
@@ -68,8 +68,8 @@ def test_hard_negative_draw_is_reproducible_and_follows_the_similarities():
     ids = b["input_ids"]
     same = (ids[:, None] == ids[None]).all(-1)
     pos = torch.arange(4)
-    assert out.itm_neg_text.tolist() == hard_negative_indices(sim, pos, exclude=same, generator=g).tolist()
-    assert out.itm_neg_image.tolist() == hard_negative_indices(sim.t(), pos, exclude=same, generator=g).tolist()
+    assert out.itm.neg_text.tolist() == hard_negative_indices(sim, pos, exclude=same, generator=g).tolist()
+    assert out.itm.neg_image.tolist() == hard_negative_indices(sim.t(), pos, exclude=same, generator=g).tolist()
     assert int(model.draws) == 1  # the next step draws with a fresh seed
 
 
@@ -159,8 +159,8 @@ def test_momentum_teacher_and_queue():
     torch.testing.assert_close(model.image_queue[:4], out.image_emb.detach())
     torch.testing.assert_close(model.image_queue[4:], queue_before[4:])
     assert int(model.queue_ptr) == 4
-    assert out.image_emb_m.shape == (4 + 8, 32)
-    torch.testing.assert_close(out.image_emb_m[4:], queue_before)  # the queue as it was before this step
+    assert out.teacher.image_emb.shape == (4 + 8, 32)
+    torch.testing.assert_close(out.teacher.image_emb[4:], queue_before)  # the queue as it was before this step
     loss = build_objective(from_dict({"loss": {"itc": 1.0, "itm": 1.0, "lm": 1.0}}).loss)(out)
     assert math.isfinite(loss.total.item()) and set(loss.parts) == {"itc", "itm", "lm"}
     model(b)

@@ -10,8 +10,10 @@ import torch.nn.functional as F
 
 from contrast.config import from_dict
 from contrast.models import build_model
-from contrast.models.blip2 import Blip2Stage1, Blip2Stage2, CaptionLM, next_token_targets, packed_targets
-from contrast.objectives import build_objective, info_nce
+from contrast.models.blip2 import Blip2Stage1, Blip2Stage2, CaptionLM
+from contrast.models.lm import packed_targets
+from contrast.objectives import build_objective, info_nce, similarity
+from contrast.runs import build
 
 TOWER = {"name": "vit_tiny_patch16_224", "image_size": 16,
          "kwargs": {"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 1, "num_heads": 2}}
@@ -24,7 +26,7 @@ def _cfg(kind="blip2_stage1", decoder=None, loss=None, features=None, steps=3):
     return from_dict({
         "model": {"kind": kind, "embed_dim": 24, "image": TOWER, "text": {"context_length": 12},
                   "qformer": {"num_queries": 4, "width": 32, "layers": 2, "heads": 2}, "blip2": blip2},
-        "data": {"synthetic": {"image_size": 16, "train_size": 48, "val_size": 8, "test_size": 16}},
+        "data": {"synthetic": {"train_size": 48, "val_size": 8, "test_size": 16}},
         "loss": loss or {"itc": 1.0, "itm": 1.0, "lm": 1.0},
         "train": {"steps": steps, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 0, "log_every": 1,
                   "lr": 1e-3},
@@ -39,10 +41,11 @@ def _batch(n=6):
     return {"pixels": torch.randn(n, 3, 16, 16), "input_ids": ClipTokenizer(12)(caps)}
 
 
-def test_next_token_targets_by_hand():
+def test_packed_targets_by_hand():
     ids = torch.tensor([[49406, 5, 6, 49407, 0, 0], [49406, 7, 49407, 0, 0, 0]])
-    assert next_token_targets(ids).tolist() == [[5, 6, 49407, -100, -100], [7, 49407, -100, -100, -100]]
     where, targets, rows = packed_targets(ids)
+    next_token_targets = ids[:, 1:].masked_fill(~where, -100)  # the (B, T-1) targets, -100 where none
+    assert next_token_targets.tolist() == [[5, 6, 49407, -100, -100], [7, 49407, -100, -100, -100]]
     assert where.int().tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0]]
     assert targets.tolist() == [5, 6, 49407, 7, 49407] and rows.tolist() == [0, 0, 0, 1, 1]
 
@@ -64,7 +67,7 @@ def test_itc_max_over_queries_matches_hand_computation():
     labels = torch.arange(3)
     want = 0.5 * (F.cross_entropy(scale * sim, labels) + F.cross_entropy(scale * sim.t(), labels))
     torch.testing.assert_close(info_nce(img, txt, scale), want)
-    assert torch.allclose(Blip2Stage1.similarity(img, txt), sim, atol=1e-6)
+    assert torch.allclose(similarity(img, txt), sim, atol=1e-6)
 
 
 def test_itc_max_over_queries_local_loss_under_gather():
@@ -91,19 +94,19 @@ def test_stage1_output_and_itm_hard_negatives():
     B, Q = 6, 4
     assert out.image_emb.shape == (B, Q, 24) and out.text_emb.shape == (B, 24)
     assert torch.allclose(out.image_emb.norm(dim=-1), torch.ones(B, Q), atol=1e-5)
-    assert out.itm_logits.shape == (3 * B, 2)
-    assert out.itm_labels.tolist() == [1] * B + [0] * (2 * B)
+    assert out.itm.logits.shape == (3 * B, 2)
+    assert out.itm.labels.tolist() == [1] * B + [0] * (2 * B)
     rows = _packed_rows(batch["input_ids"])
-    assert out.lm_logits.shape == (len(rows), cfg.model.text.vocab_size + 1) and out.lm_rows.tolist() == rows
-    assert out.num_captions == B
+    assert out.lm.logits.shape == (len(rows), cfg.model.text.vocab_size + 1) and out.lm.rows.tolist() == rows
+    assert out.lm.num_captions == B
     # padding columns after the longest caption change nothing (hard negatives drawn with the same seed)
     longest = int(batch["input_ids"].argmax(-1).max()) + 1
     torch.manual_seed(3)
     a = model(batch)
     torch.manual_seed(3)
     b = model({**batch, "input_ids": batch["input_ids"][:, :longest]})
-    for name in ("image_emb", "text_emb", "itm_logits", "lm_logits"):
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), atol=1e-5, rtol=1e-5)
+    for part in (lambda o: o.image_emb, lambda o: o.text_emb, lambda o: o.itm.logits, lambda o: o.lm.logits):
+        torch.testing.assert_close(part(a), part(b), atol=1e-5, rtol=1e-5)
     # the ITM rows are the head averaged over queries for (image, text), (image, negative text), (negative image, text)
     torch.manual_seed(5)
     out = model(batch)
@@ -111,7 +114,7 @@ def test_stage1_output_and_itm_hard_negatives():
     ids = batch["input_ids"]
     with torch.no_grad():
         pos = model.itm_logits(feats, ids)
-    torch.testing.assert_close(out.itm_logits[:B], pos, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.itm.logits[:B], pos, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(model.itm_score(batch["pixels"], ids), pos[:, 1] - pos[:, 0], atol=1e-5, rtol=1e-5)
     # each negative row matches some (image j, text k) pair with differing captions, never the positive
     with torch.no_grad():
@@ -119,7 +122,7 @@ def test_stage1_output_and_itm_hard_negatives():
         table = model.itm_logits(feats[jj.flatten()], ids[kk.flatten()]).view(B, B, 2)  # (image, text, 2)
     for r in range(B, 3 * B):
         i = r % B
-        hits = (table - out.itm_logits[r]).abs().amax(-1) < 1e-5  # (B, B)
+        hits = (table - out.itm.logits[r]).abs().amax(-1) < 1e-5  # (B, B)
         if r < 2 * B:  # (image i, hard-negative text)
             found = [(i, k) for k in range(B) if hits[i, k]]
         else:  # (hard-negative image, text i)
@@ -148,14 +151,14 @@ def test_training_from_features_equals_training_through_tower(tmp_path):
     from contrast.data import load_source
     from contrast.data.transforms import build_transform
     from contrast.features import FeatureShards, extract
-    from contrast.models.blip2 import build_frozen_tower
+    from contrast.runs import frozen_tower
     from contrast.train.loop import train
 
     cfg = _cfg()
     through = train(cfg, tmp_path / "tower", progress=False)
     torch.manual_seed(cfg.train.seed)
-    tower = build_frozen_tower(cfg.model)
-    ds = load_source(cfg.data, "train")
+    tower = frozen_tower(cfg.model)
+    ds = load_source(cfg.data, "train", cfg.model.image.image_size)
     tf = build_transform(cfg.model.image)
     extract(tower, ds, tf, tmp_path / "feats", "train", batch_size=16, shard_size=20, progress=False,
             image_cfg=cfg.model.image)
@@ -216,7 +219,7 @@ def test_stage2_trains_only_qformer_and_projection(decoder):
         pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = _cfg("blip2_stage2", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0})
-    model = build_model(cfg.model).train()
+    model = build(cfg.model).train()
     assert isinstance(model, Blip2Stage2) and not model.decoder.training and not model.tower.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"qformer", "proj"}
@@ -224,7 +227,7 @@ def test_stage2_trains_only_qformer_and_projection(decoder):
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = _batch()
     out = model(batch)
-    assert out.lm_logits.shape == (len(_packed_rows(batch["input_ids"])), 49408) and out.num_captions == 6
+    assert out.lm.logits.shape == (len(_packed_rows(batch["input_ids"])), 49408) and out.lm.num_captions == 6
     build_objective(cfg.loss)(out).total.backward()
     opt.step()
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -237,22 +240,23 @@ def test_stage2_prompt_reaches_decoder_and_no_prompt_is_plain_lm(decoder):
         pytest.importorskip("transformers")
     torch.manual_seed(0)
     cfg = _cfg("blip2_stage2", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0})
-    model = build_model(cfg.model).eval()
-    lm = CaptionLM(cfg.model).eval()
+    model = build(cfg.model).eval()
+    lm = build(_cfg("caption_lm", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0}).model).eval()
+    assert isinstance(lm, CaptionLM)
     lm.decoder.load_state_dict(model.decoder.state_dict())
     batch = _batch()
     with torch.no_grad():
         plain, alone = model(batch, use_prompt=False), lm(batch)
-        torch.testing.assert_close(plain.lm_logits, alone.lm_logits)
+        torch.testing.assert_close(plain.lm.logits, alone.lm.logits)
         # with the prompt, text logits change, and they equal the decoder run on [prompt; text] embeddings by hand
         prompted = model(batch)
-        assert not torch.allclose(prompted.lm_logits, plain.lm_logits)
+        assert not torch.allclose(prompted.lm.logits, plain.lm.logits)
         prompt = model.proj(model.qformer.encode_queries(model.tower.forward_tokens(batch["pixels"])))
         x = torch.cat([prompt, model.decoder.embed(batch["input_ids"])], dim=1)
         mask = torch.cat([torch.ones(6, 4, dtype=torch.long),
                           (torch.arange(12)[None] <= batch["input_ids"].argmax(-1, keepdim=True)).long()], dim=1)
-        where = next_token_targets(batch["input_ids"]) != -100  # (B, T-1)
-        torch.testing.assert_close(prompted.lm_logits, model.decoder(x, mask)[:, 4:-1][where], atol=1e-5, rtol=1e-5)
+        where, _, _ = packed_targets(batch["input_ids"])  # (B, T-1) positions with a next token
+        torch.testing.assert_close(prompted.lm.logits, model.decoder(x, mask)[:, 4:-1][where], atol=1e-5, rtol=1e-5)
 
 
 def test_stage2_loads_stage1_and_decoder_runs(tmp_path):
@@ -267,7 +271,7 @@ def test_stage2_loads_stage1_and_decoder_runs(tmp_path):
 
     stage1 = contrast.load(s1.run_dir)[0]
     decoder_lm = contrast.load(dec.run_dir)[0]
-    model = build_model(cfg.model)
+    model = build(cfg.model)
     for name, t in stage1.qformer.state_dict().items():
         torch.testing.assert_close(model.qformer.state_dict()[name], t)
     for name, t in decoder_lm.decoder.state_dict().items():
@@ -275,4 +279,4 @@ def test_stage2_loads_stage1_and_decoder_runs(tmp_path):
     bad = _cfg("blip2_stage2")
     bad.model.blip2.stage1 = str(dec.run_dir)
     with pytest.raises(ValueError, match="blip2_stage1 run"):
-        build_model(bad.model)
+        build(bad.model)

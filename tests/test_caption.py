@@ -69,8 +69,10 @@ def test_caption_images_rejects_bad_arguments(untrained):
     model, tok, pixels = untrained
     with pytest.raises(ValueError, match="beams must be at least 1"):
         caption_images(model, tok, pixels, beams=0)
+    clip = build_model(from_dict({"model": tiny_model_dict("clip", context_length=8)}).model).eval()
+    assert not clip.supports("caption")
     with pytest.raises(ValueError, match="no captioning decoder"):
-        caption_images(torch.nn.Linear(2, 2), tok, pixels)
+        caption_images(clip, tok, pixels)
 
 
 # --------------------------------------------------------------------------------------------------- trained model

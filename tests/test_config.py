@@ -76,3 +76,55 @@ def test_unknown_model_kind_is_an_error():
     cfg.model.kind = "blpi"
     with pytest.raises(ConfigError, match="did you mean 'blip'"):
         build_model(cfg.model)
+
+
+def test_each_family_defaults_its_own_loss_weights():
+    from contrast.config import from_dict
+
+    weights = {k: (c.loss.itc, c.loss.sigmoid, c.loss.itm, c.loss.lm)
+               for k in ("clip", "blip", "blip2_stage1", "blip2_stage2", "caption_lm", "decoder")
+               for c in [from_dict({"model": {"kind": k}})]}
+    assert weights == {
+        "clip": (1.0, 0.0, 0.0, 0.0), "blip": (1.0, 0.0, 1.0, 1.0), "blip2_stage1": (1.0, 0.0, 1.0, 1.0),
+        "blip2_stage2": (0.0, 0.0, 0.0, 1.0), "caption_lm": (0.0, 0.0, 0.0, 1.0), "decoder": (0.0, 0.0, 0.0, 1.0),
+    }
+    # an explicit weight still wins over the family's default
+    assert from_dict({"model": {"kind": "decoder"}, "loss": {"itc": 0.5}}).loss.itc == 0.5
+
+
+def test_a_section_of_another_family_is_named():
+    from contrast.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"model.qformer belongs to model.kind blip2_stage1 / blip2_stage2"):
+        from_dict({"model": {"kind": "clip", "qformer": {"width": 64}}})
+
+
+def test_moved_keys_say_what_to_write_instead():
+    from contrast.config import ConfigError, from_dict
+
+    with pytest.raises(ConfigError, match=r"'model.text.unlocked_layers' is now 'model.text.unlocked_groups'"):
+        from_dict({"model": {"text": {"unlocked_layers": 1}}})
+
+
+def test_image_size_is_stated_once():
+    from contrast.config import ConfigError, from_dict
+
+    # an older recipe repeating the size in data.synthetic still loads when the two agree ...
+    cfg = from_dict({"model": {"image": {"image_size": 48}}, "data": {"synthetic": {"image_size": 48, "seed": 2}}})
+    assert cfg.model.image.image_size == 48 and cfg.data.synthetic.seed == 2
+    assert not hasattr(cfg.data.synthetic, "image_size")
+    # ... and is refused, naming the one place, when they differ
+    with pytest.raises(ConfigError, match="remove data.synthetic.image_size"):
+        from_dict({"model": {"image": {"image_size": 48}}, "data": {"synthetic": {"image_size": 32}}})
+
+
+def test_every_shipped_recipe_loads():
+    from pathlib import Path
+
+    from contrast.config import load_recipe
+
+    recipes = sorted(Path(__file__).resolve().parents[1].joinpath("recipes").glob("*.yaml"))
+    assert len(recipes) >= 10
+    for r in recipes:
+        cfg = load_recipe(r)
+        assert cfg.model.kind in r.read_text()

@@ -9,21 +9,22 @@ import torch
 from contrast.config import (
     BridgeConfig,
     DecoderConfig,
+    DecoderModelConfig,
     ImageTowerConfig,
     LossConfig,
-    ModelConfig,
     TextTowerConfig,
 )
 from contrast.export import export_timm
 from contrast.models import build_model
 from contrast.models.decoder import VisionLanguageDecoder
-from contrast.objectives import build_objective
+from contrast.objectives import build_objective, lm_nll
+from contrast.runs import build
 
 VOCAB = 12  # ids 1..10 "colour words", 11 end-of-text (the highest id, as in the project's tokenizer)
 
 
-def _cfg(mode: str, use_images: bool = True, tower: str | None = None) -> ModelConfig:
-    return ModelConfig(
+def _cfg(mode: str, use_images: bool = True, tower: str | None = None) -> DecoderModelConfig:
+    return DecoderModelConfig(
         kind="decoder",
         embed_dim=16,
         image=ImageTowerConfig(name="vit_tiny_patch16_224", image_size=16,
@@ -49,14 +50,14 @@ def test_xattn_decoder_unchanged_at_init():
     assert isinstance(model, VisionLanguageDecoder) and len(model.xattn) == 2
     batch = _batch(4, torch.Generator().manual_seed(0))
     with torch.no_grad():
-        with_img = model(batch).lm_logits
+        with_img = model(batch).lm.logits
         model.use_images = False
-        without = model(batch).lm_logits
+        without = model(batch).lm.logits
         assert torch.equal(with_img, without)
         for blk in model.xattn.values():  # opening a gate makes the images matter
             blk.gate_attn.fill_(1.0)
         model.use_images = True
-        assert (model(batch).lm_logits - without).abs().max() > 1e-4
+        assert (model(batch).lm.logits - without).abs().max() > 1e-4
 
 
 def test_unified_output_shapes_and_targets():
@@ -64,18 +65,20 @@ def test_unified_output_shapes_and_targets():
     model = build_model(_cfg("unified")).eval()
     batch = _batch(3, torch.Generator().manual_seed(0))
     out = model(batch)
-    assert out.num_visual_tokens == 4  # 2x2 patches of the penultimate block
+    with torch.no_grad():
+        _, num_visual_tokens = model.hidden(batch["input_ids"], model.visual_tokens(batch["pixels"]))
+    assert num_visual_tokens == 4  # 2x2 patches of the penultimate block
     # caption [0, c, 11, 0]: positions 0 and 1 have real next tokens (c, then end-of-text); padding is never a target
-    assert out.lm_logits.shape == (6, VOCAB) and out.num_captions == 3
-    assert out.lm_rows.tolist() == [0, 0, 1, 1, 2, 2]
-    assert out.lm_targets.tolist() == batch["input_ids"][:, 1:3].reshape(-1).tolist()
+    assert out.lm.logits.shape == (6, VOCAB) and out.lm.num_captions == 3
+    assert out.lm.rows.tolist() == [0, 0, 1, 1, 2, 2]
+    assert out.lm.targets.tolist() == batch["input_ids"][:, 1:3].reshape(-1).tolist()
     assert model.visual_tokens(batch["pixels"]).shape == (3, 4, 32)
     with torch.no_grad():  # the packed logits are the full sequence's logits at those positions
         h, _ = model.hidden(batch["input_ids"], model.visual_tokens(batch["pixels"]))
-        assert torch.allclose(model.logits(h)[:, :2].reshape(6, VOCAB), out.lm_logits, atol=1e-6)
+        assert torch.allclose(model.lm.logits(h)[:, :2].reshape(6, VOCAB), out.lm.logits, atol=1e-6)
 
 
-def _train(cfg: ModelConfig, steps: int = 40) -> float:
+def _train(cfg: DecoderModelConfig, steps: int = 40) -> float:
     torch.manual_seed(0)
     model = build_model(cfg)
     obj = build_objective(LossConfig(itc=0.0, lm=1.0, lm_label_smoothing=0.0))
@@ -88,7 +91,9 @@ def _train(cfg: ModelConfig, steps: int = 40) -> float:
         loss.backward()
         opt.step()
     model.eval()
-    nll, n = model.caption_loss(_batch(256, torch.Generator().manual_seed(99)))
+    with torch.no_grad():
+        lm = model(_batch(256, torch.Generator().manual_seed(99))).lm
+    nll, n = lm_nll(lm.logits, lm.targets)
     return nll / n
 
 
@@ -104,7 +109,7 @@ def test_decoder_reads_an_exported_tower_frozen(tmp_path):
     torch.manual_seed(0)
     src = build_model(_cfg("unified")).image.eval()
     export_timm(src, tmp_path / "tower")
-    model = build_model(_cfg("unified", tower=str(tmp_path / "tower")))
+    model = build(_cfg("unified", tower=str(tmp_path / "tower")))
     assert not any(p.requires_grad for p in model.image.parameters())
     model.train()
     assert not model.image.training  # a frozen tower stays in eval mode
@@ -114,4 +119,4 @@ def test_decoder_reads_an_exported_tower_frozen(tmp_path):
     bad = _cfg("unified", tower=str(tmp_path / "tower"))
     bad.image.image_size = 32
     with pytest.raises(ValueError, match="image_size"):
-        build_model(bad)
+        build(bad)

@@ -16,9 +16,10 @@ import torch.multiprocessing as mp
 from conftest import tiny_model_dict
 
 from contrast import distributed
+from contrast import runs as R
 from contrast.config import from_dict
 from contrast.models import build_model
-from contrast.objectives import build_objective
+from contrast.objectives import Comm, build_objective
 
 WORLD = 2
 PER_RANK = 4
@@ -58,10 +59,10 @@ def run_step(name: str, batch: dict[str, torch.Tensor], rank: int, gather) -> tu
     cfg = from_dict(SCENARIOS[name])
     torch.manual_seed(0)
     model = build_model(cfg.model)
-    if hasattr(model, "set_distributed"):
-        model.set_distributed(gather, rank)
+    comm = Comm(gather, rank)
+    model.set_comm(comm)  # every model gets the context the loss gets (BLIP draws its hard negatives with it)
     net = torch.nn.parallel.DistributedDataParallel(model) if gather is not None else model
-    objective = build_objective(cfg.loss, gather=gather, rank=rank)
+    objective = build_objective(cfg.loss, comm)
     out = net(batch)
     loss = objective(out).total
     loss.backward()
@@ -189,7 +190,7 @@ def test_torchrun_two_processes_train_resume_and_match_one_process(tmp_path, dat
     _torchrun(recipe, run, "--resume", "latest", "--set", "train.steps=4")
     ddp = _metric_losses(run)
     assert sorted(ddp) == [1, 2, 3, 4]
-    assert C.resolve(run).name == "step_00000004"
+    assert R.resolve(run).name == "step_00000004"
 
     cfg = load_recipe(recipe, [f"train.batch_size={WORLD * PER_RANK}", "train.steps=4"])
     single = tmp_path / "single"

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from contrast.cli import main
-from contrast.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+from contrast.config import ClipModelConfig, ImageTowerConfig, TextTowerConfig
 from contrast.export import (
     ExportError,
     ExportReport,
@@ -20,12 +20,14 @@ from contrast.export import (
     export_open_clip,
     export_timm,
     import_checkpoint,
-    load_exported_tower,
 )
+from contrast.models import build_model
 from contrast.models.clip import DualEncoder
+from contrast.runs import load_exported_tower
 
-SIZES = {  # two random-init towers: CLIP-style pre-norm ViTs, GELU and QuickGELU
-    "w64_d2_gelu": dict(img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=4, pre_norm=True),
+SIZES = {  # two random-init towers: CLIP-style pre-norm ViTs, GELU and QuickGELU; the first states its input size
+    # only in image_size (the tower passes it to timm), the second also as timm's img_size
+    "w64_d2_gelu": dict(patch_size=8, embed_dim=64, depth=2, num_heads=4, pre_norm=True),
     "w32_d1_quickgelu": dict(img_size=32, patch_size=16, embed_dim=32, depth=1, num_heads=2, pre_norm=True,
                              act_layer="quick_gelu", mlp_ratio=2.0),
 }
@@ -34,12 +36,12 @@ ATOL = 1e-5
 
 def _model(kwargs: dict, name: str = "vit_tiny_patch16_224", act: str = "gelu") -> DualEncoder:
     torch.manual_seed(0)
-    cfg = ModelConfig(
+    cfg = ClipModelConfig(
         image=ImageTowerConfig(name=name, kwargs=kwargs, image_size=32, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3)),
         text=TextTowerConfig(context_length=12, width=32, layers=1, heads=2, act=act),
         embed_dim=24,
     )
-    m = DualEncoder(cfg).eval()
+    m = build_model(cfg).eval()
     with torch.no_grad():  # timm zero-inits biases / class token; perturb so every tensor is exercised
         for p in m.parameters():
             p.add_(0.02 * torch.randn_like(p))

@@ -312,9 +312,8 @@ def test_cli_build_query_eval_against_direct_model_encoding(tmp_path, tiny_run, 
     import torch
 
     import contrast
-    from contrast.api import load_config_of
     from contrast.data import load_source
-    from contrast.train.checkpoint import WEIGHTS, resolve, save_model_weights
+    from contrast.runs import WEIGHTS, load_config_of, resolve, save_model_weights
 
     ix = tmp_path / "ix"
     code, out, _ = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic",
@@ -328,7 +327,7 @@ def test_cli_build_query_eval_against_direct_model_encoding(tmp_path, tiny_run, 
     # independent reference: every test image encoded in one batch, cosine scores by hand
     model, preprocess, tokenizer = contrast.load(tiny_run)
     cfg, _ = load_config_of(tiny_run)
-    ds = load_source(cfg.data, "test")
+    ds = load_source(cfg.data, "test", cfg.model.image.image_size)
     with torch.no_grad():
         imgs = model.encode_image(torch.stack([preprocess(im) for im in ds["image"]]))  # (64, 32)
         txt = model.encode_text(tokenizer(["a red circle"]))  # (1, 32)
@@ -363,15 +362,15 @@ def test_cli_build_query_eval_against_direct_model_encoding(tmp_path, tiny_run, 
 
 
 def test_cli_text_modality_and_bad_input(tmp_path, tiny_run, capsys):
-    from contrast.api import load_config_of
     from contrast.data import load_source
+    from contrast.runs import load_config_of
 
     ix = tmp_path / "captions"
     code, _, _ = run_cli(capsys, "index", "build", "--checkpoint", str(tiny_run), "--data", "synthetic", "--out",
                          str(ix), "--modality", "text", "--factory", "HNSW32", "--no-progress")
     assert code == 0
     cfg, _ = load_config_of(tiny_run)
-    caption = load_source(cfg.data, "test")[11]["caption"]
+    caption = load_source(cfg.data, "test", cfg.model.image.image_size)[11]["caption"]
     code, out, _ = run_cli(capsys, "index", "query", str(ix), "--text", caption, "-k", "3", "--json")
     top = json.loads(out)[0]
     assert top["caption"] == caption and top["score"] == pytest.approx(1.0, abs=1e-4)

@@ -108,10 +108,10 @@ def _preprocess(img) -> torch.Tensor:
 
 
 def test_probe_of_a_tiny_dual_encoder():
-    from contrast.config import ImageTowerConfig, ModelConfig, TextTowerConfig
+    from contrast.config import ClipModelConfig, ImageTowerConfig, TextTowerConfig
     from contrast.models import build_model
 
-    cfg = ModelConfig(
+    cfg = ClipModelConfig(
         image=ImageTowerConfig(
             name="vit_tiny_patch16_224", image_size=8,
             kwargs={"img_size": 8, "patch_size": 4, "depth": 1, "embed_dim": 32, "num_heads": 2},

@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_config
 from safetensors.torch import load_file
 
+from contrast import runs as R
 from contrast.config import ImageTowerConfig, load_recipe
 from contrast.models import build_model
 from contrast.objectives import build_objective
-from contrast.train import checkpoint as C
 from contrast.train.loop import train
 from contrast.train.optim import build_optimizer
 
@@ -47,7 +47,7 @@ def test_config_driven_lock_in_a_training_run(tmp_path, data_cache):
     before = {k: v.clone() for k, v in model.state_dict().items()}
 
     result = train(cfg, tmp_path / "run", progress=False)
-    after = load_file(str(C.resolve(result.run_dir) / C.WEIGHTS))
+    after = load_file(str(R.resolve(result.run_dir) / R.WEIGHTS))
     assert before.keys() == after.keys()
     _assert_locked_unchanged(before, after, trainable)
 

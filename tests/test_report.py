@@ -94,7 +94,8 @@ def test_eval_commands_write_reports(trained_run, tmp_path):
     assert sec.kind == "retrieval" and sec.result["num_texts"] == 40
     # the command's figures equal a direct call on the same rows
     model, preprocess, tok = contrast.load(trained_run)
-    ds = load_source(load_config(trained_run / "config.yaml").data, "test").select(range(40))
+    run_cfg = load_config(trained_run / "config.yaml")
+    ds = load_source(run_cfg.data, "test", run_cfg.model.image.image_size).select(range(40))
     direct = evaluate_retrieval(model, preprocess, tok, ds)
     assert sec.result["image_to_text"] == direct["image_to_text"]
     assert sec.result["text_to_image"] == direct["text_to_image"]
@@ -141,7 +142,9 @@ def test_class_folder_task(tmp_path):
     task.write_text(f"name: c\ndata: {root}\nclassnames: [blue, green, red]\ntemplates: ['{{}}']\n")
     vec = {"blue": [0.0, 0.0, 1.0], "green": [0.0, 1.0, 0.0], "red": [0.0, 1.0, 0.0]}  # red's prompt looks green
 
-    class Model(torch.nn.Module):
+    from contrast.models import Model as ModelProtocol
+
+    class Model(ModelProtocol):
         def encode_text(self, ids):
             return ids
 

@@ -16,6 +16,7 @@ from contrast.evaluate.metrics import (
     retrieval_ranks,
     shortlist,
 )
+from contrast.models import Model
 
 # 3 images, 5 captions; captions 0, 1 describe image 0, caption 2 image 1, captions 3, 4 image 2.
 SIM = torch.tensor(
@@ -229,7 +230,7 @@ def _preprocess(img) -> torch.Tensor:
     return torch.from_numpy(np.asarray(img, dtype=np.float32) / 255).permute(2, 0, 1)  # (3, H, W)
 
 
-class ColourModel(torch.nn.Module):
+class ColourModel(Model):
     """Image embedding = mean colour; text embedding = a fixed vector per word (see TEXT_VEC)."""
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -241,6 +242,8 @@ class ColourModel(torch.nn.Module):
 
 class OracleItmModel(ColourModel):
     """An ITM head that knows the true pairs: logit 1 for a true pair, 0 otherwise."""
+
+    capabilities = frozenset({"embed", "itm"})
 
     def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
         colour = pixels.mean(dim=(2, 3)).argmax(dim=1)
@@ -355,7 +358,7 @@ def test_missing_column_is_named(tmp_path):
 
 
 def test_multi_query_similarity_takes_the_best_query():
-    from contrast.evaluate.retrieval import similarity
+    from contrast.objectives import similarity
 
     img = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # one image, two query embeddings
     txt = torch.tensor([[1.0, 0.0], [0.6, 0.8], [-1.0, 0.0]])

@@ -8,9 +8,9 @@ from contrast.data.synthetic import COLOURS, HELD_OUT, Item, describe, generate,
 
 
 def test_deterministic_by_seed():
-    a = list(generate(SyntheticConfig(train_size=20, seed=3), "train"))
-    b = list(generate(SyntheticConfig(train_size=20, seed=3), "train"))
-    c = list(generate(SyntheticConfig(train_size=20, seed=4), "train"))
+    a = list(generate(SyntheticConfig(train_size=20, seed=3), "train", 32))
+    b = list(generate(SyntheticConfig(train_size=20, seed=3), "train", 32))
+    c = list(generate(SyntheticConfig(train_size=20, seed=4), "train", 32))
     assert [r["caption"] for r in a] == [r["caption"] for r in b]
     assert [r["image"]["bytes"] for r in a] == [r["image"]["bytes"] for r in b]
     assert [r["caption"] for r in a] != [r["caption"] for r in c]
@@ -24,9 +24,9 @@ def pairs_in(caption):
 def test_held_out_pairs_only_in_test():
     cfg = SyntheticConfig(train_size=1500, val_size=300, test_size=400)
     for split in ("train", "val"):
-        for r in generate(cfg, split):
+        for r in generate(cfg, split, 32):
             assert not (pairs_in(r["caption"]) & HELD_OUT), r["caption"]
-    test_rows = list(generate(cfg, "test"))
+    test_rows = list(generate(cfg, "test", 32))
     assert sum(bool(pairs_in(r["caption"]) & HELD_OUT) for r in test_rows) > 50
 
 
@@ -39,6 +39,6 @@ def test_caption_describes_the_pixels():
 
 
 def test_rows_carry_first_shape_attributes():
-    for r in generate(SyntheticConfig(train_size=30), "train"):
+    for r in generate(SyntheticConfig(train_size=30), "train", 32):
         assert r["caption"].startswith(f"a {r['size']} {r['colour']} {r['shape']}")
         Image.open(io.BytesIO(r["image"]["bytes"])).verify()

@@ -5,6 +5,7 @@ import torch
 from conftest import tiny_config
 from PIL import Image
 
+from contrast import runs as R
 from contrast.data import DataError
 from contrast.models import build_model
 from contrast.objectives import build_objective
@@ -60,14 +61,14 @@ def test_cosine_schedule_with_warmup():
 def test_checkpoint_round_trip_and_foreign_checkpoint(tmp_path, data_cache):
     cfg = tiny_config(data_cache)
     result = train(cfg, tmp_path / "run", progress=False)
-    ckpt = C.resolve(tmp_path / "run")
+    ckpt = R.resolve(tmp_path / "run")
     assert ckpt == result.checkpoint and ckpt.name == "step_00000004"
     assert (tmp_path / "run" / "loss.png").is_file() and (tmp_path / "run" / "config.yaml").is_file()
     import contrast
 
     model, preprocess, tok = contrast.load(tmp_path / "run")
     fresh = build_model(cfg.model)
-    C.load_model_weights(fresh, ckpt / C.WEIGHTS)
+    R.load_model_weights(fresh, ckpt / R.WEIGHTS)
     for (k, a), (_, b) in zip(model.state_dict().items(), fresh.state_dict().items()):
         assert torch.equal(a, b), k
     state = C.load_state(ckpt)
@@ -75,7 +76,7 @@ def test_checkpoint_round_trip_and_foreign_checkpoint(tmp_path, data_cache):
     other = tiny_config(data_cache)
     other.model.text.width = 48
     with pytest.raises(C.CheckpointError) as e:
-        C.load_model_weights(build_model(other.model), ckpt / C.WEIGHTS)
+        R.load_model_weights(build_model(other.model), ckpt / R.WEIGHTS)
     assert "different model config" in str(e.value) and "text.token_embedding.weight" in str(e.value)
 
 
@@ -101,7 +102,7 @@ def test_resumed_run_logs_the_same_losses(tmp_path, data_cache):
             train(part, tmp_path / "part", progress=False)
     finally:
         loop.C.save_checkpoint = original
-    assert C.resolve(tmp_path / "part").name == "step_00000004"
+    assert R.resolve(tmp_path / "part").name == "step_00000004"
     train(part, tmp_path / "part", resume="latest", progress=False)
     a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "part")
     assert [s for s, _ in a] == list(range(1, 9)) == [s for s, _ in b]
@@ -114,7 +115,7 @@ def test_interrupted_save_leaves_latest_intact(tmp_path, data_cache):
     train(cfg, tmp_path / "run", progress=False)
     # a crash mid-save leaves only a temporary directory behind; latest still names the complete checkpoint
     (tmp_path / "run" / "checkpoints" / "step_00000003.tmp-999").mkdir()
-    assert C.resolve(tmp_path / "run").name == "step_00000002"
+    assert R.resolve(tmp_path / "run").name == "step_00000002"
 
 
 def make_folder(tmp_path, n=40, corrupt=(3, 7), empty=(5,)):
@@ -161,4 +162,4 @@ def test_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, data_cache):
     cfg.model.init_logit_scale = float("nan")
     with pytest.raises(NonFiniteLossError, match="Lower train.lr"):
         train(cfg, tmp_path / "run", progress=False)
-    assert C.resolve(tmp_path / "run").name == "step_00000000"
+    assert R.resolve(tmp_path / "run").name == "step_00000000"

@@ -1,7 +1,7 @@
-"""The ``contrast`` command line: ``contrast train | eval | ...``.
+"""The ``contrast`` command line: ``contrast train | eval | data | features | caption | export | import | index``.
 
-Each command group lives beside the code it drives and offers ``add_cli(subparsers)``; this module only
-assembles them, so adding a command is one line in ``COMMAND_MODULES``.
+Argument parsing lives here, one module per command group, each offering ``add_cli(subparsers)``; this module only
+assembles them, so adding a command is one line in ``COMMAND_MODULES``. Commands call the library below.
 """
 
 from __future__ import annotations
@@ -13,16 +13,16 @@ import sys
 from contrast.errors import UserError
 
 COMMAND_MODULES = [
-    "contrast.train.cli",
-    "contrast.evaluate.cli",
-    "contrast.data.cli",
-    "contrast.features",
-    "contrast.caption",
-    "contrast.export",
-    "contrast.index.cli",
+    "contrast.cli.train",
+    "contrast.cli.evaluate",
+    "contrast.cli.data",
+    "contrast.cli.features",
+    "contrast.cli.caption",
+    "contrast.cli.export",
+    "contrast.cli.index",
 ]
 
-__all__ = ["main", "build_parser", "UserError"]
+__all__ = ["main", "build_parser"]
 
 
 def build_parser() -> argparse.ArgumentParser:

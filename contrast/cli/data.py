@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from contrast.data.emoji import EmojiError, fetch_emoji, load_emoji
+from contrast.errors import UserError
+
 
 def _fetch(args: argparse.Namespace) -> int:
-    from contrast.cli import UserError
-    from contrast.data.emoji import EmojiError, fetch_emoji, load_emoji
-
     if args.name != "emoji":
         raise UserError(f"unknown dataset '{args.name}'; available: emoji")
     try:

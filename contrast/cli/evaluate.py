@@ -7,44 +7,29 @@ Each command writes one report (``report.json``, ``report.md`` and plots) into `
 from __future__ import annotations
 
 import argparse
-import contextlib
+import dataclasses
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Bad data or task files surface from the evaluations as ValueError; print them as user errors."""
-    from contrast.errors import UserError
-
-    try:
-        yield
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+from contrast.cli.common import device
+from contrast.cli.common import user_errors as _user_errors
+from contrast.data import load_source
+from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
+from contrast.evaluate.report import Section, write_report
+from contrast.evaluate.retrieval import evaluate_retrieval
+from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task, task_dataset
+from contrast.runs import load, load_config_of, run_dir_of
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(run config, model, preprocess, tokenizer) of ``--checkpoint``."""
-    import contrast
-    from contrast.api import load_config_of
-
     cfg, _ = load_config_of(args.checkpoint)
-    model, preprocess, tokenizer = contrast.load(args.checkpoint, device=_device(args.device))
+    model, preprocess, tokenizer = load(args.checkpoint, device=device(args.device))
     return cfg, model, preprocess, tokenizer
 
 
 def _write(args: argparse.Namespace, command: str, sections: list) -> None:
-    from contrast.api import load_config_of
-    from contrast.evaluate.report import write_report
-    from contrast.train.checkpoint import run_dir_of
 
     if args.out_dir:
         out = Path(args.out_dir)
@@ -56,15 +41,13 @@ def _write(args: argparse.Namespace, command: str, sections: list) -> None:
 
 
 def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
-    from contrast.evaluate.report import Section
-    from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
 
     sections = []
     for task_path in args.task:
         task = load_task(task_path)
         with _user_errors():
             r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data, batch_size=args.batch_size,
-                                  device=_device(args.device))
+                                  device=device(args.device))
         sections.append(Section("zeroshot", r["task"], r))
         print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean per-class recall "
               f"{r['mean_per_class_recall']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f})")
@@ -82,11 +65,6 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 
 def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
-    import dataclasses
-
-    from contrast.data import load_source
-    from contrast.evaluate.report import Section
-    from contrast.evaluate.retrieval import evaluate_retrieval
 
     source = args.data or cfg.data.source
     split = args.split or cfg.data.eval_split
@@ -96,11 +74,11 @@ def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
         data_cfg = dataclasses.replace(cfg.data, source=source, image_column=args.image_column,
                                        caption_column=args.caption_column)
     with _user_errors():
-        ds = load_source(data_cfg, split)
+        ds = load_source(data_cfg, split, cfg.model.image.image_size)
         if args.limit:
             ds = ds.select(range(min(args.limit, len(ds))))
         r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=args.group_by, rerank_itm=args.rerank_itm,
-                               batch_size=args.batch_size, device=_device(args.device))
+                               batch_size=args.batch_size, device=device(args.device))
     r.update(data=source, split=split)
     name = f"{Path(source).name or source}:{split}"
     print(f"{name}: {r['num_images']} images, {r['num_texts']} captions")
@@ -121,11 +99,6 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 
 def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
-    import dataclasses
-
-    from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
-    from contrast.evaluate.report import Section
-    from contrast.evaluate.zeroshot import load_task, task_dataset
 
     sections = []
     for task_path in args.task:
@@ -143,7 +116,7 @@ def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
                 model, preprocess, splits["train"], splits["test"], splits.get("val"),
                 label_column=task.label_column, image_column=task.image_column, classnames=task.classnames,
                 features=args.features, l2_grid=args.l2 or DEFAULT_L2_GRID, batch_size=args.batch_size,
-                device=_device(args.device),
+                device=device(args.device),
             )
         r["task"] = task.name
         sections.append(Section("linear_probe", task.name, r))

@@ -3,39 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-from collections.abc import Iterator
 
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Index, checkpoint and data errors are ValueErrors with a message fit for the user."""
-    from PIL import UnidentifiedImageError
-
-    from contrast.cli import UserError
-
-    try:
-        yield
-    except UnidentifiedImageError as e:
-        raise UserError(f"{e}; pass an image file (PNG, JPEG, ...)") from e
-    except ValueError as e:
-        raise UserError(str(e)) from e
-
-
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+from contrast.cli.common import device, user_errors
+from contrast.index.model import build_from_checkpoint, query
+from contrast.index.store import evaluate_index, open_index
 
 
 def _build(args: argparse.Namespace) -> int:
-    from contrast.index.model import build_from_checkpoint
-
-    with _user_errors():
+    with user_errors():
         ix = build_from_checkpoint(args.checkpoint, args.data, args.out, split=args.split, modality=args.modality,
                                    factory=args.factory, batch_size=args.batch_size, shard_size=args.shard_size,
-                                   device=_device(args.device), overwrite=args.overwrite,
+                                   device=device(args.device), overwrite=args.overwrite,
                                    progress=not args.no_progress)
     m = ix.manifest
     print(f"index: {ix.path}  {m.count} {m.modality} vectors x {m.embed_dim}  factory {m.factory_effective}  "
@@ -44,11 +23,9 @@ def _build(args: argparse.Namespace) -> int:
 
 
 def _query(args: argparse.Namespace) -> int:
-    from contrast.index.model import query
-
-    with _user_errors():
+    with user_errors():
         res = query(args.index, text=args.text, image=args.image, k=args.k, checkpoint=args.checkpoint,
-                    device=_device(args.device), nprobe=args.nprobe, ef_search=args.ef_search)
+                    device=device(args.device), nprobe=args.nprobe, ef_search=args.ef_search)
     hits = [{"rank": r + 1, "score": float(s), **meta} for r, (s, meta) in enumerate(zip(res.scores[0],
                                                                                          res.metadata[0]))]
     if args.json:
@@ -61,9 +38,7 @@ def _query(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from contrast.index.store import evaluate_index, open_index
-
-    with _user_errors():
+    with user_errors():
         ix = open_index(args.index)
         r = evaluate_index(ix, k=args.k, num_queries=args.queries, nprobe=args.nprobe, ef_search=args.ef_search)
     out = {"index": str(ix.path), "factory": ix.manifest.factory_effective, "count": len(ix),

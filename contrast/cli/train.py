@@ -5,16 +5,18 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from contrast import distributed as D
+from contrast.config import load_recipe
+from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
+from contrast.runs import load
+from contrast.train.loop import train
+
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / Path(recipe).stem
 
 
 def _train(args: argparse.Namespace) -> int:
-    from contrast import distributed as D
-    from contrast.config import load_recipe
-    from contrast.train.loop import train
-
     cfg = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else default_run_dir(args.recipe)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -24,10 +26,7 @@ def _train(args: argparse.Namespace) -> int:
     if result.skipped_images or result.skipped_captions:
         print(f"skipped {result.skipped_images} unreadable images and {result.skipped_captions} empty captions")
     if cfg.eval.tasks:
-        import contrast
-        from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
-
-        model, preprocess, tokenizer = contrast.load(out)
+        model, preprocess, tokenizer = load(out)
         print("zero-shot on held-out data:")
         for t in cfg.eval.tasks:
             r = evaluate_zeroshot(model, preprocess, tokenizer, load_task(t), data_cfg=cfg.data,

@@ -29,21 +29,40 @@ def decode_image(value: Any) -> Image.Image:
     return img
 
 
+class Rows(torch.utils.data.Dataset):
+    """Random-access rows of a datasets.Dataset with images left undecoded: decoding, and its failures, belong to
+    the collator, and skipping rows (on resume) costs nothing. Each row carries its number as ``__index__``."""
+
+    def __init__(self, ds: Any):
+        from datasets import Image as ImageFeature
+
+        if isinstance(ds.features.get("image"), ImageFeature):
+            ds = ds.cast_column("image", ImageFeature(decode=False))
+        self.ds = ds
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[int(i)], "__index__": int(i)}
+
+    def __getitems__(self, idx: list[int]) -> list[dict]:
+        cols = self.ds[[int(i) for i in idx]]
+        return [{**{k: v[j] for k, v in cols.items()}, "__index__": int(i)} for j, i in enumerate(idx)]
+
+
 class Collator:
     def __init__(self, transform: Callable, tokenizer: Callable[[list[str]], Any]):
         self.transform = transform
         self.tokenizer = tokenizer
         self.skipped_images = 0
         self.skipped_captions = 0
-        self.bad_examples: list[str] = []
 
     def _skip(self, kind: str, where: str, why: str) -> None:
         if kind == "image":
             self.skipped_images += 1
         else:
             self.skipped_captions += 1
-        if len(self.bad_examples) < 5:
-            self.bad_examples.append(f"{where}: {why}")
         log.warning("skipping %s %s: %s", kind, where, why)
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor] | None:
@@ -64,10 +83,4 @@ class Collator:
             index.append(int(row.get("__index__", -1)))
         if not pixels:
             return None
-        tokens = self.tokenizer(captions)
-        batch = {"pixels": torch.stack(pixels), "index": torch.tensor(index)}
-        if isinstance(tokens, dict):  # Hugging Face tokenizers also return an attention mask
-            batch.update({k: v for k, v in tokens.items()})
-        else:
-            batch["input_ids"] = tokens
-        return batch
+        return {"pixels": torch.stack(pixels), "index": torch.tensor(index), "input_ids": self.tokenizer(captions)}

@@ -18,7 +18,7 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
-from contrast.config import DataConfig
+from contrast.config import DataConfig, ImageTowerConfig
 from contrast.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -28,7 +28,7 @@ class DataError(UserError, ValueError):
     """Data that cannot be read as an image-caption source."""
 
 
-def _synthetic(cfg: DataConfig, split: str) -> Dataset:
+def _synthetic(cfg: DataConfig, split: str, image_size: int) -> Dataset:
 
     features = Features(
         {
@@ -43,23 +43,23 @@ def _synthetic(cfg: DataConfig, split: str) -> Dataset:
     quiet = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        return _generate(cfg, split, features)
+        return _generate(cfg, split, features, image_size)
     finally:
         if quiet:
             datasets.enable_progress_bars()
 
 
-def _generate(cfg: DataConfig, split: str, features: Features) -> Dataset:
+def _generate(cfg: DataConfig, split: str, features: Features, image_size: int) -> Dataset:
     from contrast.data.synthetic import generate
 
     s = cfg.synthetic
     return Dataset.from_generator(
         generate,
-        gen_kwargs={"cfg": s, "split": split},
+        gen_kwargs={"cfg": s, "split": split, "image_size": image_size},
         features=features,
         cache_dir=cfg.cache_dir,
         # the config's values identify the generated set; the cache is reused across runs
-        config_name=f"shapes-{s.seed}-{s.image_size}-{s.max_shapes}-{split}-{getattr(s, f'{split}_size')}",
+        config_name=f"shapes-{s.seed}-{image_size}-{s.max_shapes}-{split}-{getattr(s, f'{split}_size')}",
     )
 
 
@@ -111,12 +111,15 @@ def _from_dict_or_split(obj: Dataset | DatasetDict, split: str, where: str) -> D
     return _split_rows(obj, split)
 
 
-def load_source(cfg: DataConfig, split: str) -> Dataset:
-    """Open ``cfg.source`` and return ``split`` with ``image`` and ``caption`` columns."""
+def load_source(cfg: DataConfig, split: str, image_size: int = ImageTowerConfig.image_size) -> Dataset:
+    """Open ``cfg.source`` and return ``split`` with ``image`` and ``caption`` columns.
+
+    ``image_size`` is the model's (``model.image.image_size``): the built-in set is drawn at it.
+    """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got '{split}'")
     if cfg.source == "synthetic":
-        return _synthetic(cfg, split)
+        return _synthetic(cfg, split, image_size)
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(

@@ -131,8 +131,8 @@ def sample_items(rng: random.Random, max_shapes: int, split: str) -> list[Item]:
 _SPLIT_OFFSET = {"train": 0, "val": 1_000_003, "test": 2_000_029}
 
 
-def generate(cfg: SyntheticConfig, split: str):
-    """Yield rows (image PNG bytes, caption, attributes of the first shape) for one split."""
+def generate(cfg: SyntheticConfig, split: str, image_size: int):
+    """Yield rows (image PNG bytes, caption, attributes of the first shape) for one split, drawn at ``image_size``."""
     if split not in _SPLIT_OFFSET:
         raise ValueError(f"the synthetic set has splits train, val and test; got '{split}'")
     n = {"train": cfg.train_size, "val": cfg.val_size, "test": cfg.test_size}[split]
@@ -140,7 +140,7 @@ def generate(cfg: SyntheticConfig, split: str):
     for _ in range(n):
         items = sample_items(rng, cfg.max_shapes, split)
         buf = io.BytesIO()
-        render(items, cfg.image_size).save(buf, format="PNG")
+        render(items, image_size).save(buf, format="PNG")
         first = items[0]
         yield {
             "image": {"bytes": buf.getvalue(), "path": None},

@@ -175,10 +175,7 @@ def extract_features(
     queries for models with several embeddings per image)."""
     if features not in ("pooled", "embed"):
         raise ValueError(f"features must be 'pooled' or 'embed', got '{features}'")
-    towers = [getattr(model, a, None) for a in ("image", "tower")]
-    tower = next((t for t in towers if hasattr(t, "forward_tokens") and hasattr(t, "pool")), None)
-    if features == "pooled" and tower is None:
-        raise ValueError(f"{type(model).__name__} has no image tower with forward_tokens/pool; use features='embed'")
+    tower = model.image_tower if features == "pooled" else None
     if image_column not in dataset.column_names:
         raise ValueError(f"no image column '{image_column}' in the data (columns: {', '.join(dataset.column_names)})")
     out = []
@@ -243,7 +240,7 @@ def evaluate_linear_probe(
     ytr, names = label_indices(train[label_column], classnames)
     yte, _ = label_indices(test[label_column], names)
     yva = label_indices(val[label_column], names)[0] if val is not None else None
-    was_training = getattr(model, "training", False)
+    was_training = model.training
     model.eval()
     try:
         kw = dict(image_column=image_column, features=features, batch_size=batch_size, device=device)

@@ -10,14 +10,14 @@ otherwise each row is its own image with one caption.
 
 Re-ranking (BLIP, Li et al. 2022, section 4.2): each query's top-k shortlist by embedding similarity is re-ordered
 by an image-text matching head. A model takes part when it offers ``itm_score(pixels, input_ids) -> (B,)`` match
-logits (the :class:`ItmScorer` protocol).
+logits (models with the ``itm`` capability).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 import torch
 from PIL import Image
@@ -30,14 +30,8 @@ from contrast.evaluate.metrics import (
     rerank,
     retrieval_ranks,
 )
-
-
-@runtime_checkable
-class ItmScorer(Protocol):
-    """A model with an image-text matching head: ``itm_score(pixels (B,3,H,W), input_ids (B,T)) -> (B,)`` logits,
-    higher meaning a better match."""
-
-    def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor: ...
+from contrast.models import Model
+from contrast.objectives import similarity
 
 
 @dataclass
@@ -144,17 +138,15 @@ def encode_images(
 
 @torch.no_grad()
 def encode_texts(
-    model: Any, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu"
+    model: Model, tokenizer: Callable, texts: Sequence[str], batch_size: int = 256, device: str | torch.device = "cpu"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """L2-normalised text embeddings (T, E) and the token ids (T, L)."""
     ids = tokenizer(list(texts))
-    if isinstance(ids, dict):
-        ids = ids["input_ids"]
     embs = [model.encode_text(ids[s : s + batch_size].to(device)).float().cpu() for s in range(0, len(texts), batch_size)]
     return torch.cat(embs), ids
 
 
-def _itm_scorer(model: ItmScorer, pixels: torch.Tensor, ids: torch.Tensor, image_query: bool, device: Any) -> Callable:
+def _itm_scorer(model: Model, pixels: torch.Tensor, ids: torch.Tensor, image_query: bool, device: Any) -> Callable:
     @torch.no_grad()
     def score(qi: torch.Tensor, ci: torch.Tensor) -> torch.Tensor:
         img, txt = (qi, ci) if image_query else (ci, qi)
@@ -164,14 +156,6 @@ def _itm_scorer(model: ItmScorer, pixels: torch.Tensor, ids: torch.Tensor, image
         return out.float().cpu()
 
     return score
-
-
-def similarity(image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
-    """(I, T) image-text scores: dot products, or for several embeddings per image (I, Q, E) (BLIP-2 queries)
-    the best query's."""
-    if image_emb.ndim == 3:
-        return torch.einsum("iqe,te->itq", image_emb, text_emb).amax(dim=-1)  # (I, T)
-    return image_emb @ text_emb.T  # (I, T)
 
 
 def retrieval_from_embeddings(
@@ -209,15 +193,14 @@ def evaluate_retrieval(
     Returns a dict with ``image_to_text`` and ``text_to_image`` summaries (R@K, mean and median rank), the data
     sizes, the grouping used and the metric definition; with ``rerank_itm=k`` also ``itm_reranked`` summaries.
     """
-    if rerank_itm and not isinstance(model, ItmScorer):
+    if rerank_itm and not model.supports("itm"):
         raise ValueError(
             f"--rerank-itm needs a model with an image-text matching head (an itm_score(pixels, input_ids) method); "
             f"{type(model).__name__} has none. Drop --rerank-itm for this model."
         )
     groups = group_captions(dataset, image_column, caption_column, group_by)
-    was_training = getattr(model, "training", False)
-    if hasattr(model, "eval"):
-        model.eval()
+    was_training = model.training
+    model.eval()
     try:
         img, pixels = encode_images(
             model, preprocess, dataset, groups.image_rows, image_column, batch_size, device, keep_pixels=bool(rerank_itm)
@@ -229,7 +212,7 @@ def evaluate_retrieval(
             "captions_grouped_by": groups.grouped_by,
             "definition": RETRIEVAL_DEFINITION,
         }
-        sim_fn = getattr(model, "similarity", None) or similarity  # a model's own rule when it has one
+        sim_fn = model.similarity  # the model's own rule (BLIP-2: the best query)
         result.update(retrieval_from_embeddings(img, txt, groups.text_to_image, ks, sim_fn))
         if rerank_itm:
             sim = sim_fn(img, txt)  # (I, T)
@@ -242,6 +225,5 @@ def evaluate_retrieval(
                 "text_to_image": rank_summary(retrieval_ranks(t2i, pos.T), ks),
             }
     finally:
-        if was_training and hasattr(model, "train"):
-            model.train()
+        model.train(was_training)
     return result

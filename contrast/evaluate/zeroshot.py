@@ -27,7 +27,10 @@ import torch.nn.functional as F
 import yaml
 from torchmetrics.classification import MulticlassAccuracy
 
-from contrast.config import ConfigError, DataConfig, from_dict
+from contrast.config import ConfigError, DataConfig, ImageTowerConfig, from_dict
+from contrast.data import load_source
+from contrast.data.collate import decode_image
+from contrast.evaluate.labelled import is_class_folder, load_class_folder
 from contrast.evaluate.metrics import classification_metrics
 
 
@@ -67,21 +70,18 @@ def zeroshot_classifier(
     weights = []
     for name in classnames:
         texts = [t.format(name) for t in templates]
-        ids = tokenizer(texts)
-        ids = {k: v.to(device) for k, v in ids.items()} if isinstance(ids, dict) else ids.to(device)
-        emb = model.encode_text(ids) if not isinstance(ids, dict) else model.encode_text(**ids)
+        emb = model.encode_text(tokenizer(texts).to(device))
         weights.append(F.normalize(F.normalize(emb, dim=-1).mean(dim=0), dim=-1))
     return torch.stack(weights, dim=1)
 
 
-def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None):
-    """The task's rows; ``data_cfg`` supplies the run's own settings when the task uses the built-in set."""
-    from contrast.data import load_source
-    from contrast.evaluate.labelled import is_class_folder, load_class_folder
-
+def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
+                 image_size: int = ImageTowerConfig.image_size):
+    """The task's rows; ``data_cfg`` supplies the run's own settings when the task uses the built-in set, which is
+    drawn at ``image_size`` (the model's)."""
     if task.data == "synthetic":
         cfg = data_cfg if data_cfg is not None and data_cfg.source == "synthetic" else DataConfig()
-        ds = load_source(cfg, task.split)
+        ds = load_source(cfg, task.split, image_size)
     elif is_class_folder(task.data):  # ROOT/CLASS/*.jpg: labels index the sorted class folder names
         ds = load_class_folder(task.data, task.split, task.label_column)
         folders = ds.features[task.label_column].names
@@ -110,8 +110,6 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
     """Batches of (pixels, label indices); unreadable images are counted into ``skipped[0]`` and left out."""
     from datasets import Image as ImageFeature
 
-    from contrast.data.collate import decode_image
-
     ds = ds.cast_column("image", ImageFeature(decode=False))
     index = {c: i for i, c in enumerate(classnames)}
     for lo in range(0, len(ds), batch_size):
@@ -135,8 +133,8 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
 
 @torch.no_grad()
 def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
-                      data_cfg: DataConfig | None = None, batch_size: int = 256,
-                      device: str | torch.device = "cpu") -> dict:
+                      data_cfg: DataConfig | None = None, image_size: int = ImageTowerConfig.image_size,
+                      batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
     """Top-1 / top-5 accuracy, mean per-class recall and the confusion matrix of zero-shot classification."""
     model.eval()
     classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
@@ -144,10 +142,10 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
     metrics = {k: MulticlassAccuracy(num_classes=C, top_k=min(k, C), average="micro") for k in (1, 5)}
     skipped = [0]
     n = 0
-    ds = task_dataset(task, data_cfg)
+    ds = task_dataset(task, data_cfg, image_size)
     all_logits, all_labels = [], []
     for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, skipped):
-        logits = model.encode_image(pixels.to(device)) @ classifier  # (B, C)
+        logits = model.similarity(model.encode_image(pixels.to(device)), classifier.t())  # (B, C)
         for m in metrics.values():
             m.update(logits.cpu(), labels)
         all_logits.append(logits.float().cpu())

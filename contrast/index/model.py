@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import dataclasses
-import io
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from contrast.data.collate import Rows, decode_image
 from contrast.index.store import (
     IndexStoreError,
     RetrievalIndex,
@@ -21,15 +21,13 @@ from contrast.index.store import (
     file_sha256,
     open_index,
 )
+from contrast.runs import WEIGHTS, load, load_config_of
 
 MODALITIES = ("image", "text")
 
 
 def _weights_of(checkpoint: str | os.PathLike) -> tuple[Any, Path, Path]:
     """(run config, step directory, weights file) of a run directory or step directory."""
-    from contrast.api import load_config_of
-    from contrast.train.checkpoint import WEIGHTS
-
     cfg, ckpt = load_config_of(checkpoint)
     return cfg, Path(ckpt).resolve(), Path(ckpt).resolve() / WEIGHTS
 
@@ -50,37 +48,19 @@ class ModelEncoder:
         return self.model.encode_text(self.tokenizer(list(texts)).to(self.device)).float().cpu()
 
 
-def _decode(image: Any) -> Image.Image:
-    """A ``datasets`` Image value stored undecoded ({'bytes', 'path'}) or already a PIL image."""
-    if isinstance(image, Image.Image):
-        return image
-    if image.get("bytes"):
-        return Image.open(io.BytesIO(image["bytes"]))
-    return Image.open(image["path"])
-
-
-class _Rows:
-    """Random-access rows of a dataset with images left undecoded, so skipping rows (on resume) costs nothing."""
+class _Rows(Rows):
+    """Rows of a source with the metadata an index stores beside each vector."""
 
     def __init__(self, ds: Any, label: str):
-        from datasets import Image as ImageFeature
-
-        if isinstance(ds.features.get("image"), ImageFeature):
-            ds = ds.cast_column("image", ImageFeature(decode=False))
-        self.ds, self.label = ds, label
-        self.scalars = [c for c, f in ds.features.items() if c not in ("image", "caption")
+        super().__init__(ds)
+        self.label = label
+        self.scalars = [c for c, f in self.ds.features.items() if c not in ("image", "caption")
                         and getattr(f, "dtype", None) in ("string", "int32", "int64", "float32", "float64", "bool")]
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict[str, Any]:
-        return {**self.ds[int(i)], "_row": int(i)}
 
     def describe(self, row: dict[str, Any]) -> dict[str, Any]:
         image = row["image"]
         path = image.get("path") if isinstance(image, dict) else getattr(image, "filename", None)
-        meta = {"path": path or f"{self.label}[{row['_row']}]", "caption": row["caption"]}
+        meta = {"path": path or f"{self.label}[{row['__index__']}]", "caption": row["caption"]}
         meta.update({c: row[c] for c in self.scalars})
         return meta
 
@@ -104,21 +84,20 @@ def build_from_checkpoint(
     ``modality="image"`` indexes image embeddings (for text or image queries), ``"text"`` caption embeddings.
     The run's own data settings (synthetic set sizes, column names) apply, with ``source`` replacing its source.
     """
-    import contrast
-    from contrast.data import load_source
+    from contrast.data import load_source  # noqa: I001
 
     if modality not in MODALITIES:
         raise IndexStoreError(f"modality must be one of {MODALITIES}, got {modality!r}")
     cfg, ckpt, weights = _weights_of(checkpoint)
     digest = file_sha256(weights)
     data_cfg = dataclasses.replace(cfg.data, source=str(source))
-    rows = _Rows(load_source(data_cfg, split), f"{source}:{split}")
-    model, preprocess, tokenizer = contrast.load(ckpt, device=device)
+    rows = _Rows(load_source(data_cfg, split, cfg.model.image.image_size), f"{source}:{split}")
+    model, preprocess, tokenizer = load(ckpt, device=device)
     enc = ModelEncoder(model, preprocess, tokenizer, device)
 
     def encode(batch: list[dict[str, Any]]) -> torch.Tensor:
         if modality == "image":
-            return enc.images([_decode(r["image"]) for r in batch])
+            return enc.images([decode_image(r["image"]) for r in batch])
         return enc.texts([r["caption"] for r in batch])
 
     return build_index(rows, encode, out_dir, factory=factory, describe=rows.describe, batch_size=batch_size,
@@ -139,7 +118,6 @@ def query(
 ) -> SearchResult:
     """Encode a text or an image with the model the index was built with (or ``checkpoint``, which must be
     that same model) and return the top ``k`` items with their metadata."""
-    import contrast
 
     if (text is None) == (image is None):
         raise IndexStoreError("give exactly one query: a text or an image")
@@ -153,7 +131,7 @@ def query(
                               f"same model with --checkpoint, or rebuild the index")
     _, step, weights = _weights_of(Path(ckpt).parent if Path(ckpt).is_file() else ckpt)
     ix.check_model(weights)  # same weights file contents, or a clear refusal
-    model, preprocess, tokenizer = contrast.load(step, device=device)
+    model, preprocess, tokenizer = load(step, device=device)
     enc = ModelEncoder(model, preprocess, tokenizer, device)
     if text is not None:
         vec = enc.texts([text] if isinstance(text, str) else text)

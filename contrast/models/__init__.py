@@ -1,36 +1,76 @@
-"""Model families. :func:`build_model` is a plain function over the config; nothing branches on a model's name."""
+"""Model families, assembled from parts by :func:`build_model`, a plain function over the config.
+
+``model.kind`` picks the family's builder from :data:`BUILDERS`; nothing else branches on it. Parts that a recipe
+takes from elsewhere (a trained run's tower, a stage-1 Q-Former, decoder weights) are resolved by
+:mod:`contrast.runs` and handed in as :class:`Parts`; parts left out are built fresh from the config.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from torch import nn
 
-from contrast.config import ConfigError, ModelConfig
-from contrast.models.clip import ClipOutput, DualEncoder
-
-KINDS = ("clip", "blip", "blip2_stage1", "blip2_stage2", "caption_lm", "decoder")
-
-
-def build_model(cfg: ModelConfig) -> nn.Module:
-    if cfg.kind not in KINDS:
-        import difflib
-
-        near = difflib.get_close_matches(cfg.kind, KINDS, n=1)
-        hint = f"did you mean '{near[0]}'? " if near else ""
-        raise ConfigError(f"model.kind '{cfg.kind}' is not a model family; {hint}choose one of {', '.join(KINDS)}")
-    if cfg.kind in ("blip2_stage1", "blip2_stage2", "caption_lm"):
-        from contrast.models import blip2
-
-        builders = {"blip2_stage1": blip2.Blip2Stage1, "blip2_stage2": blip2.Blip2Stage2, "caption_lm": blip2.CaptionLM}
-        return builders[cfg.kind](cfg)
-    if cfg.kind == "decoder":
-        from contrast.models.decoder import VisionLanguageDecoder
-
-        return VisionLanguageDecoder(cfg)
-    if cfg.kind == "blip":
-        from contrast.models.blip import BlipModel
-
-        return BlipModel(cfg)
-    return DualEncoder(cfg)
+from contrast.config import ModelConfig, family
+from contrast.models.blip import BlipModel
+from contrast.models.blip2 import Blip2Stage1, Blip2Stage2, CaptionLM, CausalDecoder
+from contrast.models.clip import DualEncoder
+from contrast.models.decoder import VisionLanguageDecoder
+from contrast.models.outputs import ITMOutput, LMOutput, Model, ModelOutput, TeacherFeatures
+from contrast.models.qformer import QFormer
+from contrast.towers import ImageTower
+from contrast.towers.hf_text import build_text_tower
 
 
-__all__ = ["build_model", "DualEncoder", "ClipOutput"]
+@dataclass
+class Parts:
+    """Built parts for :func:`build_model`; None means "build it fresh from the config"."""
+
+    image: ImageTower | None = None  # the image tower (BLIP-2: the frozen tower; decoder: the bridged tower)
+    tower_frozen: bool = False  # decoder: the given tower stays frozen
+    qformer: QFormer | None = None  # BLIP-2 stage 2: the stage-1 Q-Former
+    decoder: CausalDecoder | None = None  # BLIP-2 stage 2 / caption_lm
+    hf_decoder: nn.Module | None = None  # a Hugging Face causal LM for a decoder of source hf
+
+
+def _image(cfg: ModelConfig, parts: Parts) -> ImageTower:
+    return parts.image if parts.image is not None else ImageTower(cfg.image, cfg.embed_dim)
+
+
+def _decoder(cfg: ModelConfig, parts: Parts) -> CausalDecoder:
+    if parts.decoder is not None:
+        return parts.decoder
+    return CausalDecoder(cfg.blip2.decoder, cfg.text.vocab_size, hf_model=parts.hf_decoder)
+
+
+def _stage2(cfg: ModelConfig, parts: Parts) -> Blip2Stage2:
+    tower = _image(cfg, parts)
+    qformer = parts.qformer or QFormer(cfg.qformer, vision_width=tower.width, vocab_size=cfg.text.vocab_size,
+                                       context_length=cfg.text.context_length)
+    return Blip2Stage2(cfg, tower, qformer, _decoder(cfg, parts))
+
+
+BUILDERS: dict[str, Callable[[ModelConfig, Parts], Model]] = {
+    "clip": lambda cfg, p: DualEncoder(cfg, _image(cfg, p), build_text_tower(cfg.text, cfg.embed_dim)),
+    "blip": lambda cfg, p: BlipModel(cfg, _image(cfg, p)),
+    "blip2_stage1": lambda cfg, p: Blip2Stage1(cfg, _image(cfg, p)),
+    "blip2_stage2": _stage2,
+    "caption_lm": lambda cfg, p: CaptionLM(cfg, _decoder(cfg, p)),
+    "decoder": lambda cfg, p: VisionLanguageDecoder(cfg, _image(cfg, p), p.tower_frozen),
+}
+
+
+def build_model(cfg: ModelConfig, parts: Parts | None = None) -> Model:
+    """The model of family ``cfg.kind`` from its config and any built parts."""
+    fam = family(cfg.kind)  # an unknown kind is an error naming the nearest family
+    if not isinstance(cfg, fam.model):
+        raise TypeError(f"model.kind {cfg.kind} needs a {fam.model.__name__}, got {type(cfg).__name__}; "
+                        "build configs with contrast.config.new_config(kind) or from a recipe")
+    return BUILDERS[cfg.kind](cfg, parts or Parts())
+
+
+__all__ = [
+    "build_model", "Parts", "BUILDERS", "Model", "ModelOutput", "LMOutput", "ITMOutput", "TeacherFeatures",
+    "DualEncoder", "BlipModel", "Blip2Stage1", "Blip2Stage2", "CaptionLM", "CausalDecoder", "VisionLanguageDecoder",
+]

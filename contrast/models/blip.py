@@ -9,8 +9,8 @@ The text transformer reads open_clip BPE ids. Their start-of-text token is repla
 tokens appended to the vocabulary -- [CLS] (unimodal encoder), [ENC] (image-grounded encoder), [DEC] (decoder) --
 so the text tower's vocabulary is ``model.text.vocab_size + 3``.
 
-Cross-process pieces are injected with :meth:`BlipModel.set_distributed` (a gather and this rank); the model never
-touches ``torch.distributed``. With a gather, hard negatives for ITM come from the global batch: every rank builds
+Cross-process pieces come in as every model's ``comm`` (a gather and this rank); the model never touches
+``torch.distributed``. With a gather, hard negatives for ITM come from the global batch: every rank builds
 the same global similarity matrix, draws from it with an identically seeded generator, and keeps its own rows, so the
 draw equals the single-process draw on the concatenated batch.
 """
@@ -18,38 +18,21 @@ draw equals the single-process draw on the concatenated batch.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from contrast.config import ModelConfig, TextTowerConfig
+from contrast.config import BlipModelConfig, TextTowerConfig
 from contrast.layers import MLP, Attention
+from contrast.models.lm import packed_lm_output
+from contrast.models.outputs import ITMOutput, Model, ModelOutput, TeacherFeatures, clamped_scale, unit
 from contrast.objectives import hard_negative_indices
+from contrast.tokenizer import text_padding_mask
 from contrast.towers import ImageTower
 
-Gather = Callable[[torch.Tensor], torch.Tensor]
 N_SPECIAL = 3  # [CLS], [ENC], [DEC]
-
-
-@dataclass
-class BlipOutput:
-    image_emb: torch.Tensor  # (B, E), L2-normalised unimodal image feature
-    text_emb: torch.Tensor  # (B, E), L2-normalised unimodal ([CLS]) text feature
-    logit_scale: torch.Tensor  # scalar multiplier for ITC
-    itm_logits: torch.Tensor  # (3B, 2): positives, (text, hard-negative image), (image, hard-negative text)
-    itm_labels: torch.Tensor  # (3B,) 1 for a match, 0 otherwise
-    itm_neg_text: torch.Tensor  # (B,) index into the global batch of each image's hard-negative caption
-    itm_neg_image: torch.Tensor  # (B,) index into the global batch of each caption's hard-negative image
-    lm_logits: torch.Tensor  # (P, V) decoder logits at the P positions that have a next-token target
-    lm_targets: torch.Tensor  # (P,) the next token at each of those positions
-    lm_rows: torch.Tensor  # (P,) the caption (row of the batch) each position belongs to
-    image_emb_m: torch.Tensor | None = None  # (N + Q, E) teacher features of the global batch, then the queue
-    text_emb_m: torch.Tensor | None = None
-    logit_bias: torch.Tensor | None = None  # unused; keeps the dual-encoder field set
 
 
 class BlipTextLayer(nn.Module):
@@ -122,12 +105,6 @@ class BlipTextModel(nn.Module):
             raise ValueError(f"text mode must be one of {self.MODES}, got '{mode}'")
         return self.cfg.vocab_size + self.MODES.index(mode)
 
-    @staticmethod
-    def valid_mask(input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) True up to and including the end-of-text token (the highest id of the BPE vocabulary)."""
-        eot = input_ids.argmax(dim=1, keepdim=True)  # (B, 1)
-        return torch.arange(input_ids.shape[1], device=input_ids.device)[None, :] <= eot
-
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -145,7 +122,7 @@ class BlipTextModel(nn.Module):
         if mode != "cls" and image_tokens is None:
             raise ValueError(f"text mode '{mode}' is image-grounded and needs image tokens")
         if valid is None:
-            valid = self.valid_mask(input_ids)
+            valid = text_padding_mask(input_ids)
         ids = input_ids.clone()
         ids[:, 0] = self.mode_token(mode)
         x = self.token_embedding(ids) + self.positional_embedding[:T]  # (B, T, D)
@@ -163,13 +140,15 @@ class BlipTextModel(nn.Module):
         return self.ln_final(x)
 
 
-class BlipModel(nn.Module):
+class BlipModel(Model):
     """Image tower + shared text transformer + ITC projections, ITM head and LM head (tied to the embedding)."""
 
-    def __init__(self, cfg: ModelConfig):
+    capabilities = frozenset({"embed", "itm", "caption"})
+
+    def __init__(self, cfg: BlipModelConfig, image: ImageTower):
         super().__init__()
         self.cfg = cfg
-        self.image = ImageTower(cfg.image, cfg.embed_dim)
+        self.image = image
         self.text = BlipTextModel(cfg.text, context_dim=self.image.width)
         self.text_proj = nn.Linear(cfg.text.width, cfg.embed_dim, bias=False)
         nn.init.normal_(self.text_proj.weight, std=cfg.text.width**-0.5)
@@ -177,8 +156,6 @@ class BlipModel(nn.Module):
         self.lm_bias = nn.Parameter(torch.zeros(self.text.vocab_size))
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.register_buffer("draws", torch.zeros((), dtype=torch.long))  # hard-negative draws so far
-        self.gather: Gather | None = None
-        self.rank = 0
         if cfg.image.locked:
             self.image.lock(cfg.image.unlocked_groups)
         bc = cfg.blip
@@ -194,31 +171,31 @@ class BlipModel(nn.Module):
             self.register_buffer("text_queue", F.normalize(torch.randn(q, cfg.embed_dim), dim=1))
             self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
-    # ------------------------------------------------------------------ wiring
-
-    def set_distributed(self, gather: Gather | None, rank: int = 0) -> None:
-        """Inject a gather (concatenate along dim 0 across ranks, gradients flowing back) and this rank."""
-        self.gather = gather
-        self.rank = rank
-
-    def _all(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gather(x) if self.gather is not None else x
-
     # ------------------------------------------------------------------ unimodal encoders
 
+    @property
+    def image_tower(self) -> ImageTower:
+        return self.image
+
+    @property
+    def special_token_ids(self) -> list[int]:
+        return list(range(self.cfg.text.vocab_size, self.text.vocab_size))
+
+    @property
+    def context_length(self) -> int:
+        return self.cfg.text.context_length
+
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         return self.image.forward_tokens(pixels)  # (B, N, Dv)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.image.embed(pixels)
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return unit(self.image.embed(pixels), normalize)
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.text_proj(self.text(input_ids, "cls")[:, 0])
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return unit(self.text_proj(self.text(input_ids, "cls")[:, 0]), normalize)
 
     # ------------------------------------------------------------------ heads
 
@@ -251,14 +228,14 @@ class BlipModel(nn.Module):
                 pt.mul_(m).add_(ps.detach(), alpha=1.0 - m)
 
     @torch.no_grad()
-    def _teacher_features(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _teacher_features(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> TeacherFeatures:
         """Teacher features of the global batch followed by the queue, (N + Q, E) each; enqueues while training."""
         t = self.teacher
         if self.training:
             self._momentum_update()
         img_m = F.normalize(t["image"].embed(pixels), dim=-1)
         txt_m = F.normalize(t["text_proj"](t["text"](input_ids, "cls")[:, 0]), dim=-1)
-        img_m, txt_m = self._all(img_m).detach(), self._all(txt_m).detach()  # (N, E)
+        img_m, txt_m = self.comm.all(img_m).detach(), self.comm.all(txt_m).detach()  # (N, E)
         image_all = torch.cat([img_m, self.image_queue.clone()])
         text_all = torch.cat([txt_m, self.text_queue.clone()])
         if self.training:
@@ -271,7 +248,7 @@ class BlipModel(nn.Module):
             self.image_queue[ptr : ptr + n] = img_m
             self.text_queue[ptr : ptr + n] = txt_m
             self.queue_ptr.fill_((ptr + n) % q)
-        return image_all, text_all
+        return TeacherFeatures(image_all, text_all)
 
     def _negatives_generator(self, device: torch.device) -> torch.Generator:
         g = torch.Generator(device=device)
@@ -280,47 +257,42 @@ class BlipModel(nn.Module):
             self.draws += 1
         return g
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> BlipOutput:
-        pixels, ids = batch["pixels"], batch["input_ids"]
+    def _hard_negatives(self, image_emb, text_emb, ids, scale) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each image's hard-negative caption and each caption's hard-negative image, as indices into the global
+        batch (same draw on every rank; this rank keeps its rows), and the global ids (N, T)."""
         B = ids.shape[0]
-        img_tokens = self.image_tokens(pixels)  # (B, Ni, Dv)
-        image_emb = F.normalize(self.image.proj(self.image.pool(img_tokens)), dim=-1)
-        valid = self.text.valid_mask(ids)
-        text_emb = F.normalize(self.text_proj(self.text(ids, "cls", valid=valid)[:, 0]), dim=-1)
-        scale = self.scale()
+        all_img, all_txt = self.comm.all(image_emb.detach()), self.comm.all(text_emb.detach())  # (N, E)
+        all_ids = self.comm.all(ids)  # (N, T)
+        N = all_ids.shape[0]
+        sim = scale.detach() * all_img @ all_txt.t()  # (N, N) image -> text
+        same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (N, N) identical captions
+        gen = self._negatives_generator(sim.device)
+        pos = torch.arange(N, device=sim.device)
+        neg_txt = hard_negative_indices(sim, pos, exclude=same_text, generator=gen)  # (N,) for each image
+        neg_img = hard_negative_indices(sim.t(), pos, exclude=same_text, generator=gen)  # (N,) for each text
+        rows = slice(self.comm.rank * B, (self.comm.rank + 1) * B)
+        return neg_txt[rows], neg_img[rows], all_ids
 
-        image_emb_m = text_emb_m = None
-        if self.teacher is not None:
-            image_emb_m, text_emb_m = self._teacher_features(pixels, ids)
-
-        # ITM hard negatives from the global batch (same draw on every rank; this rank keeps its rows)
-        all_tokens = self._all(img_tokens)  # (N, Ni, Dv), gradients flow back to the owning rank
+    def _itm(self, img_tokens, image_emb, text_emb, ids, scale) -> ITMOutput:
+        all_tokens = self.comm.all(img_tokens)  # (N, Ni, Dv), gradients flow back to the owning rank
         with torch.no_grad():
-            all_img, all_txt = self._all(image_emb.detach()), self._all(text_emb.detach())  # (N, E)
-            all_ids = self._all(ids)  # (N, T)
-            N = all_ids.shape[0]
-            sim = scale.detach() * all_img @ all_txt.t()  # (N, N) image -> text
-            same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (N, N) identical captions
-            gen = self._negatives_generator(sim.device)
-            pos = torch.arange(N, device=sim.device)
-            neg_txt = hard_negative_indices(sim, pos, exclude=same_text, generator=gen)  # (N,) for each image
-            neg_img = hard_negative_indices(sim.t(), pos, exclude=same_text, generator=gen)  # (N,) for each text
-            rows = slice(self.rank * B, (self.rank + 1) * B)
-            neg_txt, neg_img = neg_txt[rows], neg_img[rows]
+            neg_txt, neg_img, all_ids = self._hard_negatives(image_emb, text_emb, ids, scale)
         itm_ids = torch.cat([ids, ids, all_ids[neg_txt]])  # (3B, T)
         itm_tokens = torch.cat([img_tokens, all_tokens[neg_img], img_tokens])  # (3B, Ni, Dv)
-        itm_logits = self.itm_logits(itm_ids, itm_tokens)
-        itm_labels = torch.cat([ids.new_ones(B), ids.new_zeros(2 * B)])
+        labels = torch.cat([ids.new_ones(ids.shape[0]), ids.new_zeros(2 * ids.shape[0])])
+        return ITMOutput(self.itm_logits(itm_ids, itm_tokens), labels, neg_txt, neg_img)
 
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        pixels, ids = batch["pixels"], batch["input_ids"]
+        img_tokens = self.image_tokens(pixels)  # (B, Ni, Dv)
+        image_emb = unit(self.image.proj(self.image.pool(img_tokens)))
+        valid = text_padding_mask(ids)
+        text_emb = unit(self.text_proj(self.text(ids, "cls", valid=valid)[:, 0]))
+        scale = self.scale()
+        teacher = self._teacher_features(pixels, ids) if self.teacher is not None else None
+        itm = self._itm(img_tokens, image_emb, text_emb, ids, scale)
         # captioning: trim padding beyond the batch's longest caption; logits only where a next token exists
         T = int(valid.sum(dim=1).max())
-        dec_ids, dec_valid = ids[:, :T], valid[:, :T]
-        hidden = self.text(dec_ids, "dec", img_tokens, valid=dec_valid)  # (B, T, D)
-        has_next = torch.zeros_like(dec_valid)
-        has_next[:, :-1] = dec_valid[:, 1:]  # position t predicts token t + 1
-        rows, cols = has_next.nonzero(as_tuple=True)  # (P,), (P,)
-        return BlipOutput(
-            image_emb=image_emb, text_emb=text_emb, logit_scale=scale, itm_logits=itm_logits,
-            itm_labels=itm_labels, itm_neg_text=neg_txt, itm_neg_image=neg_img, lm_logits=self.lm_head(hidden[rows, cols]), lm_targets=dec_ids[rows, cols + 1],
-            lm_rows=rows, image_emb_m=image_emb_m, text_emb_m=text_emb_m,
-        )
+        hidden = self.text(ids[:, :T], "dec", img_tokens, valid=valid[:, :T])  # (B, T, D)
+        lm = packed_lm_output(hidden, ids[:, :T], self.lm_head)
+        return ModelOutput(image_emb=image_emb, text_emb=text_emb, logit_scale=scale, teacher=teacher, itm=itm, lm=lm)

@@ -7,31 +7,22 @@ Locked-image text Tuning", 2022.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from contrast.config import ModelConfig
-from contrast.towers import ImageTower
-from contrast.towers.hf_text import build_text_tower
+from contrast.models.outputs import Model, ModelOutput, clamped_scale, unit
+from contrast.towers import ImageTower, Tower
 
 
-@dataclass
-class ClipOutput:
-    image_emb: torch.Tensor  # (B, E), L2-normalised
-    text_emb: torch.Tensor  # (B, E), L2-normalised
-    logit_scale: torch.Tensor  # scalar multiplier, exp of the learned log-scale, clamped
-    logit_bias: torch.Tensor | None = None  # scalar, SigLIP only
+class DualEncoder(Model):
+    """Two towers, each projecting to the shared embedding width, and a learned logit scale (and SigLIP's bias)."""
 
-
-class DualEncoder(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, image: ImageTower, text: Tower):
         super().__init__()
         self.cfg = cfg
-        self.image = ImageTower(cfg.image, cfg.embed_dim)
-        self.text = build_text_tower(cfg.text, cfg.embed_dim)
+        self.image = image
+        self.text = text
         self.logit_scale = nn.Parameter(torch.tensor(float(cfg.init_logit_scale)))
         self.logit_bias = (
             nn.Parameter(torch.tensor(float(cfg.init_logit_bias))) if cfg.init_logit_bias is not None else None
@@ -41,19 +32,21 @@ class DualEncoder(nn.Module):
         if cfg.text.locked:
             self.text.lock(cfg.text.unlocked_groups)
 
+    @property
+    def image_tower(self) -> ImageTower:
+        return self.image
+
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.image.embed(pixels)
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return unit(self.image.embed(pixels), normalize)
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        emb = self.text.embed(input_ids)
-        return F.normalize(emb, dim=-1) if normalize else emb
+        return unit(self.text.embed(input_ids), normalize)
 
     def scale(self) -> torch.Tensor:
-        return self.logit_scale.exp().clamp(max=self.cfg.max_logit_scale)
+        return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ClipOutput:
-        return ClipOutput(
+    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
+        return ModelOutput(
             image_emb=self.encode_image(batch["pixels"]),
             text_emb=self.encode_text(batch["input_ids"]),
             logit_scale=self.scale(),

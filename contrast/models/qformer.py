@@ -26,18 +26,9 @@ from torch import nn
 
 from contrast.config import QFormerConfig
 from contrast.layers import MLP, Attention
+from contrast.tokenizer import text_padding_mask
 
 MASK_KINDS = ("itc", "itm", "itg")
-
-
-def text_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
-    """True at real text positions (up to and including the end-of-text token, which has the highest id).
-
-    The project's tokenizer pads with id 0, which is also a real token, so the end-of-text position decides.
-    """
-    T = input_ids.shape[1]
-    eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
-    return torch.arange(T, device=input_ids.device)[None, :] <= eot  # (B, T)
 
 
 def attention_mask(kind: str, num_queries: int, text_mask: torch.Tensor | None) -> torch.Tensor:

@@ -1,4 +1,5 @@
-"""The training loop. It builds a model and an objective from the config and never knows which objective it runs.
+"""The training loop: :func:`setup` builds everything once, :func:`train_step` is one optimisation step, and
+:func:`train` drives them. The loop never knows which model family or objective it runs.
 
 Data order is a pure function of (seed, step): each epoch is a seeded permutation, cut into global batches, and
 rank r of W takes the r-th slice of each. Resuming at step k therefore continues with exactly the batches the
@@ -7,30 +8,28 @@ uninterrupted run would have seen.
 
 from __future__ import annotations
 
-import json
-import logging
 import random
-import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from contrast import distributed as D
 from contrast.config import Config, save_config
-from contrast.data import load_source
-from contrast.data.collate import Collator
-from contrast.data.transforms import build_transform
 from contrast.errors import UserError
-from contrast.models import build_model
-from contrast.objectives import build_objective
+from contrast.models import Model, ModelOutput
+from contrast.objectives import Comm, LossOutput, Objective, build_objective
+from contrast.runs import WEIGHTS, build, load_model_weights, resolve, step_dir
 from contrast.tokenizer import build_tokenizer
 from contrast.train import checkpoint as C
+from contrast.train.data import build_data
+from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
 
-log = logging.getLogger(__name__)
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
 
 
 class NonFiniteLossError(UserError, RuntimeError):
@@ -42,33 +41,33 @@ class RunResult:
     run_dir: Path
     step: int
     last_loss: float
-    losses: list[tuple[int, float]] = field(default_factory=list)
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at logged steps
     checkpoint: Path | None = None
     skipped_images: int = 0
     skipped_captions: int = 0
-    eval: dict = field(default_factory=dict)
 
 
-class _Rows(torch.utils.data.Dataset):
-    """Rows of a datasets.Dataset with images left undecoded (decoding, and its failures, belong to the collator)."""
+@dataclass
+class Run:
+    """Everything :func:`setup` builds; :func:`train_step` and :func:`train` only read it."""
 
-    def __init__(self, ds):
-        from datasets import Image as ImageFeature
+    cfg: Config
+    run_dir: Path
+    dist: D.DistInfo
+    device: torch.device
+    model: Model  # the bare model (checkpoints, logging)
+    train_model: nn.Module  # what the step calls: the model, wrapped by DDP and/or torch.compile
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    loader: torch.utils.data.DataLoader
+    collate: object
+    autocast: AbstractContextManager
+    start: int = 0
 
-        self.ds = ds.cast_column("image", ImageFeature(decode=False))
 
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def __getitem__(self, i: int) -> dict:
-        return {**self.ds[int(i)], "__index__": int(i)}
-
-    def __getitems__(self, idx: list[int]) -> list[dict]:
-        cols = self.ds[[int(i) for i in idx]]
-        return [{**{k: v[j] for k, v in cols.items()}, "__index__": int(i)} for j, i in enumerate(idx)]
-
-
-def batch_indices(n: int, batch_size: int, world: int, rank: int, seed: int, start_step: int, steps: int):
+def batch_indices(n: int, batch_size: int, world: int, rank: int, seed: int, start_step: int,
+                  steps: int) -> Iterator[list[int]]:
     """Yield this rank's index list for every step in [start_step, steps)."""
     global_bs = batch_size * world
     per_epoch = n // global_bs
@@ -86,194 +85,153 @@ def batch_indices(n: int, batch_size: int, world: int, rank: int, seed: int, sta
         yield perm[lo : lo + batch_size].tolist()
 
 
-def _device(name: str) -> torch.device:
+def select_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
 
-def _seed_all(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
+# --------------------------------------------------------------------------------------------------- set-up
 
 
-def _to(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-
-
-def _truncate_metrics(path: Path, step: int) -> None:
-    if not path.is_file():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))
-
-
-def plot_losses(metrics_path: Path, out_png: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if ln.strip()]
-    rows = [r for r in rows if "loss" in r]
-    if not rows:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="loss")
-    for key in sorted({k for r in rows for k in r if k.startswith("loss/")}):
-        ax.plot([r["step"] for r in rows if key in r], [r[key] for r in rows if key in r], label=key, alpha=0.7)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)
-
-
-def build_data(cfg: Config, tokenizer, split: str):
-    if cfg.model.blip2.features:  # saved frozen-tower features replace images (BLIP-2 stage 1 / 2)
-        from contrast.features import build_feature_data
-
-        return build_feature_data(cfg, tokenizer, split)
-    ds = load_source(cfg.data, split)
-    return _Rows(ds), Collator(build_transform(cfg.model.image, train=split == cfg.data.train_split), tokenizer)
-
-
-def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> RunResult:
-    """Train ``cfg`` into ``out_dir``; ``resume`` is None, 'latest' or a checkpoint path."""
-    dist_info = D.init_from_env(_device(cfg.train.device))
-    device = _device(cfg.train.device)
+def _init_process(cfg: Config) -> tuple[D.DistInfo, torch.device]:
+    device = select_device(cfg.train.device)
+    dist_info = D.init_from_env(device)
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    run_dir = Path(out_dir)
-    main = dist_info.is_main
-    if main:
-        if not resume and (run_dir / "checkpoints" / "latest").is_file():
-            raise UserError(
-                f"{run_dir} already holds a trained run; continue it with --resume latest, or pass another --out"
-            )
-        run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+    if cfg.train.precision not in PRECISIONS:
+        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
+    return dist_info, device
 
-    _seed_all(cfg.train.seed)
-    model = build_model(cfg.model).to(device)
+
+def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, main: bool) -> None:
+    if not main:
+        return
+    if not resume and (run_dir / "checkpoints" / "latest").is_file():
+        raise UserError(f"{run_dir} already holds a trained run; continue it with --resume latest, or pass another --out")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+
+
+def _resume(run: Run, resume: str) -> int:
+    ckpt = resolve(run.run_dir if resume == "latest" else resume)
+    load_model_weights(run.model, ckpt / WEIGHTS)
+    state = C.load_state(ckpt)
+    if state.get("world_size", 1) != run.dist.world_size:
+        raise C.CheckpointError(
+            f"{ckpt} was written by a run of {state.get('world_size', 1)} processes; resume with the same number"
+        )
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    C.set_rng_state(state["rng"])
+    if run.dist.is_main:
+        print(f"resumed from {ckpt} at step {int(state['step'])}")
+    return int(state["step"])
+
+
+def _wrap(model: nn.Module, cfg: Config, dist_info: D.DistInfo, device: torch.device) -> nn.Module:
+    wrapped = model
+    if dist_info.world_size > 1:
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return torch.compile(wrapped) if cfg.train.compile else wrapped
+
+
+def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
+    """Process group, run directory, model, objective, optimizer, resumed state and the data loader."""
+    dist_info, device = _init_process(cfg)
+    run_dir = Path(out_dir)
+    _prepare_run_dir(cfg, run_dir, resume, dist_info.is_main)
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    model = build(cfg.model).to(device)
     tokenizer = build_tokenizer(cfg.model.text)
     rows, collate = build_data(cfg, tokenizer, cfg.data.train_split)
-
     opt = build_optimizer(model, cfg.train)
-    sched = build_scheduler(opt, cfg.train)
-    start = 0
-    metrics_path = run_dir / "metrics.jsonl"
-    if resume:
-        ckpt = C.resolve(run_dir if resume == "latest" else resume)
-        C.load_model_weights(model, ckpt / C.WEIGHTS)
-        state = C.load_state(ckpt)
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        C.set_rng_state(state["rng"])
-        start = int(state["step"])
-        if state.get("world_size", 1) != dist_info.world_size:
-            raise C.CheckpointError(
-                f"{ckpt} was written by a run of {state.get('world_size', 1)} processes; resume with the same number"
-            )
-        if main:
-            _truncate_metrics(metrics_path, start)
-            print(f"resumed from {ckpt} at step {start}")
+    comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank)
+    model.set_comm(comm)  # a forward that needs the global batch (BLIP's hard negatives) gets it like the loss
+    dtype = PRECISIONS[cfg.train.precision]
+    run = Run(cfg, run_dir, dist_info, device, model, model, build_objective(cfg.loss, comm), opt,
+              build_scheduler(opt, cfg.train), None, collate,
+              torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None))
+    run.start = _resume(run, resume) if resume else 0
+    run.train_model = _wrap(model, cfg, dist_info, device)
+    sampler = list(batch_indices(len(rows), cfg.train.batch_size, dist_info.world_size, dist_info.rank,
+                                 cfg.train.seed, run.start, cfg.train.steps))
+    run.loader = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=collate,
+                                             num_workers=cfg.data.num_workers)
+    return run
 
-    train_model: nn.Module = model
-    if dist_info.world_size > 1:
-        train_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
-    if cfg.train.compile:
-        train_model = torch.compile(train_model)
-    gather = D.gather_with_grad if dist_info.world_size > 1 else None
-    if hasattr(model, "set_distributed"):  # a forward that needs the global batch (BLIP's hard negatives)
-        model.set_distributed(gather, dist_info.rank)
-    objective = build_objective(cfg.loss, gather=gather, rank=dist_info.rank)
 
-    loader = torch.utils.data.DataLoader(
-        rows,
-        batch_sampler=list(
-            batch_indices(len(rows), cfg.train.batch_size, dist_info.world_size, dist_info.rank,
-                          cfg.train.seed, start, cfg.train.steps)
-        ),
-        collate_fn=collate,
-        num_workers=cfg.data.num_workers,
-        persistent_workers=False,
+# --------------------------------------------------------------------------------------------------- the step
+
+
+def train_step(run: Run, batch: dict[str, torch.Tensor], step: int) -> tuple[LossOutput, ModelOutput]:
+    """Forward, loss, backward, clip, optimizer and scheduler step on one batch."""
+    batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    with run.autocast:
+        out = run.train_model(batch)
+        losses = run.objective(out)
+    if not torch.isfinite(losses.total):
+        _stop_non_finite(run, losses, step)
+    run.optimizer.zero_grad(set_to_none=True)
+    losses.total.backward()
+    if run.cfg.train.grad_clip:
+        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
+    run.optimizer.step()
+    run.scheduler.step()
+    return losses, out
+
+
+def _stop_non_finite(run: Run, losses: LossOutput, step: int) -> None:
+    saved = _save(run, step, keep=run.cfg.train.keep_checkpoints + 1) if run.dist.is_main else None
+    raise NonFiniteLossError(
+        f"the loss became {losses.total.item()} at step {step} (terms: "
+        f"{ {k: round(float(v), 4) for k, v in losses.parts.items()} }). The weights before this step are saved in "
+        f"{saved}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then resume with --resume latest."
     )
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.train.precision == "bf16")
-    if cfg.train.precision not in ("fp32", "bf16"):
-        raise ValueError(f"train.precision must be fp32 or bf16, got '{cfg.train.precision}'")
 
-    result = RunResult(run_dir=run_dir, step=start, last_loss=float("nan"))
-    bar = tqdm(total=cfg.train.steps, initial=start, disable=not (progress and main), dynamic_ncols=True)
-    metrics_f = open(metrics_path, "a") if main else None
-    model.train()
-    t_last, n_images = time.perf_counter(), 0
-    step = start
+
+def _save(run: Run, step: int, keep: int | None = None) -> Path:
+    return C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
+                             {"world_size": run.dist.world_size}, keep=run.cfg.train.keep_checkpoints if keep is None else keep)
+
+
+# --------------------------------------------------------------------------------------------------- the loop
+
+
+def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> RunResult:
+    """Train ``cfg`` into ``out_dir``; ``resume`` is None, 'latest' or a checkpoint path."""
+    run = setup(cfg, out_dir, resume)
+    result = RunResult(run_dir=run.run_dir, step=run.start, last_loss=float("nan"))
+    main, t = run.dist.is_main, cfg.train
+    log = RunLog(run.run_dir, cfg.train.steps, run.start, main, progress)
+    run.model.train()
+    step = run.start
     try:
-        for batch in loader:
+        for batch in run.loader:
             if batch is None:  # every row of this batch was unreadable; the counts are reported at the end
                 step += 1
-                sched.step()
+                run.scheduler.step()
                 continue
-            batch = _to(batch, device)
-            with autocast:
-                out = train_model(batch)
-                losses = objective(out)
-            loss = losses.total
-            if not torch.isfinite(loss):
-                saved = C.save_checkpoint(run_dir, step, model, opt, sched, {"world_size": dist_info.world_size},
-                                          keep=cfg.train.keep_checkpoints + 1) if main else None
-                raise NonFiniteLossError(
-                    f"the loss became {loss.item()} at step {step} (terms: "
-                    f"{ {k: round(float(v), 4) for k, v in losses.parts.items()} }). The weights before this step "
-                    f"are saved in {saved}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then "
-                    "resume with --resume latest."
-                )
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg.train.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-            opt.step()
-            sched.step()
+            losses, out = train_step(run, batch, step)
             step += 1
-            n_images += batch["index"].shape[0] * dist_info.world_size
-            value = float(D.all_reduce_mean(loss.detach()))
-            result.losses.append((step, value))
-            result.last_loss = value
-            if main and (step % cfg.train.log_every == 0 or step == cfg.train.steps):
-                now = time.perf_counter()
-                ips = n_images / max(now - t_last, 1e-9)
-                t_last, n_images = now, 0
-                rec = {"step": step, "loss": value, "lr": opt.param_groups[0]["lr"], "images_per_s": round(ips, 1)}
-                rec.update({f"loss/{k}": float(v) for k, v in losses.parts.items()})
-                if hasattr(out, "logit_scale"):
-                    rec["logit_scale"] = float(out.logit_scale.detach())
-                metrics_f.write(json.dumps(rec) + "\n")
-                metrics_f.flush()
-                bar.set_postfix(loss=f"{value:.3f}", scale=f"{rec.get('logit_scale', 0):.1f}", img_s=f"{ips:.0f}")
-            bar.update(1)
-            if main and cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                result.checkpoint = C.save_checkpoint(
-                    run_dir, step, model, opt, sched, {"world_size": dist_info.world_size}, keep=cfg.train.keep_checkpoints
-                )
+            log.count(batch["index"].shape[0] * run.dist.world_size)
+            if step % t.log_every == 0 or step == t.steps:
+                value = float(D.all_reduce_mean(losses.total.detach()))  # host sync on logged steps only
+                result.losses.append((step, value))
+                result.last_loss = value
+                log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"])
+            log.advance()
+            if main and t.checkpoint_every and step % t.checkpoint_every == 0:
+                result.checkpoint = _save(run, step)
     finally:
-        bar.close()
-        if metrics_f:
-            metrics_f.close()
+        log.close()
     result.step = step
-    if main and (result.checkpoint is None or result.checkpoint.name != C.step_dir(run_dir, step).name):
-        result.checkpoint = C.save_checkpoint(
-            run_dir, step, model, opt, sched, {"world_size": dist_info.world_size}, keep=cfg.train.keep_checkpoints
-        )
-    if main:
-        plot_losses(metrics_path, run_dir / "loss.png")
-    result.skipped_images, result.skipped_captions = collate.skipped_images, collate.skipped_captions
+    if main and (result.checkpoint is None or result.checkpoint.name != step_dir(run.run_dir, step).name):
+        result.checkpoint = _save(run, step)
+    result.skipped_images, result.skipped_captions = run.collate.skipped_images, run.collate.skipped_captions
     D.barrier()
     return result

@@ -16,10 +16,10 @@ import argparse
 import torch
 
 import contrast
-from contrast.api import load_config_of
 from contrast.data import load_source
 from contrast.evaluate.metrics import positive_mask, retrieval_ranks
 from contrast.models.blip2 import caption_nll
+from contrast.runs import load_config_of
 
 
 def _batches(cfg, split: str, features: str | None, preprocess, batch_size: int):
@@ -32,7 +32,7 @@ def _batches(cfg, split: str, features: str | None, preprocess, batch_size: int)
             items = [rows[i] for i in range(lo, min(len(rows), lo + batch_size))]
             yield torch.stack([r["image_feats"] for r in items]).float(), [r["caption"] for r in items]
         return
-    ds = load_source(cfg.data, split)
+    ds = load_source(cfg.data, split, cfg.model.image.image_size)
     for lo in range(0, len(ds), batch_size):
         rows = ds[lo : lo + batch_size]
         yield torch.stack([preprocess(im) for im in rows["image"]]), list(rows["caption"])

@@ -23,10 +23,10 @@ import time
 import torch
 
 import contrast
-from contrast.api import load_config_of
 from contrast.caption import caption_images
 from contrast.data import load_source
 from contrast.data.synthetic import HELD_OUT
+from contrast.runs import load_config_of
 
 
 @torch.no_grad()
@@ -52,10 +52,10 @@ def caption_rates(model, preprocess, tokenizer, rows, batch_size: int = 128) -> 
 
 def eval_sets(cfg, n_val: int | None = None) -> dict:
     """The single-shape val rows and the held-out-pair test rows of a run's data source."""
-    val = load_source(cfg.data, "val").filter(lambda r: r["n_shapes"] == 1)
+    val = load_source(cfg.data, "val", cfg.model.image.image_size).filter(lambda r: r["n_shapes"] == 1)
     if n_val is not None:
         val = val.select(range(min(n_val, len(val))))
-    test = load_source(cfg.data, "test").filter(lambda r: r["n_shapes"] == 1 and (r["colour"], r["shape"]) in HELD_OUT)
+    test = load_source(cfg.data, "test", cfg.model.image.image_size).filter(lambda r: r["n_shapes"] == 1 and (r["colour"], r["shape"]) in HELD_OUT)
     return {"val": val, "test held-out": test}
 
 

@@ -16,8 +16,8 @@ import argparse
 import torch
 
 import contrast
-from contrast.api import load_config_of
 from contrast.data import load_source
+from contrast.runs import load_config_of
 
 
 @torch.no_grad()
@@ -25,7 +25,7 @@ def held_out_nll(run: str, split: str = "val", batch_size: int = 250) -> float:
     """Mean next-token NLL per caption token of ``run`` over ``split`` of its own data source."""
     cfg, _ = load_config_of(run)
     model, preprocess, tokenizer = contrast.load(run)
-    ds = load_source(cfg.data, split)
+    ds = load_source(cfg.data, split, cfg.model.image.image_size)
     total, count = 0.0, 0
     for lo in range(0, len(ds), batch_size):
         rows = ds[lo : lo + batch_size]

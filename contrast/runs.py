@@ -1,0 +1,308 @@
+"""Run directories: their layout, loading a trained model, and building a model whose config names other runs.
+
+Layout of a run directory::
+
+    RUN_DIR/config.yaml                                    the resolved recipe
+    RUN_DIR/checkpoints/step_00000100/model.safetensors    weights (any step directory is loadable)
+    RUN_DIR/checkpoints/step_00000100/state.pt             training state (see contrast.train.checkpoint)
+    RUN_DIR/checkpoints/latest                             the name of the newest complete step directory
+
+``model, preprocess, tokenizer = contrast.load(RUN_DIR)``. :func:`build` is the one place where a recipe's
+references to other runs become parts: a run's image tower (``model.blip2.tower``, ``model.bridge.tower``), a
+stage-1 Q-Former (``model.blip2.stage1``), decoder weights (``model.blip2.decoder.weights``), the tower of a
+features directory (``model.blip2.features``) and a Hugging Face decoder (``source: hf``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_model
+from torch import nn
+
+from contrast.config import Config, ImageTowerConfig, ModelConfig, load_config
+from contrast.data.transforms import build_transform
+from contrast.errors import CheckpointError
+from contrast.models import Blip2Stage1, CaptionLM, CausalDecoder, Model, Parts, build_model
+from contrast.tokenizer import build_tokenizer
+from contrast.towers import ImageTower
+
+WEIGHTS = "model.safetensors"
+FEATURES_TOWER = "tower.safetensors"  # the frozen tower's weights inside a `contrast features extract` directory
+
+
+# --------------------------------------------------------------------------------------------------- layout
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory, a ``checkpoints`` folder or a step directory -> the step directory to load."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint path not found: {p}")
+    if (p / WEIGHTS).is_file():
+        return p
+    for root in (p / "checkpoints", p):
+        pointer = root / "latest"
+        if pointer.is_file():
+            target = root / pointer.read_text().strip()
+            if not (target / WEIGHTS).is_file():
+                raise CheckpointError(f"{pointer} names {target}, which has no {WEIGHTS}; the run may be damaged")
+            return target
+    raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS}, no checkpoints/latest); train first or pass a step directory")
+
+
+def run_dir_of(ckpt: Path) -> Path:
+    """The run directory that holds a step directory (where config.yaml lives)."""
+    for cand in (ckpt, ckpt.parent, ckpt.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return cand
+    raise CheckpointError(f"no config.yaml found beside {ckpt}; it is needed to rebuild the model")
+
+
+def load_config_of(path: str | Path) -> tuple[Config, Path]:
+    """The config and the step directory of a run directory or checkpoint."""
+    ckpt = resolve(path)
+    return load_config(run_dir_of(ckpt) / "config.yaml"), ckpt
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DDP / compile wrapper."""
+    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+def save_model_weights(model: nn.Module, path: str | Path) -> None:
+    save_model(unwrap(model), str(path))
+
+
+def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"weights file not found: {path}")
+    try:
+        return load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated / foreign files
+        raise CheckpointError(f"{path} is not a readable safetensors file ({e}); it may be truncated or corrupt") from e
+
+
+def load_model_weights(model: nn.Module, path: str | Path) -> None:
+    """Load safetensors weights into ``model``; a file from a different model raises naming the tensors that differ."""
+    tensors = read_weights(path)
+    model = unwrap(model)
+    own = model.state_dict()
+    aliases = _shared_aliases(model)  # tensors shared between modules are stored once
+    problems = _mismatch(own, tensors, aliases)
+    if problems:
+        raise CheckpointError(
+            f"checkpoint {path} was made for a different model config.\n  " + "\n  ".join(problems)
+            + "\n  Load it with the config it was trained with (the run directory's config.yaml), or start fresh."
+        )
+    for k, v in own.items():
+        src = tensors.get(k)
+        if src is None:
+            src = next(tensors[a] for a in aliases[k] if a in tensors)
+        with torch.no_grad():
+            v.copy_(src)
+
+
+def _mismatch(own: dict, tensors: dict, aliases: dict[str, list[str]]) -> list[str]:
+    shape_diff = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+                  for k, v in tensors.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing = [k for k in own if k not in tensors and not any(a in tensors for a in aliases.get(k, ()))]
+    unexpected = [k for k in tensors if k not in own]
+    lines = []
+    if shape_diff:
+        lines.append(f"{len(shape_diff)} tensors differ in shape: " + "; ".join(shape_diff[:8]))
+    if missing:
+        lines.append(f"{len(missing)} model tensors are missing from the checkpoint: " + ", ".join(missing[:8]))
+    if unexpected:
+        lines.append(f"{len(unexpected)} checkpoint tensors are not in the model: " + ", ".join(unexpected[:8]))
+    return lines
+
+
+def _shared_aliases(model: nn.Module) -> dict[str, list[str]]:
+    by_ptr: dict[tuple[int, int], list[str]] = {}
+    for k, v in model.state_dict(keep_vars=False).items():
+        by_ptr.setdefault((v.untyped_storage().data_ptr(), v.storage_offset()), []).append(k)
+    return {n: [m for m in names if m != n] for names in by_ptr.values() for n in names}
+
+
+# --------------------------------------------------------------------------------------------------- loading
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
+    """The model of a run (its latest checkpoint, or the step directory given), in eval mode."""
+    cfg, ckpt = load_config_of(path)
+    model = build(cfg.model)
+    load_model_weights(model, ckpt / WEIGHTS)
+    return model.to(device).eval()
+
+
+def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, Callable, Callable]:
+    """Rebuild the model of a run in eval mode. Returns ``(model, preprocess, tokenizer)``:
+    ``preprocess(PIL.Image) -> (3, H, W)``, ``tokenizer(list[str]) -> token ids``."""
+    cfg, _ = load_config_of(path)
+    return load_model(path, device), build_transform(cfg.model.image), build_tokenizer(cfg.model.text)
+
+
+# --------------------------------------------------------------------------------------------------- building
+
+
+def build(cfg: ModelConfig) -> Model:
+    """The model of ``cfg``, with every part the config takes from another run, export or folder resolved."""
+    return build_model(cfg, resolve_parts(cfg))
+
+
+def resolve_parts(cfg: ModelConfig) -> Parts:
+    """The parts ``cfg`` takes from elsewhere; families that take none get empty :class:`Parts`."""
+    resolver = RESOLVERS.get(cfg.kind)
+    return resolver(cfg) if resolver is not None else Parts()
+
+
+def check_preprocessing(ours: ImageTowerConfig, theirs: ImageTowerConfig, where: str, names: tuple[str, ...]) -> None:
+    """A tower taken from ``where`` must see images prepared as ``model.image`` prepares them."""
+    for name in names:
+        a, b = _plain(getattr(ours, name)), _plain(getattr(theirs, name))
+        if a != b:
+            raise CheckpointError(
+                f"model.image.{name} is {a!r} but the tower in {where} expects {b!r}; set model.image to that "
+                "tower's settings (copy its model.image section) so the data pipeline feeds it what it was trained on"
+            )
+
+
+def _plain(v: object) -> object:
+    return tuple(float(x) for x in v) if isinstance(v, list | tuple) else v
+
+
+def frozen_tower(cfg: ModelConfig, tower_run: str | None = None, features: str | None = None) -> ImageTower:
+    """A frozen image tower: that of the run ``tower_run``, or a fresh ``model.image``; with a ``features``
+    directory, the weights of the tower those features were extracted with."""
+    if tower_run:
+        run_cfg, _ = load_config_of(tower_run)
+        check_preprocessing(cfg.image, run_cfg.model.image, tower_run, ("name", "image_size", "mean", "std"))
+        tower = load_model(tower_run).image_tower
+    else:
+        tower = ImageTower(cfg.image, cfg.embed_dim)
+    if features and (Path(features) / FEATURES_TOWER).is_file():
+        load_model_weights(tower, Path(features) / FEATURES_TOWER)
+    tower.requires_grad_(False)
+    return tower.eval()
+
+
+def _stage1_parts(cfg: ModelConfig) -> Parts:
+    return Parts(image=frozen_tower(cfg, cfg.blip2.tower, cfg.blip2.features))
+
+
+def _stage2_parts(cfg: ModelConfig) -> Parts:
+    parts = Parts(decoder=_decoder(cfg))
+    if cfg.blip2.decoder.weights:
+        load_decoder_weights(parts.decoder, cfg.blip2.decoder.weights)
+    if cfg.blip2.stage1:
+        stage1 = load_model(cfg.blip2.stage1)
+        if not isinstance(stage1, Blip2Stage1):
+            raise CheckpointError(f"model.blip2.stage1 must be a blip2_stage1 run; {cfg.blip2.stage1} is not")
+        parts.image, parts.qformer = stage1.tower, stage1.qformer
+    else:
+        parts.image = frozen_tower(cfg, cfg.blip2.tower, cfg.blip2.features)
+    return parts
+
+
+def _decoder(cfg: ModelConfig) -> CausalDecoder:
+    """The stage-2 / caption_lm decoder: the project's own or a Hugging Face causal LM."""
+    d = cfg.blip2.decoder
+    return CausalDecoder(d, cfg.text.vocab_size, hf_model=hf_causal_lm(d) if d.source == "hf" else None)
+
+
+def _caption_lm_parts(cfg: ModelConfig) -> Parts:
+    return Parts(decoder=_decoder(cfg))
+
+
+def _bridge_parts(cfg: ModelConfig) -> Parts:
+    b = cfg.bridge
+    if not b.tower:
+        return Parts()
+    tower = load_exported_tower(b.tower)
+    check_preprocessing(cfg.image, tower.cfg, b.tower, ("image_size", "mean", "std"))
+    return Parts(image=tower, tower_frozen=b.tower_locked)
+
+
+RESOLVERS: dict[str, Callable[[ModelConfig], Parts]] = {
+    "blip2_stage1": _stage1_parts,
+    "blip2_stage2": _stage2_parts,
+    "caption_lm": _caption_lm_parts,
+    "decoder": _bridge_parts,
+}
+
+
+def hf_causal_lm(cfg) -> nn.Module:
+    """A transformers causal LM from a local folder (``hf_path``) or built from ``hf_config``; never downloaded."""
+    try:
+        import transformers
+    except ImportError as e:
+        raise CheckpointError("model.blip2.decoder.source hf needs the transformers package (pip install transformers)") from e
+    if cfg.hf_path:
+        return transformers.AutoModelForCausalLM.from_pretrained(cfg.hf_path, local_files_only=True)
+    if "model_type" not in cfg.hf_config:
+        raise CheckpointError("model.blip2.decoder.hf_config needs a model_type (e.g. gpt2 or llama), or set hf_path")
+    kwargs = dict(cfg.hf_config)
+    hf_cfg = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    return transformers.AutoModelForCausalLM.from_config(hf_cfg)
+
+
+def load_decoder_weights(decoder: CausalDecoder, path: str) -> None:
+    """Weights from a ``.safetensors`` file of the decoder, or from a run of kind ``caption_lm``."""
+    if Path(path).suffix == ".safetensors":
+        load_model_weights(decoder, path)
+        return
+    model = load_model(path)
+    if not isinstance(model, CaptionLM):
+        raise CheckpointError(f"{path} holds no decoder; point model.blip2.decoder.weights at a caption_lm run")
+    decoder.load_state_dict(model.decoder.state_dict())
+
+
+def load_exported_tower(path: str | Path) -> ImageTower:
+    """An :class:`ImageTower` from a timm export directory (``config.json`` + ``model.safetensors``) or a run dir."""
+    p = Path(path)
+    cfg_file = p / "config.json"
+    if cfg_file.is_file() and "architecture" in (cfg := json.loads(cfg_file.read_text())):
+        return _timm_export_tower(p, cfg)
+    if (p / "config.yaml").is_file() or (p / "checkpoints").is_dir() or (p / WEIGHTS).is_file():
+        return load_model(p).image_tower
+    raise CheckpointError(f"{p} is neither a timm export directory (config.json with 'architecture') nor a run directory")
+
+
+def _timm_export_tower(p: Path, cfg: dict) -> ImageTower:
+    meta = cfg.get("contrast", {})
+    pc = cfg["pretrained_cfg"]
+    icfg = ImageTowerConfig(
+        name=cfg["architecture"],
+        kwargs={k: v for k, v in cfg.get("model_args", {}).items() if k not in ("num_classes", "img_size")},
+        image_size=int(pc["input_size"][-1]),
+        pool=meta.get("pool", "default"),
+        mean=tuple(pc["mean"]),
+        std=tuple(pc["std"]),
+    )
+    E = int(meta.get("embed_dim", cfg.get("num_classes") or 0))
+    if E <= 0:
+        raise CheckpointError(f"{p} is a timm export without a projection; it was not written by contrast export")
+    tower = ImageTower(icfg, E)
+    sd = read_weights(p / WEIGHTS)
+    clf = pc.get("classifier", "head")
+    if meta.get("projection") == "head":
+        tower.proj.weight.data.copy_(sd.pop(f"{clf}.weight"))
+        sd.pop(f"{clf}.bias", None)
+    else:
+        tower.proj.weight.data.copy_(read_weights(p / "projection.safetensors")["weight"])
+    tower.backbone.load_state_dict(sd, strict=True)
+    return tower.eval()
