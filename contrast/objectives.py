@@ -61,8 +61,12 @@ def info_nce(
     all_img = gather(image_emb) if gather is not None else image_emb  # (N, E) or (N, Q, E)
     all_txt = gather(text_emb) if gather is not None else text_emb  # (N, E)
     labels = torch.arange(B, device=image_emb.device) + rank * B
-    logits_i2t = logit_scale * similarity(image_emb, all_txt)  # (B, N)
-    logits_t2i = logit_scale * similarity(all_img, text_emb).t()  # (B, N)
+    if image_emb.ndim == 3:  # the best query of each pair
+        logits_i2t = logit_scale * torch.einsum("iqe,je->ijq", image_emb, all_txt).amax(dim=-1)  # (B, N)
+        logits_t2i = logit_scale * torch.einsum("je,iqe->jiq", text_emb, all_img).amax(dim=-1)  # (B, N)
+    else:
+        logits_i2t = logit_scale * image_emb @ all_txt.t()  # (B, N)
+        logits_t2i = logit_scale * text_emb @ all_img.t()  # (B, N)
     return 0.5 * (F.cross_entropy(logits_i2t, labels) + F.cross_entropy(logits_t2i, labels))
 
 
