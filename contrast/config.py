@@ -36,6 +36,7 @@ class ImageTowerConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
     image_size: int = 32
     pool: str = "default"  # default (the timm model's own pooling) | avg | token
+    pos_embed: str = "default"  # default (the timm model's own) | sincos (a ViT's table: fixed 2-D sin-cos, MAE-style)
     weights: str | None = None  # a local weights file, converted at load time if it is in a foreign layout
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
@@ -496,4 +497,21 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def load_config(path: str | Path) -> Config:
-    return from_dict(yaml.safe_load(Path(path).read_text()))
+    """A run's saved ``config.yaml`` (written by :func:`save_config`, by this version or an earlier one)."""
+    return from_dict(upgrade_saved(yaml.safe_load(Path(path).read_text())))
+
+
+def upgrade_saved(data: dict) -> dict:
+    """Saved configs of earlier versions held every family's model section and keys that have since moved; keep
+    what this run's family reads, so runs trained before keep loading. Recipes are not upgraded: they get errors."""
+    if not isinstance(data, dict) or not isinstance(data.get("model"), dict):
+        return data
+    model = dict(data["model"])
+    fam = family(model.get("kind", "clip"))
+    own = {f.name for f in dataclasses.fields(fam.model)}
+    model = {k: v for k, v in model.items() if k in own}
+    text = model.get("text")
+    if isinstance(text, dict) and "unlocked_layers" in text:
+        text = {**text, "unlocked_groups": text.get("unlocked_groups", text["unlocked_layers"])}
+        model["text"] = {k: v for k, v in text.items() if k != "unlocked_layers"}
+    return {**data, "model": model}

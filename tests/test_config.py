@@ -128,3 +128,26 @@ def test_every_shipped_recipe_loads():
     for r in recipes:
         cfg = load_recipe(r)
         assert cfg.model.kind in r.read_text()
+
+
+def test_runs_saved_by_earlier_versions_keep_loading(tmp_path):
+    """Earlier versions saved every family's model section, data.synthetic.image_size and text.unlocked_layers."""
+    import yaml
+
+    from contrast.config import ConfigError, load_config
+
+    old = {
+        "model": {"kind": "clip", "embed_dim": 64, "image": {"image_size": 24}, "text": {"unlocked_layers": 1},
+                  "qformer": {"num_queries": 32}, "blip2": {"tower": None}, "blip": {"momentum": 0.995},
+                  "bridge": {"mode": "unified"}},
+        "data": {"synthetic": {"image_size": 24, "train_size": 100}},
+        "loss": {"itc": 1.0, "sigmoid": 0.0, "itm": 0.0, "lm": 0.0},
+    }
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    cfg = load_config(tmp_path / "config.yaml")
+    assert (cfg.model.embed_dim, cfg.model.image.image_size, cfg.model.text.unlocked_groups) == (64, 24, 1)
+    assert cfg.data.synthetic.train_size == 100 and not hasattr(cfg.model, "qformer")
+    # the same content as a recipe is refused with the fix named
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="unlocked_groups|belongs to model.kind"):
+        load_recipe(tmp_path / "recipe.yaml")
