@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -36,13 +37,18 @@ class Case:
     to_tokens: str | None  # the module taking the last tap to forward_tokens' output ("": none; None: no such map)
     image: tuple[str, int, dict] | None = None  # timm name, image_size, kwargs
     tokens: int = 0  # N of forward_tokens for image towers
+    pos_embed: str = "default"  # model.image.pos_embed
 
 
 CASES = [
     # (a) learned absolute positions
     Case("vit_learned", ("backbone.blocks.1.", "backbone.norm."), "backbone.blocks.0", 2, "backbone.norm",
          ("vit_tiny_patch16_224", 32, dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)), tokens=17),
-    # (b) XCiT: fixed 2-D sin-cos (Fourier) positions through a learned 1x1 projection; BatchNorm in its stem.
+    # (b) a ViT whose absolute table is a fixed 2-D sin-cos table (model.image.pos_embed: sincos, MAE-style)
+    Case("vit_sincos", ("backbone.blocks.1.", "backbone.norm."), "backbone.blocks.0", 2, "backbone.norm",
+         ("vit_tiny_patch16_224", 32, dict(patch_size=8, embed_dim=32, depth=2, num_heads=2)), tokens=17,
+         pos_embed="sincos"),
+    # (b') XCiT: fixed 2-D sin-cos (Fourier) positions through a learned 1x1 projection; BatchNorm in its stem.
     # Its class token joins only after the blocks (class-attention layers), so taps are patch tokens only.
     Case("xcit_sincos", ("backbone.cls_attn_blocks.0.", "backbone.norm."), "backbone.blocks.0", 2, None,
          ("xcit_nano_12_p8_224", 32, dict(embed_dim=32, depth=2, num_heads=2, cls_attn_layers=1)), tokens=17),
@@ -93,7 +99,7 @@ def _hf_cfg(bert_dir: Path, **kw) -> TextTowerConfig:
 
 def _image_cfg(case: Case, **kw) -> ImageTowerConfig:
     name, size, kwargs = case.image
-    return ImageTowerConfig(name=name, image_size=size, kwargs=dict(kwargs), **kw)
+    return ImageTowerConfig(name=name, image_size=size, kwargs=dict(kwargs), pos_embed=case.pos_embed, **kw)
 
 
 def build(case: Case, bert_dir: Path, **kw) -> tuple[nn.Module, torch.Tensor]:
@@ -442,3 +448,34 @@ def test_a_few_clip_steps_lower_the_loss(case, bert_dir):
     with torch.no_grad():
         final = loss().item()
     assert math.isfinite(final) and final < 0.7 * losses[0], (losses, final)
+
+
+def _mae_sincos(h: int, w: int, dim: int) -> np.ndarray:
+    """The fixed 2-D table computed element by element: rows in the first half of the channels, columns in the
+    second, each [sin, cos] over frequencies 10000 ** (-k / (dim / 4))."""
+    q = dim // 4
+    out = np.zeros((h * w, dim))
+    for i in range(h):
+        for j in range(w):
+            for k in range(q):
+                f = 10000.0 ** (-k / q)
+                out[i * w + j, k], out[i * w + j, q + k] = math.sin(i * f), math.cos(i * f)
+                out[i * w + j, 2 * q + k], out[i * w + j, 3 * q + k] = math.sin(j * f), math.cos(j * f)
+    return out
+
+
+def test_vit_sincos_positions_are_fixed_and_exact(bert_dir):
+    tower, x = build(_case("vit_sincos"), bert_dir)
+    pe = tower.backbone.pos_embed  # (1, 1 + 16, 32): class token, then the 4 x 4 patch grid
+    assert "backbone.pos_embed" not in dict(tower.named_parameters())
+    assert "backbone.pos_embed" in tower.state_dict()  # saved and exported under timm's own name
+    np.testing.assert_allclose(pe[0, 1:].numpy(), _mae_sincos(4, 4, 32), atol=1e-6)
+    assert float(pe[0, 0].abs().max()) == 0.0
+    before = pe.clone()
+    tower.lock(2)  # even a fully unlocked backbone cannot train the table
+    opt = torch.optim.SGD([p for p in tower.parameters() if p.requires_grad], lr=1.0)
+    tower.embed(x).square().sum().backward()
+    opt.step()
+    assert torch.equal(tower.backbone.pos_embed, before)
+    with pytest.raises(ValueError, match="pos_embed sincos needs a ViT"):
+        ImageTower(ImageTowerConfig(name="resnet10t", image_size=32, pos_embed="sincos"), E)

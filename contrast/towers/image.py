@@ -53,6 +53,40 @@ def create_backbone(cfg: ImageTowerConfig) -> tuple[nn.Module, dict[str, Any]]:
         ) from e
 
 
+POS_EMBEDS = ("default", "sincos")
+
+
+def sincos_2d_table(h: int, w: int, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """(h * w, dim) fixed 2-D sin-cos positions, row-major over the patch grid: the first half of the channels
+    encodes the row, the second the column, each as [sin(p * f), cos(p * f)] over dim / 4 frequencies
+    f_k = temperature ** (-k / (dim / 4)) (He et al., "Masked Autoencoders Are Scalable Vision Learners", 2022)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    freqs = temperature ** (-torch.arange(dim // 4, dtype=torch.float64) / (dim // 4))  # (dim/4,)
+    rows, cols = torch.meshgrid(torch.arange(h, dtype=torch.float64), torch.arange(w, dtype=torch.float64),
+                                indexing="ij")  # (h, w) each
+    parts = []
+    for coord in (rows.reshape(-1), cols.reshape(-1)):  # (h*w,)
+        angles = coord[:, None] * freqs[None, :]  # (h*w, dim/4)
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=1).float()  # (h*w, dim)
+
+
+def fix_sincos_positions(backbone: nn.Module, name: str) -> None:
+    """Replace a ViT's learned absolute position table by a fixed 2-D sin-cos table (a buffer of the same name, so
+    checkpoints and exports keep their layout and no lock setting can make it trainable). Prefix tokens get zeros."""
+    pe = getattr(backbone, "pos_embed", None)
+    grid = getattr(getattr(backbone, "patch_embed", None), "grid_size", None)
+    if not isinstance(pe, nn.Parameter) or grid is None or pe.ndim != 3:
+        raise ValueError(f"model.image.pos_embed sincos needs a ViT with a learned absolute position table; '{name}' "
+                         "has none (use pos_embed: default)")
+    h, w = grid
+    table = torch.zeros_like(pe.data)  # (1, prefix + h*w, D)
+    table[0, pe.shape[1] - h * w :] = sincos_2d_table(h, w, pe.shape[-1])
+    del backbone.pos_embed
+    backbone.register_buffer("pos_embed", table)
+
+
 class ImageTower(nn.Module):
     """A timm backbone as a :class:`~contrast.towers.Tower`: pixels (B, 3, H, W) -> tokens, pooled, projected.
 
@@ -64,6 +98,10 @@ class ImageTower(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.backbone, self.timm_kwargs = create_backbone(cfg)
+        if cfg.pos_embed not in POS_EMBEDS:
+            raise ValueError(f"model.image.pos_embed must be one of {', '.join(POS_EMBEDS)}, got '{cfg.pos_embed}'")
+        if cfg.pos_embed == "sincos":
+            fix_sincos_positions(self.backbone, cfg.name)
         self.freeze_norm_stats = False
         self._frozen_norms: tuple[str, ...] = ()  # batch-norm layers train() keeps in eval mode
         if cfg.weights:  # a local file or package:NAME; foreign layouts (lukemelas EfficientNet) are converted
