@@ -144,16 +144,20 @@ def _shared_aliases(model: nn.Module) -> dict[str, list[str]]:
 def load_model(path: str | Path, device: str | torch.device = "cpu") -> Model:
     """The model of a run (its latest checkpoint, or the step directory given), in eval mode."""
     cfg, ckpt = load_config_of(path)
-    model = build(cfg.model)
-    load_model_weights(model, ckpt / WEIGHTS)
-    return model.to(device).eval()
+    return _restore(cfg, ckpt, device)
 
 
 def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, Callable, Callable]:
     """Rebuild the model of a run in eval mode. Returns ``(model, preprocess, tokenizer)``:
     ``preprocess(PIL.Image) -> (3, H, W)``, ``tokenizer(list[str]) -> token ids``."""
-    cfg, _ = load_config_of(path)
-    return load_model(path, device), build_transform(cfg.model.image), build_tokenizer(cfg.model.text)
+    cfg, ckpt = load_config_of(path)
+    return _restore(cfg, ckpt, device), build_transform(cfg.model.image), build_tokenizer(cfg.model.text)
+
+
+def _restore(cfg: Config, ckpt: Path, device: str | torch.device) -> Model:
+    model = build(cfg.model)
+    load_model_weights(model, ckpt / WEIGHTS)
+    return model.to(device).eval()
 
 
 # --------------------------------------------------------------------------------------------------- building

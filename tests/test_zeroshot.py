@@ -49,7 +49,8 @@ def test_task_files_validate(tmp_path):
 def test_tiny_trained_model_is_far_above_chance(trained_run):
     model, preprocess, tok = contrast.load(trained_run)
     cfg = load_config(trained_run / "config.yaml")
-    r = evaluate_zeroshot(model, preprocess, tok, load_task("eval/tasks/colours.yaml"), data_cfg=cfg.data)
+    r = evaluate_zeroshot(model, preprocess, tok, load_task("eval/tasks/colours.yaml"), data_cfg=cfg.data,
+                         image_size=cfg.model.image.image_size)
     assert r["n"] > 50
     assert r["top1"] > 0.5, r  # chance is 1/6
     emb = model.encode_text(tok(["a red shape", "a blue shape"]))

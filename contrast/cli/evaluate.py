@@ -46,7 +46,8 @@ def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
     for task_path in args.task:
         task = load_task(task_path)
         with _user_errors():
-            r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data, batch_size=args.batch_size,
+            r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data,
+                                  image_size=cfg.model.image.image_size, batch_size=args.batch_size,
                                   device=device(args.device))
         sections.append(Section("zeroshot", r["task"], r))
         print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean per-class recall "
@@ -108,7 +109,7 @@ def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
             for role, split in (("train", task.train_split), ("val", task.val_split), ("test", task.split)):
                 if split is None:
                     continue
-                ds = task_dataset(dataclasses.replace(task, split=split), cfg.data)
+                ds = task_dataset(dataclasses.replace(task, split=split), cfg.data, cfg.model.image.image_size)
                 if role == "train" and args.max_train and len(ds) > args.max_train:
                     ds = ds.shuffle(seed=0).select(range(args.max_train))
                 splits[role] = ds

@@ -30,6 +30,7 @@ def _train(args: argparse.Namespace) -> int:
         print("zero-shot on held-out data:")
         for t in cfg.eval.tasks:
             r = evaluate_zeroshot(model, preprocess, tokenizer, load_task(t), data_cfg=cfg.data,
+                                  image_size=cfg.model.image.image_size,
                                   batch_size=cfg.eval.batch_size)
             print(f"  {r['task']:<12} top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  "
                   f"(n={r['n']}, chance {r['chance_top1']:.3f})")
