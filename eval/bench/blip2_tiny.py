@@ -18,7 +18,7 @@ import torch
 import contrast
 from contrast.data import load_source
 from contrast.evaluate.metrics import positive_mask, retrieval_ranks
-from contrast.models.blip2 import caption_nll
+from contrast.objectives import lm_nll
 from contrast.runs import load_config_of
 
 
@@ -76,7 +76,7 @@ def caption_loss(stage2: str, decoder: str | None, split: str, features: str | N
         if lm is not None:
             outs["decoder_alone"] = lm(batch)
         for k, o in outs.items():
-            nll, n = caption_nll(o)
+            nll, n = lm_nll(o.lm.logits, o.lm.targets)
             sums[k][0] += nll
             sums[k][1] += n
     return {f"{k}_nats_per_token": s / n for k, (s, n) in sums.items() if n}

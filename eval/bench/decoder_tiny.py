@@ -4,7 +4,7 @@
         runs/decoder_xattn runs/decoder_xattn_noimg [--split val]
 
 Every run is scored by the same function on the same rows: plain next-token cross-entropy (no label smoothing)
-summed over the caption tokens of the split and divided by their count (``VisionLanguageDecoder.caption_loss``).
+summed over the caption tokens of the split and divided by their count (``contrast.objectives.lm_nll``).
 The val split is the default: its (colour, shape) pairs are all seen in training, so the figure measures how well
 the decoder reads the image, not composition (the test split adds held-out pairs).
 """
@@ -17,6 +17,7 @@ import torch
 
 import contrast
 from contrast.data import load_source
+from contrast.objectives import lm_nll
 from contrast.runs import load_config_of
 
 
@@ -30,7 +31,8 @@ def held_out_nll(run: str, split: str = "val", batch_size: int = 250) -> float:
     for lo in range(0, len(ds), batch_size):
         rows = ds[lo : lo + batch_size]
         batch = {"pixels": torch.stack([preprocess(im) for im in rows["image"]]), "input_ids": tokenizer(rows["caption"])}
-        nll, n = model.caption_loss(batch)
+        out = model(batch)
+        nll, n = lm_nll(out.lm.logits, out.lm.targets)
         total, count = total + nll, count + n
     return total / count
 
