@@ -14,12 +14,9 @@ from typing import Any
 
 from contrast.cli.common import device
 from contrast.cli.common import user_errors as _user_errors
-from contrast.data import load_source
-from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
-from contrast.evaluate.report import Section, write_report
-from contrast.evaluate.retrieval import evaluate_retrieval
-from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task, task_dataset
 from contrast.runs import load, load_config_of, run_dir_of
+
+# the evaluators import torchmetrics (seconds): each command imports what it runs, so `contrast --help` stays quick
 
 
 def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
@@ -30,6 +27,8 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
 
 
 def _write(args: argparse.Namespace, command: str, sections: list) -> None:
+    from contrast.evaluate.report import write_report
+
 
     if args.out_dir:
         out = Path(args.out_dir)
@@ -41,6 +40,9 @@ def _write(args: argparse.Namespace, command: str, sections: list) -> None:
 
 
 def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
+
 
     sections = []
     for task_path in args.task:
@@ -66,6 +68,10 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 
 def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.data import load_source
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.retrieval import evaluate_retrieval
+
 
     source = args.data or cfg.data.source
     split = args.split or cfg.data.eval_split
@@ -100,6 +106,10 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 
 def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.zeroshot import load_task, task_dataset
+
 
     sections = []
     for task_path in args.task:

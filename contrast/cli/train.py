@@ -7,7 +7,6 @@ from pathlib import Path
 
 from contrast import distributed as D
 from contrast.config import load_recipe
-from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
 from contrast.runs import load
 from contrast.train.loop import train
 
@@ -26,6 +25,8 @@ def _train(args: argparse.Namespace) -> int:
     if result.skipped_images or result.skipped_captions:
         print(f"skipped {result.skipped_images} unreadable images and {result.skipped_captions} empty captions")
     if cfg.eval.tasks:
+        from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
+
         model, preprocess, tokenizer = load(out)
         print("zero-shot on held-out data:")
         for t in cfg.eval.tasks:
