@@ -83,6 +83,16 @@ def test_capabilities_are_what_the_model_declares(kind):
                 model.bridge_state()
 
 
+def test_a_missing_part_is_a_user_error_naming_it():
+    from contrast.errors import UserError
+
+    model, _ = _model("caption_lm")
+    with pytest.raises(UserError, match="CaptionLM has no image tower"):
+        _ = model.image_tower
+    with pytest.raises(UserError, match="CaptionLM does not embed images"):
+        model.encode_image(_batch()["pixels"])
+
+
 def test_a_loss_the_model_cannot_produce_is_named():
     model, _ = _model("caption_lm")
     loss = from_dict({"model": {"kind": "caption_lm"}, "loss": {"itm": 1.0}}).loss

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from contrast.errors import UserError
 from contrast.objectives import Comm
 from contrast.towers import ImageTower
 
@@ -60,12 +61,18 @@ class ModelOutput:
     lm: LMOutput | None = None
 
 
+class CapabilityError(UserError, NotImplementedError):
+    """A model was asked for something its family does not do (see :attr:`Model.capabilities`)."""
+
+
 class Model(nn.Module):
     """The protocol every model family implements; consumers use nothing else.
 
+    Every family implements ``forward(batch) -> ModelOutput`` and ``image_tower`` (when it has one).
     ``capabilities`` declares the optional parts: ``"embed"`` (encode_image / encode_text / similarity),
-    ``"itm"`` (itm_score), ``"caption"`` (image_tokens / lm_logits / caption_vocab_size), ``"bridge"``
-    (bridge_state). ``comm`` is the cross-process context (a gather and this rank) the loop hands every model.
+    ``"itm"`` (itm_score), ``"caption"`` (image_tokens / lm_logits / special_token_ids / context_length),
+    ``"bridge"`` (bridge_state). A part a family does not declare answers with :class:`CapabilityError` naming it.
+    ``comm`` is the cross-process context (a gather and this rank) the loop hands every model.
     """
 
     capabilities: ClassVar[frozenset[str]] = frozenset({"embed"})
@@ -81,38 +88,38 @@ class Model(nn.Module):
         """Cross-process context for forwards that need the global batch (BLIP's hard negatives)."""
         self.comm = comm
 
+    def _lacks(self, what: str) -> CapabilityError:
+        return CapabilityError(f"{type(self).__name__} {what}")
+
     @property
     def image_tower(self) -> ImageTower:
         """The image tower (what export, the linear probe and the bridges consume)."""
-        raise ValueError(f"{type(self).__name__} has no image tower")
-
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        raise NotImplementedError
+        raise self._lacks("has no image tower")
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not embed images")
+        raise self._lacks("does not embed images")
 
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} does not embed texts")
+        raise self._lacks("does not embed texts")
 
     def similarity(self, image_emb: torch.Tensor, text_emb: torch.Tensor) -> torch.Tensor:
         """(I, T) scores between image and text embeddings: the dot product (query models: the best query)."""
         return image_emb @ text_emb.t()
 
     def itm_score(self, pixels: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no image-text matching head")
+        raise self._lacks("has no image-text matching head")
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
-        raise NotImplementedError(f"{type(self).__name__} has no decoder bridge")
+        raise self._lacks("has no decoder bridge")
 
     # capability "caption": an image-grounded decoder
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError(f"{type(self).__name__} has no captioning decoder")
+        raise self._lacks("has no captioning decoder")
 
     def lm_logits(self, input_ids: torch.Tensor, image_tokens: torch.Tensor, valid: torch.Tensor | None = None
                   ) -> torch.Tensor:
         """(B, T, V) next-token logits; position 0 of ``input_ids`` is the start token."""
-        raise NotImplementedError(f"{type(self).__name__} has no captioning decoder")
+        raise self._lacks("has no captioning decoder")
 
     @property
     def special_token_ids(self) -> list[int]:
@@ -121,7 +128,7 @@ class Model(nn.Module):
 
     @property
     def context_length(self) -> int:
-        raise NotImplementedError(f"{type(self).__name__} has no captioning decoder")
+        raise self._lacks("has no captioning decoder")
 
 
 def unit(x: torch.Tensor, enabled: bool = True) -> torch.Tensor:
