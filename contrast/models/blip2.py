@@ -63,7 +63,7 @@ class CausalDecoder(nn.Module):
             raise ValueError(f"model.blip2.decoder.source must be own or hf, got '{cfg.source}'")
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(input_ids) if self.cfg.source == "hf" else self.lm.embed(input_ids)
+        return self.lm.get_input_embeddings()(input_ids) if self.cfg.source == "hf" else self.lm.embed_tokens(input_ids)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) at every position."""

@@ -79,7 +79,7 @@ class VisionLanguageDecoder(Model):
 
     def hidden(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> tuple[torch.Tensor, int]:
         """Final hidden states (B, T, W) at the caption positions (after any visual tokens), and the visual-token count."""
-        x = self.lm.embed(input_ids)  # (B, T, W)
+        x = self.lm.embed_tokens(input_ids)  # (B, T, W)
         n_vis, hook = 0, None
         if visual is not None and self.mode == "unified":
             n_vis = visual.shape[1]

