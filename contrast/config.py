@@ -416,9 +416,9 @@ def _build(cls: type, data: dict, section: str = "") -> Any:
         if key not in names:
             raise _unknown_key(cls, str(key), section, names)
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}" if section else key)
-    for key in names:  # sections left out still take the family's classes
-        if key not in kwargs and cls is Config and key in ("model", "loss"):
-            kwargs[key] = hints[key]()
+    if cls is Config:  # sections left out still take the family's classes
+        kwargs.setdefault("model", hints["model"]())
+        kwargs.setdefault("loss", hints["loss"]())
     return cls(**kwargs)
 
 

@@ -76,10 +76,9 @@ def load_config_of(path: str | Path) -> tuple[Config, Path]:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The module inside a DDP / compile wrapper."""
-    while isinstance(getattr(model, "module", None), nn.Module) or isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
+    """The module inside a torch.compile and / or DDP wrapper."""
+    inner = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(inner, "module", inner)  # DistributedDataParallel
 
 
 def save_model_weights(model: nn.Module, path: str | Path) -> None:
