@@ -225,6 +225,10 @@ class LossConfig:
     lm: float = 0.0  # captioning / next-token loss
     lm_label_smoothing: float = 0.1  # BLIP's captioning loss
     distill_alpha: float = 0.4  # weight of the teacher's soft ITC targets when model.blip.momentum_distill is on
+    # ITC: a per-rank logit matrix of more than tile_size^2 entries is computed in tiles of that side, recomputed in
+    # the backward (loss memory linear in the batch; one matmul more); a smaller one whole. 0: never tile. The sigmoid
+    # loss needs no recomputation and is always computed block by block (blocks of at most tile_size^2 when > 0)
+    tile_size: int = 4096
 
 
 @dataclass

@@ -1,8 +1,8 @@
 """Rank / world helpers and gathering across processes.
 
 Everything here is a no-op at world size 1, so single-process code paths call the same functions. Models never
-import this module: the training loop hands :func:`gather_with_grad` to objectives and models in a
-:class:`contrast.objectives.Comm`.
+import this module: the training loop hands :func:`gather_with_grad` (and :func:`ring_shift`) to objectives and
+models in a :class:`contrast.objectives.Comm`.
 """
 
 from __future__ import annotations
@@ -75,6 +75,23 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     if not is_initialized() or dist.get_world_size() == 1:
         return x
     return _GatherWithGrad.apply(x)
+
+
+def ring_shift(x: torch.Tensor) -> torch.Tensor:
+    """Send ``x`` to the next rank and return the previous rank's (ranks in a ring), a tensor of the same shape.
+
+    Every rank calls it with the same shape. No autograd: the sigmoid loss, which passes text features around the
+    ranks with it, writes its own backward. Identity at world size 1.
+    """
+    if not is_initialized() or dist.get_world_size() == 1:
+        return x
+    ws, rank = dist.get_world_size(), dist.get_rank()
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    ops = [dist.P2POp(dist.isend, x, (rank + 1) % ws), dist.P2POp(dist.irecv, out, (rank - 1) % ws)]
+    for req in dist.batch_isend_irecv(ops):
+        req.wait()
+    return out
 
 
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:

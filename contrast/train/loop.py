@@ -150,7 +150,8 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     tokenizer = build_tokenizer(cfg.model.text)
     rows, collate = build_data(cfg, tokenizer, cfg.data.train_split)
     opt = build_optimizer(model, cfg.train)
-    comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank)
+    comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank, dist_info.world_size,
+                D.ring_shift)
     model.set_comm(comm)  # a forward that needs the global batch (BLIP's hard negatives) gets it like the loss
     dtype = PRECISIONS[cfg.train.precision]
     run = Run(cfg, run_dir, dist_info, device, model, model, build_objective(cfg.loss, comm), opt,
