@@ -44,6 +44,7 @@ class ImageTowerConfig:
     unlocked_groups: int = 0  # with locked: leave the last n block groups trainable
     feature_cache: int = 0  # fully locked tower: memoise pooled features of up to this many images (0: off)
     grad_checkpointing: bool = False
+    resize: str = "crop"  # crop (short side to image_size, centre crop) | pad (pad to a square on white, then resize)
 
 
 @dataclass
@@ -204,14 +205,38 @@ class SyntheticConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Training-time image augmentation; evaluation and feature extraction always use the plain resize + crop."""
+
+    enabled: bool = True
+    scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: range of the crop's share of the image area
+    ratio: tuple[float, float] = (0.75, 4 / 3)  # random resized crop: range of the crop's aspect ratio
+
+
+@dataclass
+class MixtureSource:
+    """One source of a training mixture and its sampling weight."""
+
+    source: str | list[str] = ""
+    weight: float = 1.0
+
+
+@dataclass
 class DataConfig:
-    source: str = "synthetic"  # synthetic | a folder of images with captions.jsonl/csv | a .parquet/.arrow file
+    # synthetic | a folder of images with captions.jsonl/csv | .parquet/.arrow files or a folder of them | a folder
+    # written by save_to_disk | webdataset shards: a brace pattern, a folder of .tar files, or a list of either
+    source: str | list[str] = "synthetic"
+    mixture: list[MixtureSource] = field(default_factory=list)  # training reads these instead of source, by weight
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     image_column: str = "image"
     caption_column: str = "caption"
     train_split: str = "train"
     eval_split: str = "test"
-    num_workers: int = 0
+    num_workers: int | None = None  # decoding processes per rank; None: one per spare CPU core, at most 8
+    shuffle_buffer: int = 1000  # shard sources: samples of a shard are shuffled through a buffer of this size
+    strict: bool = False  # true: stop at the first unreadable image or empty caption instead of skipping it
+    max_image_pixels: int = 89_478_485  # larger images (decompression bombs) are skipped as too large
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str | None = None
 
 

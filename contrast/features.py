@@ -2,7 +2,8 @@
 
 Layout of an extraction directory::
 
-    DIR/meta.json                     tower width, token count, dtype, image config, rows per split
+    DIR/meta.json                     tower width, token count, dtype, image config; per split its rows, shards
+                                      and ``skipped`` ({cause: n} of the rows left out: unreadable image, no caption)
     DIR/tower.safetensors             the frozen tower's weights (a model trained from DIR uses exactly this tower)
     DIR/SPLIT/shard_00000.safetensors ``features`` (n, N, width) and ``index`` (n,) = row numbers in the split
     DIR/SPLIT/captions.json           the captions of those rows, in order
@@ -15,7 +16,7 @@ running its tower. CLI: ``contrast features extract (--checkpoint RUN_DIR | --re
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from contrast.data import load_source
-from contrast.data.collate import decode_image
+from contrast.data.decode import SampleReader, describe_cell
 from contrast.data.transforms import build_transform
 from contrast.errors import UserError
 from contrast.runs import FEATURES_TOWER as TOWER
@@ -61,8 +62,12 @@ def extract(
     image_cfg: Any = None,
     source: str = "",
     progress: bool = True,
+    reader: SampleReader | None = None,
 ) -> dict:
-    """Run ``tower.forward_tokens`` over a datasets split (columns image, caption) and write shards. Returns meta."""
+    """Run ``tower.forward_tokens`` over a datasets split (columns image, caption) and write shards. Returns meta.
+
+    Rows whose image cannot be read or whose caption is missing or empty are left out (``index`` keeps the row
+    numbers of those written) and counted by ``reader`` (default: skip and count) into the split's ``skipped``."""
     from tqdm import tqdm
 
     if dtype not in DTYPES:
@@ -73,48 +78,81 @@ def extract(
     meta = read_meta(out) if (out / META).is_file() else {"splits": {}}
     if not (out / TOWER).is_file():
         save_model_weights(tower, out / TOWER)
-    captions: list[str] = []
-    buf_f: list[torch.Tensor] = []
-    buf_i: list[int] = []
-    shards: list[str] = []
-    width = tokens = None
-
-    def flush() -> None:
-        if not buf_f:
-            return
-        name = f"shard_{len(shards):05d}.safetensors"
-        save_file({"features": torch.cat(buf_f).contiguous(), "index": torch.tensor(buf_i, dtype=torch.long)},
-                  str(out / split / name))
-        shards.append(name)
-        buf_f.clear()
-        buf_i.clear()
-
-    n = len(dataset)
-    pending = 0
-    for lo in tqdm(range(0, n, batch_size), disable=not progress, desc=f"features {split}"):
-        rows = dataset[lo : min(n, lo + batch_size)]
-        pixels = torch.stack([transform(decode_image(img)) for img in rows["image"]]).to(device)
-        feats = tower.forward_tokens(pixels).to("cpu", DTYPES[dtype])  # (b, N, width)
-        width, tokens = int(feats.shape[2]), int(feats.shape[1])
-        for j in range(feats.shape[0]):
-            buf_f.append(feats[j : j + 1])
-            buf_i.append(lo + j)
-            captions.append(rows["caption"][j])
-            pending += 1
-            if pending == shard_size:
-                flush()
-                pending = 0
-    flush()
-    (out / split / "captions.json").write_text(json.dumps(captions))
-    if meta.get("width") not in (None, width) or meta.get("tokens") not in (None, tokens):
+    reader = reader if reader is not None else SampleReader()
+    shards = _ShardWriter(out / split, shard_size)
+    batches = _usable_batches(dataset, transform, reader, batch_size)
+    for pixels, rows, captions in tqdm(batches, total=-(-len(dataset) // batch_size), disable=not progress,
+                                       desc=f"features {split}"):
+        if rows:
+            shards.add(tower.forward_tokens(pixels.to(device)).to("cpu", DTYPES[dtype]), rows, captions)  # (b, N, w)
+    shards.close()
+    if shards.width is None:
+        raise FeatureError(f"no usable rows in split '{split}' of {source or 'the data'} ({reader.skips.summary()})")
+    if meta.get("width") not in (None, shards.width) or meta.get("tokens") not in (None, shards.tokens):
         raise FeatureError(f"{out} already holds features of another tower ({meta['tokens']} x {meta['width']})")
     meta.update({
-        "width": width, "tokens": tokens, "dtype": dtype, "source": source,
+        "width": shards.width, "tokens": shards.tokens, "dtype": dtype, "source": source,
         "image": asdict(image_cfg) if image_cfg is not None else meta.get("image"),
     })
-    meta["splits"][split] = {"rows": len(captions), "shards": shards}
+    meta["splits"][split] = {"rows": len(shards.captions), "shards": shards.names, "skipped": reader.skips.as_dict()}
     (out / META).write_text(json.dumps(meta, indent=2))
     return meta
+
+
+def _usable_batches(dataset: Any, transform: Callable, reader: SampleReader,
+                    batch_size: int) -> Iterator[tuple[torch.Tensor | None, list[int], list[str]]]:
+    """Per ``batch_size`` rows: (pixels (b, 3, H, W), row numbers, captions) of the usable ones (b may be 0)."""
+    from datasets import Image as ImageFeature
+
+    if isinstance(dataset.features.get("image"), ImageFeature):
+        dataset = dataset.cast_column("image", ImageFeature(decode=False))
+    for lo in range(0, len(dataset), batch_size):
+        chunk = dataset[lo : lo + batch_size]
+        pixels, rows, captions = [], [], []
+        for j, (cell, raw) in enumerate(zip(chunk["image"], chunk["caption"])):
+            where = describe_cell(cell, lo + j)
+            caption = reader.caption(raw, where)
+            if caption is None or (img := reader.image(cell, where)) is None:
+                continue
+            pixels.append(transform(img))
+            rows.append(lo + j)
+            captions.append(caption)
+        yield (torch.stack(pixels) if pixels else None), rows, captions
+
+
+class _ShardWriter:
+    """Features written to ``shard_XXXXX.safetensors`` files of ``shard_size`` rows, captions kept in order."""
+
+    def __init__(self, folder: Path, shard_size: int):
+        self.folder, self.shard_size = folder, shard_size
+        self.feats: list[torch.Tensor] = []
+        self.rows: list[int] = []
+        self.captions: list[str] = []
+        self.names: list[str] = []
+        self.width = self.tokens = None
+
+    def add(self, feats: torch.Tensor, rows: list[int], captions: list[str]) -> None:
+        self.width, self.tokens = int(feats.shape[2]), int(feats.shape[1])
+        for j in range(feats.shape[0]):
+            self.feats.append(feats[j : j + 1])
+            self.rows.append(rows[j])
+            if len(self.feats) == self.shard_size:
+                self._flush()
+        self.captions.extend(captions)
+
+    def _flush(self) -> None:
+        if not self.feats:
+            return
+        name = f"shard_{len(self.names):05d}.safetensors"
+        save_file({"features": torch.cat(self.feats).contiguous(), "index": torch.tensor(self.rows, dtype=torch.long)},
+                  str(self.folder / name))
+        self.names.append(name)
+        self.feats.clear()
+        self.rows.clear()
+
+    def close(self) -> None:
+        self._flush()
+        (self.folder / "captions.json").write_text(json.dumps(self.captions))
 
 
 class FeatureShards(torch.utils.data.Dataset):
@@ -214,12 +252,13 @@ def extract_for(cfg: Any, out: str | Path, splits: list[str], *, tower_run: str 
     tower built exactly as the training run would build it. Returns the directory's meta."""
     torch.manual_seed(cfg.train.seed)
     tower = frozen_tower(cfg.model, tower_run)
-    transform = build_transform(cfg.model.image)
+    transform = build_transform(cfg.model.image)  # the eval transform: features are computed once, unaugmented
     meta: dict = {}
     for split in splits:
         meta = extract(tower, load_source(cfg.data, split, cfg.model.image.image_size), transform, out, split,
                        batch_size=batch_size, shard_size=shard_size, dtype=dtype, device=device,
-                       image_cfg=cfg.model.image, source=source)
+                       image_cfg=cfg.model.image, source=source,
+                       reader=SampleReader.of(cfg.data, draft=transform.decode_size))
     return meta
 
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import torch
 
-from contrast.towers.adapters import hf_folder
-
 
 class ClipTokenizer:
     """open_clip's BPE tokenizer (49,408 tokens, start/end-of-text markers, zero padding) at a fixed context length.
@@ -63,6 +61,8 @@ class HFTokenizer:
 
 def build_hf_tokenizer(text_cfg) -> HFTokenizer:
     """The tokenizer saved with a Hugging Face text tower's model (``model.text.hf_path``)."""
+    from contrast.towers.adapters import hf_folder  # here: the towers package imports this module
+
     return HFTokenizer(hf_folder(text_cfg.hf_path), text_cfg.context_length)
 
 

@@ -26,7 +26,8 @@ def _cfg(kind="blip2_stage1", decoder=None, loss=None, features=None, steps=3):
     return from_dict({
         "model": {"kind": kind, "embed_dim": 24, "image": TOWER, "text": {"context_length": 12},
                   "qformer": {"num_queries": 4, "width": 32, "layers": 2, "heads": 2}, "blip2": blip2},
-        "data": {"synthetic": {"train_size": 48, "val_size": 8, "test_size": 16}},
+        # saved features are of un-augmented images: the through-tower runs compared with them take the same pixels
+        "data": {"synthetic": {"train_size": 48, "val_size": 8, "test_size": 16}, "augment": {"enabled": False}},
         "loss": loss or {"itc": 1.0, "itm": 1.0, "lm": 1.0},
         "train": {"steps": steps, "batch_size": 8, "warmup_steps": 1, "checkpoint_every": 0, "log_every": 1,
                   "lr": 1e-3},

@@ -7,7 +7,8 @@ from PIL import Image
 
 from contrast.config import DataConfig, ImageTowerConfig
 from contrast.data import DataError, load_source
-from contrast.data.collate import Collator
+from contrast.data.collate import Collator, ImageSamples, Rows
+from contrast.data.decode import BadSample
 from contrast.data.transforms import build_transform
 from contrast.tokenizer import ClipTokenizer
 
@@ -36,23 +37,38 @@ def test_csv_captions_folder_and_missing_file(tmp_path):
     (tmp_path / "captions.csv").write_text("file,caption\n0.png,zero\n1.png,one\n2.png,two\n")
     ds = load_source(DataConfig(source=str(tmp_path)), "train")
     assert ds["caption"] == ["zero", "one", "two"]
-    (tmp_path / "captions.csv").write_text("file,caption\n9.png,nine\n")
-    with pytest.raises(DataError, match="9.png, which does not exist"):
-        load_source(DataConfig(source=str(tmp_path)), "train")
+    # a row naming a missing file does not refuse the dataset: reading that row skips it as missing
+    (tmp_path / "captions.csv").write_text("file,caption\n0.png,zero\n9.png,nine\n")
+    rows = Rows(load_source(DataConfig(source=str(tmp_path)), "train"))
+    samples = ImageSamples(build_transform(ImageTowerConfig(image_size=8)), max_pixels=10**6)
+    assert samples(rows[0])["caption"] == "zero"
+    with pytest.raises(BadSample) as e:
+        samples(rows[1])
+    assert e.value.cause == "missing"
 
 
-def test_collator_transforms_and_tokenizes():
+def test_lone_surrogate_caption_is_repaired(tmp_path):
+    Image.new("RGB", (8, 8)).save(tmp_path / "0.png")
+    (tmp_path / "captions.jsonl").write_text('{"file": "0.png", "caption": "caf\\ud800e"}\n')
+    ds = load_source(DataConfig(source=str(tmp_path)), "train")
+    assert ds["caption"] == ["caf\ufffde"]
+
+
+def test_samples_transform_and_collator_tokenizes():
     cfg = ImageTowerConfig(image_size=16, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0))
-    collate = Collator(build_transform(cfg), ClipTokenizer(8))
-    batch = collate([
-        {"image": {"bytes": png((255, 0, 0)), "path": None}, "caption": "red", "__index__": 0},
-        {"image": {"bytes": b"broken", "path": None}, "caption": "bad", "__index__": 1},
-        {"image": {"bytes": png((0, 0, 255)), "path": None}, "caption": "  ", "__index__": 2},
-    ])
-    assert batch["pixels"].shape == (1, 3, 16, 16)
-    assert torch.allclose(batch["pixels"][0, :, 5, 5], torch.tensor([1.0, 0.0, 0.0]), atol=1e-2)
-    assert batch["input_ids"].shape == (1, 8) and batch["index"].tolist() == [0]
-    assert collate.skipped_images == 1 and collate.skipped_captions == 1
+    samples = ImageSamples(build_transform(cfg), max_pixels=10**6)
+    good = samples({"image": {"bytes": png((255, 0, 0)), "path": None}, "caption": " red ", "__index__": 0})
+    assert good["caption"] == "red" and good["index"] == 0
+    assert good["pixels"].dtype == torch.uint8 and good["pixels"][:, 5, 5].tolist() == [255, 0, 0]
+    with pytest.raises(BadSample) as e:
+        samples({"image": {"bytes": b"broken", "path": None}, "caption": "bad", "__index__": 1})
+    assert e.value.cause == "not_an_image"
+    with pytest.raises(BadSample) as e:
+        samples({"image": {"bytes": png((0, 0, 255)), "path": None}, "caption": "  ", "__index__": 2})
+    assert e.value.cause == "empty_caption"
+    batch = Collator(ClipTokenizer(8))([good, good])
+    assert batch["pixels"].shape == (2, 3, 16, 16)
+    assert batch["input_ids"].shape == (2, 8) and batch["index"].tolist() == [0, 0]
 
 
 def test_synthetic_source_splits(data_cache):
@@ -62,3 +78,28 @@ def test_synthetic_source_splits(data_cache):
     assert len(ds) == 20 and set(ds.column_names) >= {"image", "caption", "shape", "colour", "n_shapes"}
     with pytest.raises(DataError, match="split must be one of"):
         load_source(cfg, "dev")
+
+
+def test_training_crop_decodes_jpegs_at_reduced_scale_with_the_same_crop():
+    """A random resized crop planned on the full-size image lets a large JPEG decode at 1/2 or 1/4 scale: the same
+    region comes out (the box is drawn from the same generator draws), within JPEG scaling error of the full decode."""
+    import random
+
+    import numpy as np
+
+    from contrast.config import AugmentConfig
+    from contrast.data.decode import load_image
+
+    yy, xx = np.mgrid[0:900, 0:1200]
+    arr = np.stack([xx * 255 // 1199, yy * 255 // 899, (xx + yy) * 255 // 2098], -1).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="JPEG", quality=95)
+    data = buf.getvalue()
+    tf = build_transform(ImageTowerConfig(image_size=64), AugmentConfig(scale=(0.5, 1.0)))
+    for seed in range(5):
+        plan = tf.crop_plan(random.Random(seed))
+        small = load_image(data, draft=plan)
+        fast = tf.pixels(small, None, plan).float()
+        full = tf.pixels(load_image(data), random.Random(seed)).float()  # no plan: the box drawn on the full image
+        assert small.size[0] <= 600  # decoded at half scale or less
+        assert (fast - full).abs().mean() < 2.0, seed  # out of 255

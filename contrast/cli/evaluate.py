@@ -26,6 +26,18 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     return cfg, model, preprocess, tokenizer
 
 
+def _print_skips(name: str, result: dict) -> None:
+    """One line naming what bad samples a section left out (nothing when it left out none)."""
+    from contrast.data.decode import Skips
+
+    skips = Skips(result.get("skipped") or {})
+    dropped = (("captions of skipped images left out", "captions_of_skipped_images"),
+               ("images left without captions", "images_without_captions"))  # retrieval: pairs that went with them
+    extra = [f"{result[key]} {what}" for what, key in dropped if result.get(key)]
+    if skips or extra:
+        print(f"{name}: {skips.summary()}" + "".join(f"; {e}" for e in extra))
+
+
 def _write(args: argparse.Namespace, command: str, sections: list) -> None:
     from contrast.evaluate.report import write_report
 
@@ -54,6 +66,7 @@ def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
         sections.append(Section("zeroshot", r["task"], r))
         print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean per-class recall "
               f"{r['mean_per_class_recall']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f})")
+        _print_skips(r["task"], r)
     return sections
 
 
@@ -69,6 +82,7 @@ def _zeroshot(args: argparse.Namespace) -> int:
 
 def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
     from contrast.data import load_source
+    from contrast.data.decode import SampleReader
     from contrast.evaluate.report import Section
     from contrast.evaluate.retrieval import evaluate_retrieval
 
@@ -85,7 +99,8 @@ def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
         if args.limit:
             ds = ds.select(range(min(args.limit, len(ds))))
         r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=args.group_by, rerank_itm=args.rerank_itm,
-                               batch_size=args.batch_size, device=device(args.device))
+                               batch_size=args.batch_size, device=device(args.device),
+                               reader=SampleReader.of(data_cfg))
     r.update(data=source, split=split)
     name = f"{Path(source).name or source}:{split}"
     print(f"{name}: {r['num_images']} images, {r['num_texts']} captions")
@@ -97,6 +112,7 @@ def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
             print(f"  {direction} (ITM re-ranked top {args.rerank_itm}): "
                   + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("R@")))
     print(f"  ({r['definition']})")
+    _print_skips(name, r)
     return [Section("retrieval", name, r)]
 
 
@@ -106,6 +122,7 @@ def _retrieval(args: argparse.Namespace) -> int:
 
 
 def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.data.decode import SampleReader
     from contrast.evaluate.linear_probe import DEFAULT_L2_GRID, evaluate_linear_probe
     from contrast.evaluate.report import Section
     from contrast.evaluate.zeroshot import load_task, task_dataset
@@ -127,13 +144,14 @@ def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
                 model, preprocess, splits["train"], splits["test"], splits.get("val"),
                 label_column=task.label_column, image_column=task.image_column, classnames=task.classnames,
                 features=args.features, l2_grid=args.l2 or DEFAULT_L2_GRID, batch_size=args.batch_size,
-                device=device(args.device),
+                device=device(args.device), reader=SampleReader.of(cfg.data),
             )
         r["task"] = task.name
         sections.append(Section("linear_probe", task.name, r))
         print(f"{task.name}: linear probe test accuracy {r['test_accuracy']:.3f} at L2 {r['best_l2']:.3g} "
               f"(val {r['val_accuracy']:.3f}; {r['num_train']} train / {r['num_val']} val / {r['num_test']} test, "
               f"{r['features']} features of width {r['feature_dim']})")
+        _print_skips(task.name, r)
     return sections
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from contrast.config import Blip2ModelConfig, load_recipe
+from contrast.data.decode import Skips
 from contrast.errors import UserError
 from contrast.features import DTYPES, extract_for
 from contrast.runs import load_config_of
@@ -28,6 +29,8 @@ def _cmd_extract(args: argparse.Namespace) -> int:
         info = meta["splits"][split]
         print(f"{split}: {info['rows']} rows x {meta['tokens']} tokens x {meta['width']} -> {args.out}/{split} "
               f"({len(info['shards'])} shards)")
+        if info.get("skipped"):
+            print(f"{split}: {Skips(info['skipped']).summary()} (counts in {args.out}/meta.json)")
     return 0
 
 

@@ -6,7 +6,7 @@ import argparse
 import json
 
 from contrast.cli.common import device, user_errors
-from contrast.index.model import build_from_checkpoint, query
+from contrast.index.model import SKIPPED, build_from_checkpoint, query, read_skips
 from contrast.index.store import evaluate_index, open_index
 
 
@@ -19,6 +19,11 @@ def _build(args: argparse.Namespace) -> int:
     m = ix.manifest
     print(f"index: {ix.path}  {m.count} {m.modality} vectors x {m.embed_dim}  factory {m.factory_effective}  "
           f"built in {m.build_seconds:.1f}s")
+    skipped = read_skips(ix.path)
+    if skipped:
+        from contrast.data.decode import Skips
+
+        print(f"{Skips(skipped).summary()} (left out of the index; counts in {ix.path / SKIPPED})")
     return 0
 
 

@@ -22,8 +22,8 @@ def _train(args: argparse.Namespace) -> int:
     if not D.info().is_main:
         return 0
     print(f"\ntrained {result.step} steps; final loss {result.last_loss:.4f}")
-    if result.skipped_images or result.skipped_captions:
-        print(f"skipped {result.skipped_images} unreadable images and {result.skipped_captions} empty captions")
+    if result.skipped:
+        print("skipped samples: " + ", ".join(f"{n} {cause.replace('_', ' ')}" for cause, n in result.skipped.items()))
     if cfg.eval.tasks:
         from contrast.evaluate.zeroshot import evaluate_zeroshot, load_task
 

@@ -1,37 +1,21 @@
-"""Batching: decode images, transform them, tokenize captions. Tokenization happens here, never in ``forward``.
-
-Unreadable or corrupt images are skipped and counted (``Collator.skipped``); empty captions likewise. A batch in which
-every row was bad is returned empty (``None``) and the loop moves on.
-"""
+"""Samples and batches: an undecoded row becomes a sample (decoded through :mod:`contrast.data.decode`, transformed,
+its caption cleaned), and samples become a batch (pixels stacked, captions tokenized). Tokenization happens here,
+never in ``forward``."""
 
 from __future__ import annotations
 
-import io
-import logging
+import random
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from PIL import Image, UnidentifiedImageError
 
-log = logging.getLogger(__name__)
-
-
-def decode_image(value: Any) -> Image.Image:
-    """A datasets Image cell (PIL, {'bytes','path'} dict, or a path) as a loaded PIL image."""
-    if isinstance(value, Image.Image):
-        img = value
-    elif isinstance(value, dict):
-        img = Image.open(io.BytesIO(value["bytes"])) if value.get("bytes") else Image.open(value["path"])
-    else:
-        img = Image.open(value)
-    img.load()
-    return img
+from contrast.data.decode import clean_caption, load_image
 
 
 class Rows(torch.utils.data.Dataset):
     """Random-access rows of a datasets.Dataset with images left undecoded: decoding, and its failures, belong to
-    the collator, and skipping rows (on resume) costs nothing. Each row carries its number as ``__index__``."""
+    the sample step. Each row carries its number as ``__index__``."""
 
     def __init__(self, ds: Any):
         from datasets import Image as ImageFeature
@@ -51,36 +35,37 @@ class Rows(torch.utils.data.Dataset):
         return [{**{k: v[j] for k, v in cols.items()}, "__index__": int(i)} for j, i in enumerate(idx)]
 
 
+class ImageSamples:
+    """An undecoded image-caption row -> ``{pixels (uint8), caption, index, note}``; raises ``BadSample`` for a row
+    that cannot be used (the stream replaces it). ``rng`` draws the augmentation."""
+
+    def __init__(self, transform: Callable, max_pixels: int):
+        self.transform, self.max_pixels = transform, max_pixels
+
+    def __call__(self, row: dict, rng: random.Random | None = None) -> dict:
+        caption, note = clean_caption(row.get("caption"))
+        plan = self.transform.crop_plan(rng)  # the random crop, drawn on the full-size image as the decoder opens it
+        img = load_image(row.get("image"), max_pixels=self.max_pixels, draft=plan or self.transform.decode_size)
+        pixels = self.transform.pixels(img, rng, plan)  # uint8: normalised on the training device
+        return {"pixels": pixels, "caption": caption, "index": int(row.get("__index__", -1)), "note": note}
+
+
+class FeatureSamples:
+    """A saved-features row (BLIP-2) with its caption cleaned; raises ``BadSample`` for an empty caption."""
+
+    def __call__(self, row: dict, rng: random.Random | None = None) -> dict:
+        caption, note = clean_caption(row.get("caption"))
+        return {**row, "caption": caption, "note": note}
+
+
 class Collator:
-    def __init__(self, transform: Callable, tokenizer: Callable[[list[str]], Any]):
-        self.transform = transform
+    """Samples -> ``{pixels (B, 3, H, W) uint8, input_ids, index}``."""
+
+    def __init__(self, tokenizer: Callable[[list[str]], Any]):
         self.tokenizer = tokenizer
-        self.skipped_images = 0
-        self.skipped_captions = 0
 
-    def _skip(self, kind: str, where: str, why: str) -> None:
-        if kind == "image":
-            self.skipped_images += 1
-        else:
-            self.skipped_captions += 1
-        log.warning("skipping %s %s: %s", kind, where, why)
+    def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        return {"pixels": torch.stack([s["pixels"] for s in samples]),
+                "index": torch.tensor([s["index"] for s in samples]),
+                "input_ids": self.tokenizer([s["caption"] for s in samples])}
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor] | None:
-        pixels, captions, index = [], [], []
-        for row in rows:
-            where = f"row {row.get('__index__', '?')}"
-            caption = row.get("caption")
-            if not isinstance(caption, str) or not caption.strip():
-                self._skip("caption", where, "empty caption")
-                continue
-            try:
-                img = decode_image(row["image"])
-                pixels.append(self.transform(img))
-            except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as e:
-                self._skip("image", where, f"unreadable image ({type(e).__name__}: {e})")
-                continue
-            captions.append(caption.strip())
-            index.append(int(row.get("__index__", -1)))
-        if not pixels:
-            return None
-        return {"pixels": torch.stack(pixels), "index": torch.tensor(index), "input_ids": self.tokenizer(captions)}

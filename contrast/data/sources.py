@@ -4,21 +4,28 @@
 - ``synthetic``: the built-in shapes set (splits train / val / test);
 - a folder of images with ``captions.jsonl`` or ``captions.csv`` (columns ``file`` and ``caption``) inside it;
 - a ``.parquet`` / ``.arrow`` file or a folder of them, read through ``datasets``;
-- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``.
+- a folder written by ``Dataset.save_to_disk`` / ``DatasetDict.save_to_disk``;
+- for training (:func:`open_rows`): webdataset tar shards (a brace pattern, a folder of .tar files, or a list of
+  either; a folder with train / val / test subfolders of shards has splits), and parquet / arrow files streamed
+  through ``datasets`` instead of copied into its cache.
 User data without splits is split deterministically into train / val / test (90 / 5 / 5) by row index.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
 from contrast.config import DataConfig, ImageTowerConfig
+from contrast.data.units import TABLE_EXTS, TableUnit, TarUnit, expand_shards, table_rows
 from contrast.errors import UserError
 
 SPLITS = ("train", "val", "test")
@@ -67,7 +74,7 @@ def _read_captions(folder: Path) -> list[dict]:
     jl, cs = folder / "captions.jsonl", folder / "captions.csv"
     rows: list[dict] = []
     if jl.is_file():
-        for n, line in enumerate(jl.read_text().splitlines(), 1):
+        for n, line in enumerate(jl.read_text(errors="replace").splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -75,7 +82,7 @@ def _read_captions(folder: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{jl}:{n} is not valid JSON ({e}); each line must be {{\"file\": ..., \"caption\": ...}}") from e
     elif cs.is_file():
-        with cs.open(newline="") as f:
+        with cs.open(newline="", errors="replace") as f:
             rows = list(csv.DictReader(f))
     else:
         raise DataError(
@@ -85,11 +92,16 @@ def _read_captions(folder: Path) -> list[dict]:
     for n, r in enumerate(rows, 1):
         if "file" not in r or "caption" not in r:
             raise DataError(f"captions row {n} in {folder} lacks 'file' or 'caption': {r}")
-        path = folder / str(r["file"])
-        if not path.is_file():
-            raise DataError(f"captions row {n} names {path}, which does not exist; fix the path or remove the row")
-        out.append({"image": str(path), "caption": str(r["caption"])})
+        # a file that is missing is skipped and counted when the row is read, like any unreadable image
+        out.append({"image": str(folder / str(r["file"])), "caption": _text(r["caption"])})
     return out
+
+
+def _text(value: Any) -> str | None:
+    """A caption cell as storable text: lone surrogates (from JSON escapes) become U+FFFD; None stays None."""
+    if value is None:
+        return None
+    return str(value).encode("utf-16-le", errors="surrogatepass").decode("utf-16-le", errors="replace")
 
 
 def _split_rows(ds: Dataset, split: str) -> Dataset:
@@ -97,6 +109,9 @@ def _split_rows(ds: Dataset, split: str) -> Dataset:
     n_val = n_test = max(1, n // 20) if n >= 20 else 0
     bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
     lo, hi = bounds[split]
+    if lo == hi:
+        raise DataError(f"the '{split}' split is empty: a source without splits of {n} rows has only a train split "
+                        "(val and test take 5% each from 20 rows up); use a larger source or one with splits")
     return ds.select(range(lo, hi))
 
 
@@ -120,6 +135,9 @@ def load_source(cfg: DataConfig, split: str, image_size: int = ImageTowerConfig.
         raise DataError(f"split must be one of {SPLITS}, got '{split}'")
     if cfg.source == "synthetic":
         return _synthetic(cfg, split, image_size)
+    if not isinstance(cfg.source, str) or expand_shards(cfg.source) is not None:
+        raise DataError(f"{cfg.source} names webdataset shards, which are read by training as a stream; "
+                        "evaluate on a folder, parquet or save_to_disk source (or write one with contrast data shard)")
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(
@@ -154,3 +172,82 @@ def load_source(cfg: DataConfig, split: str, image_size: int = ImageTowerConfig.
     if not isinstance(ds.features["image"], ImageFeature):
         ds = ds.cast_column("image", ImageFeature())
     return ds
+
+
+# --------------------------------------------------------------------------------------------------- streams
+
+
+@dataclass
+class RowSource:
+    """What a training stream reads: random-access ``rows`` (``len`` and ``[i]`` give undecoded row dicts), or
+    shard ``units`` read in sequence."""
+
+    name: str
+    rows: Any = None
+    units: list | None = None
+
+
+def open_rows(cfg: DataConfig, split: str, image_size: int, spec: str | list[str] | None = None) -> RowSource:
+    """``split`` of ``spec`` (default ``cfg.source``) for streaming: tar shards and parquet / arrow files as units,
+    everything else as random-access rows (undecoded)."""
+    from contrast.data.collate import Rows
+
+    spec = cfg.source if spec is None else spec
+    name = spec if isinstance(spec, str) else ", ".join(spec)
+    shards = _split_shards(spec, split)
+    if shards is not None:
+        return RowSource(name, units=[TarUnit(s) for s in shards])
+    tables = _table_units(cfg, spec, split)
+    if tables is not None:
+        return RowSource(name, units=tables)
+    if not isinstance(spec, str):
+        raise DataError(f"a list in data.source is for webdataset shards; {spec} is not; mix sources with data.mixture")
+    return RowSource(name, rows=Rows(load_source(dataclasses.replace(cfg, source=spec), split, image_size)))
+
+
+def _split_shards(spec: str | list[str], split: str) -> list[str] | None:
+    """Tar shards of ``split``: a folder's ``split`` subfolder of shards, else the shards themselves (train only)."""
+    if isinstance(spec, str) and Path(spec).expanduser().is_dir():
+        folder = Path(spec).expanduser()
+        subs = [folder / s for s in (split, {"val": "validation"}.get(split, split))]
+        sub = next((d for d in subs if d.is_dir() and any(d.glob("*.tar"))), None)
+        if sub is not None:
+            return expand_shards(str(sub))
+        if any((folder / s).is_dir() for s in SPLITS):
+            raise DataError(f"{folder} has split folders but none named '{split}' with .tar shards")
+    shards = expand_shards(spec)
+    if shards is None:
+        return None
+    if split != "train":
+        raise DataError(f"the shards {spec} are one training set without a '{split}' split; put train / val / test "
+                        "subfolders of shards in one folder to give it splits")
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
+    if missing:
+        raise DataError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}; fix data.source")
+    return shards
+
+
+def _table_units(cfg: DataConfig, spec: Any, split: str) -> list[TableUnit] | None:
+    """Row ranges of the parquet / arrow files of ``spec`` that make up ``split`` (90 / 5 / 5 by row)."""
+    if not isinstance(spec, str):
+        return None
+    path = Path(spec).expanduser()
+    if path.is_dir() and ((path / "dataset_dict.json").is_file() or (path / "dataset_info.json").is_file()):
+        return None  # save_to_disk: memory-mapped already, read with random access
+    files = [path] if path.suffix in TABLE_EXTS and path.is_file() else (
+        sorted(f for f in path.glob("*") if f.suffix in TABLE_EXTS) if path.is_dir() else [])
+    if not files or (path.is_dir() and ((path / "captions.jsonl").is_file() or (path / "captions.csv").is_file())):
+        return None
+    counts = [table_rows(f) for f in files]
+    n = sum(counts)
+    n_val = n_test = max(1, n // 20) if n >= 20 else 0
+    lo, hi = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}[split]
+    units, start = [], 0
+    for f, c in zip(files, counts):
+        a, b = max(lo, start) - start, min(hi, start + c) - start
+        if a < b:
+            units.append(TableUnit(str(f), a, b, cfg.image_column, cfg.caption_column))
+        start += c
+    if not units:
+        raise DataError(f"the '{split}' split of {spec} is empty ({n} rows in all)")
+    return units

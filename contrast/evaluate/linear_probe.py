@@ -19,8 +19,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contrast.data.decode import SampleReader, describe_cell
 from contrast.evaluate.metrics import classification_metrics
-from contrast.evaluate.retrieval import to_pil
+from contrast.evaluate.retrieval import undecoded
 
 DEFAULT_L2_GRID: tuple[float, ...] = tuple(10.0**e for e in range(-6, 3))  # 1e-6 ... 1e2
 
@@ -169,27 +170,61 @@ def extract_features(
     features: str = "pooled",
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    reader: SampleReader | None = None,
 ) -> torch.Tensor:
     """Frozen image features (N, D): ``pooled`` = the image tower's pooled output before the projection (the
     representation a downstream model consumes), ``embed`` = the projected embedding, unnormalised (averaged over
-    queries for models with several embeddings per image)."""
+    queries for models with several embeddings per image). Unreadable images are left out (counted in
+    ``reader.skips``); :func:`feature_rows` also says which rows were kept."""
+    return feature_rows(model, preprocess, dataset, image_column, features=features, batch_size=batch_size,
+                        device=device, reader=reader)[0]
+
+
+@torch.no_grad()
+def feature_rows(
+    model: Any,
+    preprocess: Callable,
+    dataset: Any,
+    image_column: str = "image",
+    *,
+    rows: Sequence[int] | None = None,
+    features: str = "pooled",
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    reader: SampleReader | None = None,
+) -> tuple[torch.Tensor, list[int]]:
+    """Features (N, D) of the readable images among ``rows`` (default: all) and the row numbers they belong to."""
     if features not in ("pooled", "embed"):
         raise ValueError(f"features must be 'pooled' or 'embed', got '{features}'")
-    tower = model.image_tower if features == "pooled" else None
     if image_column not in dataset.column_names:
         raise ValueError(f"no image column '{image_column}' in the data (columns: {', '.join(dataset.column_names)})")
-    out = []
-    for s in range(0, len(dataset), batch_size):
-        cells = dataset[s : s + batch_size][image_column]
-        pixels = torch.stack([preprocess(to_pil(c)) for c in cells]).to(device)  # (b, 3, H, W)
-        if features == "pooled":
-            f = tower.pool(tower.forward_tokens(pixels))
-        else:
-            f = model.encode_image(pixels, normalize=False)
-            if f.ndim == 3:  # (b, Q, E) query embeddings
-                f = f.mean(dim=1)
-        out.append(f.float().cpu())
-    return torch.cat(out)
+    reader = reader if reader is not None else SampleReader()
+    dataset = undecoded(dataset, image_column)
+    rows = list(range(len(dataset))) if rows is None else list(rows)
+    out, kept = [], []
+    for s in range(0, len(rows), batch_size):
+        chunk = rows[s : s + batch_size]
+        pixels = []
+        for row, cell in zip(chunk, dataset.select(chunk)[image_column]):
+            img = reader.image(cell, describe_cell(cell, row))
+            if img is not None:
+                pixels.append(preprocess(img))
+                kept.append(row)
+        if pixels:
+            out.append(_features(model, torch.stack(pixels).to(device), features))  # (b, D)
+    if not out:
+        raise ValueError(f"no readable images in the data ({reader.skips.summary()})")
+    return torch.cat(out), kept
+
+
+def _features(model: Any, pixels: torch.Tensor, features: str) -> torch.Tensor:
+    if features == "pooled":
+        tower = model.image_tower
+        return tower.pool(tower.forward_tokens(pixels)).float().cpu()
+    f = model.encode_image(pixels, normalize=False)
+    if f.ndim == 3:  # (b, Q, E) query embeddings
+        f = f.mean(dim=1)
+    return f.float().cpu()
 
 
 def label_indices(values: Sequence[Any], classnames: Sequence[str] | None = None) -> tuple[torch.Tensor, list[str]]:
@@ -222,38 +257,59 @@ def evaluate_linear_probe(
     seed: int = 0,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    reader: SampleReader | None = None,
 ) -> dict[str, Any]:
     """Linear probe of ``model``'s frozen image features on labelled datasets (datasets.Dataset splits).
 
-    Without ``val``, ``val_fraction`` of ``train`` is held out for the sweep. Returns :class:`ProbeResult` as a dict
-    plus the feature kind.
+    Without ``val``, ``val_fraction`` of ``train`` is held out for the sweep. Rows whose label is missing or damaged,
+    or whose image cannot be read, are left out and counted under ``skipped`` ({cause: n}) by ``reader`` (default:
+    skip and count). Returns :class:`ProbeResult` as a dict plus the feature kind.
     """
-    for name, ds in (("train", train), ("test", test), ("val", val)):
-        if ds is not None and label_column not in ds.column_names:
+    splits = {role: ds for role, ds in (("train", train), ("test", test), ("val", val)) if ds is not None}
+    for name, ds in splits.items():
+        if label_column not in ds.column_names:
             raise ValueError(
                 f"{name} split has no label column '{label_column}' (columns: {', '.join(ds.column_names)}); "
                 "set label_column in the task file"
             )
     if classnames is None:
-        feature = train.features.get(label_column)
-        classnames = getattr(feature, "names", None)
-    ytr, names = label_indices(train[label_column], classnames)
-    yte, _ = label_indices(test[label_column], names)
-    yva = label_indices(val[label_column], names)[0] if val is not None else None
+        classnames = getattr(train.features.get(label_column), "names", None)
+    reader = reader if reader is not None else SampleReader()
+    labels = {role: _usable_labels(ds[label_column], role, reader) for role, ds in splits.items()}
+    if not labels["train"]:
+        raise ValueError(f"no training row has a usable label in column '{label_column}' ({reader.skips.summary()})")
+    # the task's class names, else those of the training labels (checked against the names once images are read)
+    names = list(classnames) if classnames is not None else label_indices(list(labels["train"].values()))[1]
     was_training = model.training
     model.eval()
     try:
-        kw = dict(image_column=image_column, features=features, batch_size=batch_size, device=device)
-        xtr = extract_features(model, preprocess, train, **kw)
-        xte = extract_features(model, preprocess, test, **kw)
-        xva = extract_features(model, preprocess, val, **kw) if val is not None else None
+        kw = dict(image_column=image_column, features=features, batch_size=batch_size, device=device, reader=reader)
+        xy = {role: _labelled_features(model, preprocess, ds, labels[role], names, kw) for role, ds in splits.items()}
     finally:
         if was_training:
             model.train()
     result = probe_features(
-        xtr, ytr, xte, yte, xva, yva, num_classes=len(names), l2_grid=l2_grid, val_fraction=val_fraction,
-        seed=seed, classnames=names,
+        *xy["train"], *xy["test"], *xy.get("val", (None, None)), num_classes=len(names), l2_grid=l2_grid,
+        val_fraction=val_fraction, seed=seed, classnames=names,
     )
     out = result.to_dict()
     out["features"] = features
+    out["skipped"] = reader.skips.as_dict()
     return out
+
+
+def _usable_labels(values: Sequence[Any], role: str, reader: SampleReader) -> dict[int, Any]:
+    """``{row: label}`` of the rows whose label can name a class (the others are counted by ``reader``)."""
+    out = {}
+    for row, value in enumerate(values):
+        label = reader.label(value, f"row {row} of the {role} split")
+        if label is not None:
+            out[row] = label
+    return out
+
+
+def _labelled_features(model: Any, preprocess: Callable, ds: Any, labels: dict[int, Any], names: list[str],
+                       kw: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(features (N, D), class indices (N,)) of the rows with a usable label and a readable image."""
+    x, kept = feature_rows(model, preprocess, ds, rows=list(labels), **kw)
+    return x, label_indices([labels[r] for r in kept], names)[0]

@@ -8,6 +8,11 @@ query). Captions are grouped by image in one of three ways, chosen by :func:`gro
 - several rows hold the same image (the same file, or identical stored bytes);
 otherwise each row is its own image with one caption.
 
+Bad samples (:mod:`contrast.data.decode`): a caption that is missing or empty is left out; a damaged one is repaired
+and kept; an image that cannot be read is left out with all its captions (its pairs are dropped), and an image left
+without any usable caption is left out too. The result counts them: ``skipped`` ({cause: n}),
+``captions_of_skipped_images`` and ``images_without_captions``.
+
 Re-ranking (BLIP, Li et al. 2022, section 4.2): each query's top-k shortlist by embedding similarity is re-ordered
 by an image-text matching head. A model takes part when it offers ``itm_score(pixels, input_ids) -> (B,)`` match
 logits (models with the ``itm`` capability).
@@ -16,13 +21,12 @@ logits (models with the ``itm`` capability).
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from PIL import Image
 
-from contrast.data.collate import decode_image
+from contrast.data.decode import SampleReader, describe_cell
 from contrast.evaluate.metrics import (
     RETRIEVAL_DEFINITION,
     image_text_ranks,
@@ -39,14 +43,20 @@ class CaptionGroups:
     """Distinct images and all captions, with the image each caption belongs to."""
 
     image_rows: list[int]  # dataset row holding each distinct image
-    captions: list[str]  # every caption, in dataset order
+    captions: list[Any]  # every caption as stored (text, or None where a row has none), in dataset order
     text_to_image: torch.Tensor  # (T,) long: index into image_rows of each caption
     grouped_by: str  # how captions were grouped (for the report)
+    text_rows: list[int] = field(default_factory=list)  # dataset row of each caption
 
 
-def to_pil(value: Any) -> Image.Image:
-    """A datasets image cell (PIL image, {'bytes', 'path'} dict or a path) as an RGB PIL image."""
-    return decode_image(value).convert("RGB")
+def undecoded(dataset: Any, image_column: str = "image") -> Any:
+    """``dataset`` with its image column left as stored ({'bytes', 'path'} cells): decoding, and its failures,
+    belong to :mod:`contrast.data.decode`."""
+    from datasets import Image as ImageFeature
+
+    if isinstance(dataset.features.get(image_column), ImageFeature) and dataset.features[image_column].decode:
+        return dataset.cast_column(image_column, ImageFeature(decode=False))
+    return dataset
 
 
 def _image_keys(dataset: Any, image_column: str) -> list[Any] | None:
@@ -54,13 +64,7 @@ def _image_keys(dataset: Any, image_column: str) -> list[Any] | None:
     None when some row has neither. (Stored bytes win over a path, which may be a bare, repeated file name.)"""
     import hashlib
 
-    from datasets import Image as ImageFeature
-
-    feature = dataset.features.get(image_column)
-    if isinstance(feature, ImageFeature):
-        cells = dataset.cast_column(image_column, ImageFeature(decode=False))[image_column]
-    else:
-        cells = dataset[image_column]
+    cells = undecoded(dataset, image_column)[image_column]
     keys: list[Any] = []
     for c in cells:
         if isinstance(c, dict) and c.get("bytes"):
@@ -85,17 +89,16 @@ def group_captions(
     if len(dataset) == 0:
         raise ValueError("retrieval data is empty")
     captions_col = dataset[caption_column]
-    if isinstance(captions_col[0], list | tuple):  # one row per image, a list of captions
+    if isinstance(next((c for c in captions_col if c is not None), None), list | tuple):  # a list per row
         if group_by:
             raise ValueError(f"caption column '{caption_column}' already holds lists of captions; drop --group-by")
-        captions: list[str] = []
+        captions: list[Any] = []
         owner: list[int] = []
         for row, caps in enumerate(captions_col):
-            if not caps:
-                raise ValueError(f"row {row} has an empty list of captions; every image needs at least one")
-            captions.extend(str(c) for c in caps)
+            caps = list(caps) if caps else [None]  # no captions: counted as a missing caption
+            captions.extend(caps)
             owner.extend([row] * len(caps))
-        return CaptionGroups(list(range(len(dataset))), captions, torch.tensor(owner), "caption lists")
+        return CaptionGroups(list(range(len(dataset))), captions, torch.tensor(owner), "caption lists", owner)
     if group_by is not None and group_by not in cols:
         raise ValueError(f"group-by column '{group_by}' is not in the data (columns: {', '.join(cols)})")
     key_col = group_by or ("image_id" if "image_id" in cols else None)
@@ -110,7 +113,8 @@ def group_captions(
         first_row.setdefault(key, row)
     index_of = {key: i for i, key in enumerate(first_row)}
     owner = [index_of[k] for k in keys]
-    return CaptionGroups(list(first_row.values()), [str(c) for c in captions_col], torch.tensor(owner), how)
+    return CaptionGroups(list(first_row.values()), list(captions_col), torch.tensor(owner), how,
+                         list(range(len(dataset))))
 
 
 @torch.no_grad()
@@ -123,17 +127,63 @@ def encode_images(
     batch_size: int = 64,
     device: str | torch.device = "cpu",
     keep_pixels: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """L2-normalised image embeddings (N, E), or (N, Q, E) for multi-query models, of the given rows; and the
-    preprocessed pixels if asked for."""
-    embs, kept = [], []
+    reader: SampleReader | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None, list[int]]:
+    """L2-normalised image embeddings (N, E), or (N, Q, E) for multi-query models, of the readable images among
+    the given rows; the preprocessed pixels if asked for; and the positions in ``rows`` of the N readable ones
+    (the others are counted in ``reader.skips``)."""
+    reader = reader if reader is not None else SampleReader()
+    dataset = undecoded(dataset, image_column)
+    embs, kept, ok = [], [], []
     for s in range(0, len(rows), batch_size):
-        cells = dataset.select(rows[s : s + batch_size])[image_column]
-        pixels = torch.stack([preprocess(to_pil(c)) for c in cells])  # (b, 3, H, W)
-        embs.append(model.encode_image(pixels.to(device)).float().cpu())
+        chunk = list(rows[s : s + batch_size])
+        pixels = []
+        for j, cell in enumerate(dataset.select(chunk)[image_column]):
+            img = reader.image(cell, describe_cell(cell, chunk[j]))
+            if img is not None:
+                pixels.append(preprocess(img))
+                ok.append(s + j)
+        if not pixels:
+            continue
+        batch = torch.stack(pixels)  # (b, 3, H, W)
+        embs.append(model.encode_image(batch.to(device)).float().cpu())
         if keep_pixels:
-            kept.append(pixels)
-    return torch.cat(embs), (torch.cat(kept) if keep_pixels else None)
+            kept.append(batch)
+    if not embs:
+        return torch.empty(0), (torch.empty(0) if keep_pixels else None), ok
+    return torch.cat(embs), (torch.cat(kept) if keep_pixels else None), ok
+
+
+@dataclass
+class UsablePairs:
+    """The images and captions left once bad samples are out; counts of what left with them."""
+
+    image_rows: list[int]  # dataset row of each kept image
+    captions: list[str]  # kept captions, cleaned
+    text_to_image: torch.Tensor  # (T,) index into image_rows
+    image_emb: torch.Tensor  # (I, E) or (I, Q, E)
+    pixels: torch.Tensor | None  # (I, 3, H, W) when kept for re-ranking
+    captions_of_skipped_images: int
+    images_without_captions: int
+
+
+def usable_pairs(model: Any, preprocess: Callable, dataset: Any, groups: CaptionGroups, reader: SampleReader,
+                 image_column: str, batch_size: int, device: Any, keep_pixels: bool) -> UsablePairs:
+    """Clean the captions, encode the images that still have one, and drop the pairs of unreadable images."""
+    texts = [reader.caption(c, f"row {r}") for c, r in zip(groups.captions, groups.text_rows)]
+    owner = groups.text_to_image.tolist()
+    with_text = sorted({owner[t] for t, c in enumerate(texts) if c is not None})
+    emb, pixels, ok = encode_images(model, preprocess, dataset, [groups.image_rows[i] for i in with_text],
+                                    image_column, batch_size, device, keep_pixels, reader)
+    new_index = {with_text[k]: n for n, k in enumerate(ok)}  # old image index -> kept image index
+    keep = [t for t, c in enumerate(texts) if c is not None and owner[t] in new_index]
+    n_good_texts = sum(c is not None for c in texts)
+    return UsablePairs(
+        image_rows=[groups.image_rows[with_text[k]] for k in ok], captions=[texts[t] for t in keep],
+        text_to_image=torch.tensor([new_index[owner[t]] for t in keep], dtype=torch.long), image_emb=emb,
+        pixels=pixels, captions_of_skipped_images=n_good_texts - len(keep),
+        images_without_captions=len(groups.image_rows) - len(with_text),
+    )
 
 
 @torch.no_grad()
@@ -184,6 +234,7 @@ def evaluate_retrieval(
     rerank_itm: int = 0,
     batch_size: int = 64,
     device: str | torch.device = "cpu",
+    reader: SampleReader | None = None,
 ) -> dict[str, Any]:
     """Retrieval metrics of ``model`` on ``dataset`` (a datasets.Dataset with an image and a caption column).
 
@@ -191,7 +242,8 @@ def evaluate_retrieval(
     dataset)``.
 
     Returns a dict with ``image_to_text`` and ``text_to_image`` summaries (R@K, mean and median rank), the data
-    sizes, the grouping used and the metric definition; with ``rerank_itm=k`` also ``itm_reranked`` summaries.
+    sizes, the grouping used, the metric definition and what bad samples left out (see the module docstring);
+    with ``rerank_itm=k`` also ``itm_reranked`` summaries. ``reader`` decodes the images (default: skip and count).
     """
     if rerank_itm and not model.supports("itm"):
         raise ValueError(
@@ -199,24 +251,30 @@ def evaluate_retrieval(
             f"{type(model).__name__} has none. Drop --rerank-itm for this model."
         )
     groups = group_captions(dataset, image_column, caption_column, group_by)
+    reader = reader if reader is not None else SampleReader()
     was_training = model.training
     model.eval()
     try:
-        img, pixels = encode_images(
-            model, preprocess, dataset, groups.image_rows, image_column, batch_size, device, keep_pixels=bool(rerank_itm)
-        )
-        txt, ids = encode_texts(model, tokenizer, groups.captions, max(batch_size, 256), device)
+        pairs = usable_pairs(model, preprocess, dataset, groups, reader, image_column, batch_size, device,
+                             keep_pixels=bool(rerank_itm))
+        if not pairs.captions:
+            raise ValueError(f"no usable image-caption pairs are left in the retrieval data ({reader.skips.summary()})")
+        img, pixels, owner = pairs.image_emb, pairs.pixels, pairs.text_to_image
+        txt, ids = encode_texts(model, tokenizer, pairs.captions, max(batch_size, 256), device)
         result: dict[str, Any] = {
-            "num_images": len(groups.image_rows),
-            "num_texts": len(groups.captions),
+            "num_images": len(pairs.image_rows),
+            "num_texts": len(pairs.captions),
             "captions_grouped_by": groups.grouped_by,
             "definition": RETRIEVAL_DEFINITION,
+            "skipped": reader.skips.as_dict(),
+            "captions_of_skipped_images": pairs.captions_of_skipped_images,
+            "images_without_captions": pairs.images_without_captions,
         }
         sim_fn = model.similarity  # the model's own rule (BLIP-2: the best query)
-        result.update(retrieval_from_embeddings(img, txt, groups.text_to_image, ks, sim_fn))
+        result.update(retrieval_from_embeddings(img, txt, owner, ks, sim_fn))
         if rerank_itm:
             sim = sim_fn(img, txt)  # (I, T)
-            pos = groups.text_to_image.reshape(1, -1) == torch.arange(len(groups.image_rows)).reshape(-1, 1)  # (I, T)
+            pos = owner.reshape(1, -1) == torch.arange(len(pairs.image_rows)).reshape(-1, 1)  # (I, T)
             i2t = rerank(sim, rerank_itm, _itm_scorer(model, pixels, ids, True, device), pos, batch_size)
             t2i = rerank(sim.T, rerank_itm, _itm_scorer(model, pixels, ids, False, device), pos.T, batch_size)
             result["itm_reranked"] = {

@@ -29,7 +29,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from contrast.config import ConfigError, DataConfig, ImageTowerConfig, from_dict
 from contrast.data import load_source
-from contrast.data.collate import decode_image
+from contrast.data.decode import SampleReader, describe_cell
 from contrast.evaluate.labelled import is_class_folder, load_class_folder
 from contrast.evaluate.metrics import classification_metrics
 
@@ -106,27 +106,31 @@ def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
 
 
 def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list[str], batch_size: int,
-                   skipped: list[int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Batches of (pixels, label indices); unreadable images are counted into ``skipped[0]`` and left out."""
+                   reader: SampleReader | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Batches of (pixels, label indices). Rows whose label is missing or damaged, or whose image cannot be read,
+    are left out and counted in ``reader.skips`` (``data.strict`` readers stop at the first instead)."""
     from datasets import Image as ImageFeature
 
-    ds = ds.cast_column("image", ImageFeature(decode=False))
+    reader = reader if reader is not None else SampleReader()
+    if isinstance(ds.features.get("image"), ImageFeature):
+        ds = ds.cast_column("image", ImageFeature(decode=False))
     index = {c: i for i, c in enumerate(classnames)}
     for lo in range(0, len(ds), batch_size):
         rows = ds[lo : lo + batch_size]
         pix, lab = [], []
-        for img, label in zip(rows["image"], rows[label_column]):
-            try:
-                pix.append(preprocess(decode_image(img)))
-            except (OSError, ValueError, SyntaxError):
-                skipped[0] += 1
+        for j, (cell, raw) in enumerate(zip(rows["image"], rows[label_column])):
+            where = describe_cell(cell, lo + j)
+            label = reader.label(raw, where)
+            if label is None or (img := reader.image(cell, where)) is None:
                 continue
             if isinstance(label, str):
                 if label not in index:
-                    raise ConfigError(f"label '{label}' is not among the task's classnames {classnames}")
-                lab.append(index[label])
-            else:
-                lab.append(int(label))
+                    shown = ", ".join(classnames[:8]) + (", ..." if len(classnames) > 8 else "")
+                    raise ConfigError(f"label '{label}' ({where}) is not among the task's {len(classnames)} classnames "
+                                      f"({shown}); list it in the task file or filter it out with where:")
+                label = index[label]
+            pix.append(preprocess(img))
+            lab.append(int(label))
         if pix:
             yield torch.stack(pix), torch.tensor(lab)
 
@@ -134,17 +138,22 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
 @torch.no_grad()
 def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
                       data_cfg: DataConfig | None = None, image_size: int = ImageTowerConfig.image_size,
-                      batch_size: int = 256, device: str | torch.device = "cpu") -> dict:
-    """Top-1 / top-5 accuracy, mean per-class recall and the confusion matrix of zero-shot classification."""
+                      batch_size: int = 256, device: str | torch.device = "cpu",
+                      reader: SampleReader | None = None) -> dict:
+    """Top-1 / top-5 accuracy, mean per-class recall and the confusion matrix of zero-shot classification.
+
+    Unusable rows (see :func:`iterate_images`) are left out and counted under ``skipped`` ({cause: n}); ``reader``
+    defaults to one with ``data_cfg``'s ``max_image_pixels`` and ``strict``."""
     model.eval()
     classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
     C = len(task.classnames)
     metrics = {k: MulticlassAccuracy(num_classes=C, top_k=min(k, C), average="micro") for k in (1, 5)}
-    skipped = [0]
+    if reader is None:
+        reader = SampleReader.of(data_cfg) if data_cfg is not None else SampleReader()
     n = 0
     ds = task_dataset(task, data_cfg, image_size)
     all_logits, all_labels = [], []
-    for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, skipped):
+    for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, reader):
         logits = model.similarity(model.encode_image(pixels.to(device)), classifier.t())  # (B, C)
         for m in metrics.values():
             m.update(logits.cpu(), labels)
@@ -152,7 +161,7 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
         all_labels.append(labels)
         n += len(labels)
     if n == 0:
-        raise ConfigError(f"task '{task.name}' matched no readable images")
+        raise ConfigError(f"task '{task.name}' matched no readable images ({reader.skips.summary()})")
     per_class = classification_metrics(torch.cat(all_logits), torch.cat(all_labels), C)
     return {
         "task": task.name,
@@ -161,7 +170,7 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
         "top1": float(metrics[1].compute()),
         "top5": float(metrics[5].compute()),
         "chance_top1": 1.0 / C,
-        "skipped_images": skipped[0],
+        "skipped": reader.skips.as_dict(),  # {cause: rows left out}
         "mean_per_class_recall": per_class["mean_per_class_recall"],
         "per_class_recall": per_class["per_class_recall"],
         "confusion": per_class["confusion"],  # [true][predicted] counts

@@ -1,20 +1,141 @@
-"""The training rows and collator of a recipe: a data source's rows with images decoded in the collator, or saved
-frozen-tower features (BLIP-2) in their place."""
+"""The training data of a recipe: streams over its source (or mixture), turned into full batches by DataLoader
+workers, with the cursor a checkpoint stores to resume mid-epoch exactly.
+
+Data order is a pure function of (seed, epoch, position): see :mod:`contrast.data.stream`. Resuming with the same
+world size and worker count continues every stream where it stopped. For a map source (random access) the order
+depends only on the global batch size, so another number of processes or workers with the same global batch also
+continues exactly; shard streams and mixtures under another layout restart the earliest epoch the saved streams were
+in (samples of that epoch seen before the stop are seen again).
+"""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
-from contrast.config import Config
-from contrast.data import load_source
-from contrast.data.collate import Collator, Rows
+import torch
+
+from contrast import distributed as D
+from contrast.config import Config, DataConfig
+from contrast.data.batches import StreamLoader, StreamSpec, fresh_state, rebased, skip_counts, split_state
+from contrast.data.collate import Collator, FeatureSamples, ImageSamples
+from contrast.data.sources import DataError, RowSource, open_rows
+from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
 from contrast.data.transforms import build_transform
 from contrast.features import build_feature_data
 
 
-def build_data(cfg: Config, tokenizer: Callable, split: str):
-    """``(rows, collate)`` for ``split``: a map-style dataset of undecoded rows and the collator that decodes them."""
+def default_workers(world_local: int = 1) -> int:
+    """Decoding workers per rank: one per CPU core this process may use beyond the one training, at most 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores // max(1, world_local) - 1))
+
+
+def num_workers(cfg: DataConfig, world_local: int = 1) -> int:
+    if cfg.num_workers is None:
+        return default_workers(world_local)
+    if cfg.num_workers < 0:
+        raise DataError(f"data.num_workers must be 0 or more, got {cfg.num_workers}")
+    return cfg.num_workers
+
+
+def _stream_factory(sources: list[RowSource], weights: list[float], cfg: Config, dist: D.DistInfo
+                    ) -> Callable[[int, int], Stream]:
+    seed, buffer, block = cfg.train.seed, cfg.data.shuffle_buffer, cfg.train.batch_size
+    global_batch = block * dist.world_size
+
+    def one(src: RowSource, i: int, g: int, S: int) -> Stream:
+        s = mix_seed(seed, i)
+        if src.units is not None:
+            return ShardStream(src.units, s, g, S, buffer)
+        return MapStream(src.rows, s, g, S, block, global_batch)
+
+    def make(g: int, S: int) -> Stream:
+        if len(sources) > 1:
+            return MixStream([one(src, i, g, S) for i, src in enumerate(sources)], weights, seed, g)
+        stream = one(sources[0], 0, g, S)
+        if isinstance(stream, MapStream):  # its blocks are this rank's batches of steps k x per_rank + local
+            stream.steps = (S // dist.world_size, g // dist.world_size)
+        return stream
+
+    return make
+
+
+def mix_seed(seed: int, source: int) -> int:
+    return seed if source == 0 else seed * 1_000_003 + source  # source 0 keeps the recipe's seed
+
+
+def _sources(cfg: Config, split: str) -> tuple[list[RowSource], list[float]]:
+    size = cfg.model.image.image_size
+    if cfg.data.mixture and split == cfg.data.train_split:
+        for m in cfg.data.mixture:
+            if not m.source:
+                raise DataError("every data.mixture entry needs a source")
+            if m.weight < 0:
+                raise DataError(f"data.mixture weight {m.weight} for {m.source} is negative")
+        if sum(m.weight for m in cfg.data.mixture) <= 0:
+            raise DataError("data.mixture weights are all zero")
+        return [open_rows(cfg.data, split, size, m.source) for m in cfg.data.mixture], [m.weight for m in cfg.data.mixture]
+    return [open_rows(cfg.data, split, size)], [1.0]
+
+
+def _check_size(sources: list[RowSource], global_batch: int, n_streams: int) -> None:
+    for src in sources:
+        if src.rows is None:
+            continue
+        n = len(src.rows)
+        if n < global_batch:
+            raise DataError(f"the training split of {src.name} has {n} rows, fewer than one global batch "
+                            f"({global_batch}); lower train.batch_size")
+
+
+def build_spec(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo, per_rank: int, offset: int = 0
+               ) -> StreamSpec:
+    t = cfg.train
     if cfg.model.features_dir:  # saved frozen-tower features replace images (BLIP-2 stage 1 / 2)
-        return build_feature_data(cfg, tokenizer, split)
-    ds = load_source(cfg.data, split, cfg.model.image.image_size)
-    return Rows(ds), Collator(build_transform(cfg.model.image, train=split == cfg.data.train_split), tokenizer)
+        rows, collate = build_feature_data(cfg, tokenizer, split)
+        sources, weights, prepare = [RowSource(str(cfg.model.features_dir), rows=rows)], [1.0], FeatureSamples()
+    else:
+        sources, weights = _sources(cfg, split)
+        collate = Collator(tokenizer)
+        prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels)
+    _check_size(sources, t.batch_size * dist.world_size, dist.world_size * per_rank)
+    return StreamSpec(_stream_factory(sources, weights, cfg, dist), prepare, collate, t.batch_size, t.seed, dist.rank,
+                      dist.world_size, per_rank, offset, cfg.data.strict)
+
+
+def build_loader(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo | None = None, start_step: int = 0,
+                 state: dict | None = None) -> StreamLoader:
+    """This rank's endless stream of training batches; ``state`` is what :func:`loader_state` saved."""
+    dist = dist or D.DistInfo()
+    workers = num_workers(cfg.data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    per_rank = max(1, workers)
+    spec = build_spec(cfg, tokenizer, split, dist, per_rank, offset=start_step % per_rank)
+    cursors = skips = None
+    if state is not None:
+        saved_c, saved_s = split_state(state["streams"])
+        if list(state["layout"]) == [dist.world_size, per_rank]:
+            mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
+            cursors, skips = saved_c[mine], saved_s[mine]
+        else:
+            cursors = rebased(spec, saved_c, start_step)
+            totals = torch.tensor(saved_s).sum(0).tolist()
+            skips = [totals if (dist.rank == 0 and i == 0) else [0] * len(totals) for i in range(per_rank)]
+            if dist.is_main:
+                print(f"the checkpoint's data layout was {state['layout'][0]} processes x {state['layout'][1]} "
+                      f"streams, this run's is {dist.world_size} x {per_rank}: the data order continues at this step "
+                      "(map sources: exactly, with the same global batch) or restarts the epoch it had reached (shards)")
+    cursors = cursors or [fresh_state(spec, i) for i in range(per_rank)]
+    return StreamLoader(spec, workers, cursors, skips, pin_memory=torch.cuda.is_available())
+
+
+def loader_state(loader: StreamLoader, dist: D.DistInfo, before_last: bool = False) -> dict:
+    """Every rank's stream cursors (a collective: all ranks call it), as a checkpoint stores them."""
+    local = loader.state(before_last)
+    rows = D.gather_with_grad(local) if dist.world_size > 1 else local
+    return {"layout": [dist.world_size, loader.spec.per_rank], "streams": rows}
+
+
+def total_skips(state: dict) -> dict[str, int]:
+    _, skips = split_state(state["streams"])
+    return skip_counts(torch.tensor(skips).sum(0).tolist())

@@ -41,6 +41,13 @@ class RunLog:
         self.file.flush()
         self.bar.set_postfix(loss=f"{loss:.3f}", scale=f"{rec.get('logit_scale', 0):.1f}", img_s=f"{ips:.0f}")
 
+    def summary(self, record: dict) -> None:
+        """The end-of-run record (steps done, samples skipped by cause, ...), after the per-step ones."""
+        if not self.main:
+            return
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"summary": record}) + "\n")
+
     def close(self) -> None:
         self.bar.close()
         if self.file:
@@ -51,7 +58,8 @@ class RunLog:
 def truncate_metrics(path: Path, step: int) -> None:
     if not path.is_file():
         return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln).get("step", 0) <= step]
+    keep = [ln for ln in path.read_text().splitlines()
+            if ln.strip() and "summary" not in json.loads(ln) and json.loads(ln).get("step", 0) <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
 
 

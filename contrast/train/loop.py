@@ -1,15 +1,15 @@
 """The training loop: :func:`setup` builds everything once, :func:`train_step` is one optimisation step, and
 :func:`train` drives them. The loop never knows which model family or objective it runs.
 
-Data order is a pure function of (seed, step): each epoch is a seeded permutation, cut into global batches, and
-rank r of W takes the r-th slice of each. Resuming at step k therefore continues with exactly the batches the
-uninterrupted run would have seen.
+Data order is a pure function of (seed, epoch, position) (see :mod:`contrast.train.data`); a checkpoint stores
+every data stream's cursor, so resuming at step k continues with exactly the batches the uninterrupted run would
+have seen, mid-epoch and with DataLoader workers.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+import time
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,13 +19,15 @@ from torch import nn
 
 from contrast import distributed as D
 from contrast.config import Config, save_config
+from contrast.data.batches import StreamLoader
+from contrast.data.transforms import normalise_batch
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
 from contrast.runs import WEIGHTS, build, load_model_weights, resolve, step_dir
 from contrast.tokenizer import build_tokenizer
 from contrast.train import checkpoint as C
-from contrast.train.data import build_data
+from contrast.train.data import build_loader, loader_state, total_skips
 from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
 
@@ -43,8 +45,7 @@ class RunResult:
     last_loss: float
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at logged steps
     checkpoint: Path | None = None
-    skipped_images: int = 0
-    skipped_captions: int = 0
+    skipped: dict[str, int] = field(default_factory=dict)  # samples skipped (or repaired) by cause, all ranks
 
 
 @dataclass
@@ -60,29 +61,9 @@ class Run:
     objective: Objective
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: torch.utils.data.DataLoader
-    collate: object
+    loader: StreamLoader
     autocast: AbstractContextManager
     start: int = 0
-
-
-def batch_indices(n: int, batch_size: int, world: int, rank: int, seed: int, start_step: int,
-                  steps: int) -> Iterator[list[int]]:
-    """Yield this rank's index list for every step in [start_step, steps)."""
-    global_bs = batch_size * world
-    per_epoch = n // global_bs
-    if per_epoch == 0:
-        raise ValueError(
-            f"the training split has {n} rows, fewer than one global batch ({global_bs}); lower train.batch_size"
-        )
-    perm, perm_epoch = None, -1
-    for step in range(start_step, steps):
-        epoch, pos = divmod(step, per_epoch)
-        if epoch != perm_epoch:
-            g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-            perm, perm_epoch = torch.randperm(n, generator=g), epoch
-        lo = pos * global_bs + rank * batch_size
-        yield perm[lo : lo + batch_size].tolist()
 
 
 def select_device(name: str) -> torch.device:
@@ -116,20 +97,19 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, main: bool)
     save_config(cfg, run_dir / "config.yaml")
 
 
-def _resume(run: Run, resume: str) -> int:
+def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
+    """Load weights and training state; returns the step and the saved data cursors (None for older checkpoints)."""
     ckpt = resolve(run.run_dir if resume == "latest" else resume)
     load_model_weights(run.model, ckpt / WEIGHTS)
     state = C.load_state(ckpt)
-    if state.get("world_size", 1) != run.dist.world_size:
-        raise C.CheckpointError(
-            f"{ckpt} was written by a run of {state.get('world_size', 1)} processes; resume with the same number"
-        )
     run.optimizer.load_state_dict(state["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     C.set_rng_state(state["rng"])
     if run.dist.is_main:
         print(f"resumed from {ckpt} at step {int(state['step'])}")
-    return int(state["step"])
+        if "data" not in state:
+            print("this checkpoint holds no data position (written by an earlier version): the data order restarts")
+    return int(state["step"]), state.get("data")
 
 
 def _wrap(model: nn.Module, cfg: Config, dist_info: D.DistInfo, device: torch.device) -> nn.Module:
@@ -148,21 +128,19 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model).to(device)
     tokenizer = build_tokenizer(cfg.model.text)
-    rows, collate = build_data(cfg, tokenizer, cfg.data.train_split)
     opt = build_optimizer(model, cfg.train)
     comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank, dist_info.world_size,
                 D.ring_shift)
     model.set_comm(comm)  # a forward that needs the global batch (BLIP's hard negatives) gets it like the loss
     dtype = PRECISIONS[cfg.train.precision]
     run = Run(cfg, run_dir, dist_info, device, model, model, build_objective(cfg.loss, comm), opt,
-              build_scheduler(opt, cfg.train), None, collate,
+              build_scheduler(opt, cfg.train), None,
               torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None))
-    run.start = _resume(run, resume) if resume else 0
+    data_state = None
+    if resume:
+        run.start, data_state = _resume(run, resume)
     run.train_model = _wrap(model, cfg, dist_info, device)
-    sampler = list(batch_indices(len(rows), cfg.train.batch_size, dist_info.world_size, dist_info.rank,
-                                 cfg.train.seed, run.start, cfg.train.steps))
-    run.loader = torch.utils.data.DataLoader(rows, batch_sampler=sampler, collate_fn=collate,
-                                             num_workers=cfg.data.num_workers)
+    run.loader = build_loader(cfg, tokenizer, cfg.data.train_split, dist_info, run.start, data_state)
     return run
 
 
@@ -171,7 +149,7 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
 
 def train_step(run: Run, batch: dict[str, torch.Tensor], step: int) -> tuple[LossOutput, ModelOutput]:
     """Forward, loss, backward, clip, optimizer and scheduler step on one batch."""
-    batch = {k: v.to(run.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    batch = to_device(batch, run.device, run.cfg.model.image)
     with run.autocast:
         out = run.train_model(batch)
         losses = run.objective(out)
@@ -186,8 +164,17 @@ def train_step(run: Run, batch: dict[str, torch.Tensor], step: int) -> tuple[Los
     return losses, out
 
 
+def to_device(batch: dict, device: torch.device, image_cfg) -> dict:
+    """The batch on ``device``; uint8 pixels (as the loader sends them) are normalised there."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixels" in batch and batch["pixels"].dtype == torch.uint8:
+        mean = torch.tensor(image_cfg.mean).view(-1, 1, 1)
+        batch["pixels"] = normalise_batch(batch["pixels"], mean, torch.tensor(image_cfg.std).view(-1, 1, 1))
+    return batch
+
+
 def _stop_non_finite(run: Run, losses: LossOutput, step: int) -> None:
-    saved = _save(run, step, keep=run.cfg.train.keep_checkpoints + 1) if run.dist.is_main else None
+    saved = _save(run, step, keep=run.cfg.train.keep_checkpoints + 1, before_last=True)
     raise NonFiniteLossError(
         f"the loss became {losses.total.item()} at step {step} (terms: "
         f"{ {k: round(float(v), 4) for k, v in losses.parts.items()} }). The weights before this step are saved in "
@@ -195,9 +182,15 @@ def _stop_non_finite(run: Run, losses: LossOutput, step: int) -> None:
     )
 
 
-def _save(run: Run, step: int, keep: int | None = None) -> Path:
+def _save(run: Run, step: int, keep: int | None = None, before_last: bool = False) -> Path | None:
+    """Checkpoint ``step`` with every rank's data cursors; all ranks call it (gathering the cursors), the main
+    process writes."""
+    data = loader_state(run.loader, run.dist, before_last)
+    if not run.dist.is_main:
+        return None
     return C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
-                             {"world_size": run.dist.world_size}, keep=run.cfg.train.keep_checkpoints if keep is None else keep)
+                             {"world_size": run.dist.world_size, "data": data},
+                             keep=run.cfg.train.keep_checkpoints if keep is None else keep)
 
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -205,34 +198,43 @@ def _save(run: Run, step: int, keep: int | None = None) -> Path:
 
 def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> RunResult:
     """Train ``cfg`` into ``out_dir``; ``resume`` is None, 'latest' or a checkpoint path."""
+    started = time.perf_counter()
     run = setup(cfg, out_dir, resume)
     result = RunResult(run_dir=run.run_dir, step=run.start, last_loss=float("nan"))
-    main, t = run.dist.is_main, cfg.train
-    log = RunLog(run.run_dir, cfg.train.steps, run.start, main, progress)
+    log = RunLog(run.run_dir, cfg.train.steps, run.start, run.dist.is_main, progress)
     run.model.train()
     step = run.start
     try:
-        for batch in run.loader:
-            if batch is None:  # every row of this batch was unreadable; the counts are reported at the end
-                step += 1
-                run.scheduler.step()
-                continue
-            losses, out = train_step(run, batch, step)
-            step += 1
-            log.count(batch["index"].shape[0] * run.dist.world_size)
-            if step % t.log_every == 0 or step == t.steps:
-                value = float(D.all_reduce_mean(losses.total.detach()))  # host sync on logged steps only
-                result.losses.append((step, value))
-                result.last_loss = value
-                log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"])
-            log.advance()
-            if main and t.checkpoint_every and step % t.checkpoint_every == 0:
-                result.checkpoint = _save(run, step)
+        batches = iter(run.loader)
+        while step < cfg.train.steps:
+            step = _one_step(run, next(batches), step, log, result)
     finally:
         log.close()
     result.step = step
-    if main and (result.checkpoint is None or result.checkpoint.name != step_dir(run.run_dir, step).name):
+    t = cfg.train
+    saved = step > run.start and t.checkpoint_every and step % t.checkpoint_every == 0  # the same on every rank
+    if not saved and not (resume and step == run.start):
         result.checkpoint = _save(run, step)
-    result.skipped_images, result.skipped_captions = run.collate.skipped_images, run.collate.skipped_captions
+    elif run.dist.is_main:
+        result.checkpoint = step_dir(run.run_dir, step)
+    result.skipped = total_skips(loader_state(run.loader, run.dist))
+    log.summary({"steps": step, "started_at_step": run.start, "skipped": result.skipped,
+                 "wall_s": round(time.perf_counter() - started, 1)})
     D.barrier()
     return result
+
+
+def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) -> int:
+    t = run.cfg.train
+    losses, out = train_step(run, batch, step)
+    step += 1
+    log.count(batch["input_ids"].shape[0] * run.dist.world_size)
+    if step % t.log_every == 0 or step == t.steps:
+        value = float(D.all_reduce_mean(losses.total.detach()))  # host sync on logged steps only
+        result.losses.append((step, value))
+        result.last_loss = value
+        log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"])
+    log.advance()
+    if t.checkpoint_every and step % t.checkpoint_every == 0:
+        result.checkpoint = _save(run, step)
+    return step
