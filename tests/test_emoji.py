@@ -14,13 +14,14 @@ from PIL import Image
 from contrast.config import DataConfig
 from contrast.data import load_source
 from contrast.data.emoji import (
-    IMAGE_DIR,
     PACKAGE,
+    STYLES,
     EmojiError,
     base_caption,
     build_dataset,
     fetch_emoji,
     load_emoji,
+    parse_styles,
     split_of,
 )
 
@@ -69,24 +70,35 @@ ENTRIES = [
 ]
 
 
-def make_package(root: Path, size: int = 8) -> Path:
-    """A fake unpacked emoji-datasource-google folder: emoji.json plus RGBA PNGs (top-left pixel transparent)."""
+def make_package(root: Path, size: int = 8, style: str = "google", entries: list[dict] = ENTRIES) -> Path:
+    """A fake unpacked emoji-datasource-<style> folder: emoji.json plus RGBA PNGs (top-left pixel transparent); each
+    style's drawings differ in their blue channel."""
     pkg = root / "package"
-    (pkg / IMAGE_DIR).mkdir(parents=True)
-    (pkg / "emoji.json").write_text(json.dumps(ENTRIES))
-    files = [e["image"] for e in ENTRIES if e["has_img_google"]]
-    files += [v["image"] for e in ENTRIES for v in (e.get("skin_variations") or {}).values()]
+    (pkg / STYLES[style].image_dir).mkdir(parents=True)
+    (pkg / "emoji.json").write_text(json.dumps(entries))
+    (pkg / "package.json").write_text(json.dumps({"name": STYLES[style].package, "version": "16.0.0"}))
+    files = [e["image"] for e in entries if e["has_img_google"]]
+    files += [v["image"] for e in entries for v in (e.get("skin_variations") or {}).values()]
     for n, name in enumerate(files):
         arr = np.zeros((size, size, 4), np.uint8)
-        arr[..., 0], arr[..., 1], arr[..., 2], arr[..., 3] = 200, 10 * n, 50, 255
+        arr[..., 0], arr[..., 1], arr[..., 2], arr[..., 3] = 200, 10 * n, 50 + 100 * list(STYLES).index(style), 255
         arr[0, 0] = (0, 0, 0, 0)  # fully transparent black: must come out white
-        Image.fromarray(arr, "RGBA").save(pkg / IMAGE_DIR / name)
+        Image.fromarray(arr, "RGBA").save(pkg / STYLES[style].image_dir / name)
     return pkg
 
 
 @pytest.fixture(scope="module")
 def package(tmp_path_factory) -> Path:
     return make_package(tmp_path_factory.mktemp("emoji"))
+
+
+# the Twemoji package marks one emoji that has a file as having no Twemoji image: it must be left out
+TWITTER_ENTRIES = [dict(e, has_img_twitter=e["unified"] != "E005") for e in ENTRIES]
+
+
+@pytest.fixture(scope="module")
+def twitter_package(tmp_path_factory) -> Path:
+    return make_package(tmp_path_factory.mktemp("emoji-twitter"), style="twitter", entries=TWITTER_ENTRIES)
 
 
 def all_rows(ds) -> list[dict]:
@@ -173,6 +185,99 @@ def test_cli_fetch(tmp_path, package, capsys):
     assert "was not found" in capsys.readouterr().err
 
 
+def test_styles_offered_are_the_freely_licensed_ones():
+    assert parse_styles("google") == ("google",)
+    assert parse_styles("all") == ("google", "twitter")
+    assert parse_styles("twitter, google,twitter") == ("twitter", "google")
+    assert parse_styles(["twitter"]) == ("twitter",)
+    assert {s: STYLES[s].licence for s in STYLES} == {"google": "Apache-2.0", "twitter": "CC-BY-4.0"}
+    assert STYLES["twitter"].package == "emoji-datasource-twitter" and "Twemoji" in STYLES["twitter"].attribution
+    with pytest.raises(EmojiError, match=r"'apple' is not offered: .*not licensed for commercial use"):
+        parse_styles("google,apple")
+    with pytest.raises(EmojiError, match="'facebook' is not offered: .*no clear licence"):
+        parse_styles("facebook")
+    with pytest.raises(EmojiError, match="'emojione' is not offered"):
+        parse_styles("emojione")
+    with pytest.raises(EmojiError, match="unknown emoji style 'noto'.*google, twitter"):
+        parse_styles("noto")
+
+
+def test_several_styles_share_captions_and_splits(package, twitter_package):
+    ds = build_dataset({"google": package, "twitter": twitter_package})
+    rows = all_rows(ds)
+    by_style = {st: {r["unified"]: r for r in rows if r["style"] == st} for st in ("google", "twitter")}
+    assert len(by_style["google"]) == 20 and len(by_style["twitter"]) == 19 and len(rows) == 39
+    assert set(by_style["google"]) - set(by_style["twitter"]) == {"E005"}  # has_img_twitter false
+    for unified, t in by_style["twitter"].items():
+        g = by_style["google"][unified]
+        assert t["caption"] == g["caption"] and t["split"] == g["split"] == split_of(t["emoji_id"])
+        assert np.asarray(g["image"])[3, 3, 2] == 50 and np.asarray(t["image"])[3, 3, 2] == 150  # each style's art
+    assert ds["train"].info.license == "Apache-2.0 AND CC-BY-4.0"
+    single = build_dataset({"twitter": twitter_package})
+    assert {r["style"] for r in all_rows(single)} == {"twitter"} and single["test"].info.license == "CC-BY-4.0"
+
+
+def test_fetch_all_styles_writes_one_folder_with_a_card(tmp_path, package, twitter_package):
+    cache = tmp_path / "cache"
+    shutil.copytree(package, cache / PACKAGE / "package")
+    shutil.copytree(twitter_package, cache / "emoji-datasource-twitter" / "package")
+    out = fetch_emoji(cache, style="all", npm="no-such-npm-here")
+    assert out == cache / "emoji-google-twitter"
+    counts = {s: len(load_emoji(out, s)) for s in ("train", "val", "test")}
+    assert sum(counts.values()) == 39
+    ds = load_source(DataConfig(source=str(out)), "train")
+    assert set(ds["style"]) == {"google", "twitter"} and len(ds) == counts["train"]
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\nlicense: [apache-2.0, cc-by-4.0]\n")
+    assert "| google | emoji-datasource-google | 16.0.0 | 20 | [Apache-2.0](" in card
+    assert "| twitter | emoji-datasource-twitter | 16.0.0 | 19 | [CC-BY-4.0](" in card
+    assert STYLES["twitter"].attribution in card and STYLES["google"].attribution in card
+    assert f"| train | {counts['train']} |" in card
+    assert fetch_emoji(cache, style="twitter", npm="no-such-npm-here") == cache / "emoji-twitter"
+    assert "license: cc-by-4.0\n" in (cache / "emoji-twitter" / "README.md").read_text()
+
+
+def test_a_style_npm_cannot_fetch_is_a_one_line_error(tmp_path):
+    npm = tmp_path / "fake-npm"
+    npm.write_text("#!/bin/sh\necho 'npm error code E404' >&2\necho 'npm error 404 Not Found - GET x' >&2\n"
+                   "echo '' >&2\necho 'npm error A complete log of this run can be found in: /x.log' >&2\nexit 1\n")
+    npm.chmod(0o755)
+    with pytest.raises(EmojiError) as e:
+        fetch_emoji(tmp_path / "cache", style="twitter", npm=str(npm))
+    msg = str(e.value)
+    assert "\n" not in msg and "cannot fetch emoji-datasource-twitter" in msg and "E404" in msg
+
+
+def test_cli_fetch_styles(tmp_path, package, twitter_package, capsys):
+    from contrast.cli import main
+
+    shutil.copytree(twitter_package, tmp_path / "emoji-datasource-twitter" / "package")
+    assert main(["data", "fetch", "emoji", "--cache", str(tmp_path), "--style", "twitter"]) == 0
+    out = capsys.readouterr().out
+    assert str(tmp_path / "emoji-twitter") in out and "README.md" in out
+    assert main(["data", "fetch", "emoji", "--cache", str(tmp_path), "--style", "apple"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "not licensed for commercial use" in err
+
+
+def test_emoji_shards_stream_with_their_style(tmp_path, package, twitter_package):
+    """The multi-style set written as shards: the style travels in each sample's json."""
+    import webdataset as wds
+
+    from contrast.data.shard import write_shards
+
+    cache = tmp_path / "cache"
+    shutil.copytree(package, cache / PACKAGE / "package")
+    shutil.copytree(twitter_package, cache / "emoji-datasource-twitter" / "package")
+    out = fetch_emoji(cache, style="all", npm="no-such-npm-here")
+    report = write_shards(DataConfig(source=str(out)), tmp_path / "shards", shard_size=10)
+    samples = list(wds.WebDataset(sorted(str(p) for p in (tmp_path / "shards").glob("*.tar")), shardshuffle=False))
+    assert len(samples) == report.samples == len(load_emoji(out, "train"))
+    styles = [json.loads(s["json"])["style"] for s in samples]
+    assert set(styles) == {"google", "twitter"}
+    assert all("png" in s for s in samples)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 @pytest.mark.skipif(os.environ.get("CONTRAST_NETWORK_TESTS") != "1", reason="set CONTRAST_NETWORK_TESTS=1 to fetch from npm")
@@ -186,3 +291,18 @@ def test_real_fetch_from_npm(tmp_path):
     test = load_emoji(out, "test")
     assert not set(test["emoji_id"]) & set(load_emoji(out, "train")["emoji_id"])
     assert test[0]["image"].size == (64, 64)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
+@pytest.mark.skipif(os.environ.get("CONTRAST_NETWORK_TESTS") != "1", reason="set CONTRAST_NETWORK_TESTS=1 to fetch from npm")
+def test_real_fetch_of_all_styles_from_npm(tmp_path):
+    try:
+        out = fetch_emoji(tmp_path, style="all", skin_tones="drop")
+    except EmojiError as e:  # registry unreachable
+        pytest.skip(f"npm registry unavailable: {e}")
+    train = load_emoji(out, "train")
+    styles = train["style"]
+    assert set(styles) == {"google", "twitter"}
+    assert abs(sum(s == "google" for s in styles) - sum(s == "twitter" for s in styles)) < 20
+    assert "CC-BY-4.0" in (out / "README.md").read_text()
