@@ -136,8 +136,8 @@ def load_source(cfg: DataConfig, split: str, image_size: int = ImageTowerConfig.
     if cfg.source == "synthetic":
         return _synthetic(cfg, split, image_size)
     if not isinstance(cfg.source, str) or expand_shards(cfg.source) is not None:
-        raise DataError(f"{cfg.source} names webdataset shards, which are read by training as a stream; "
-                        "evaluate on a folder, parquet or save_to_disk source (or write one with contrast data shard)")
+        raise DataError(f"{cfg.source} names webdataset shards, which training reads as a stream; evaluate on a "
+                        "captions folder, parquet files or a save_to_disk folder (e.g. the source the shards came from)")
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(
