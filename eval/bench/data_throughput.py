@@ -237,34 +237,13 @@ def run_loader(impl: str, shards: Path, workers: int, batch: int) -> dict:
 # --------------------------------------------------------------------------------------------------- training
 
 
-def open_clip_trainer():
-    """open_clip's CLIP of the bench's size, its ClipLoss and AdamW (open_clip's weight-decay groups)."""
-    import open_clip
-    import torch
-    from open_clip.loss import ClipLoss
+def open_clip_model_and_step():
+    """open_clip's CLIP of the bench's size, its ClipLoss and AdamW; the step takes its loader's (pixels, ids)."""
+    from common import open_clip_trainer
 
-    model = open_clip.CLIP(
-        embed_dim=EMBED,
-        vision_cfg=dict(image_size=SIZE, patch_size=PATCH, width=WIDTH, layers=V_LAYERS, head_width=WIDTH // HEADS),
-        text_cfg=dict(context_length=CTX, vocab_size=49408, width=WIDTH, heads=HEADS, layers=T_LAYERS),
-    )
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.1}],
-        lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-    )
-    loss_fn = ClipLoss()
-
-    def step(batch, i):
-        img, txt, scale = model(*batch)[:3]
-        loss = loss_fn(img, txt, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
-    return model, step
+    model, train = open_clip_trainer(embed=EMBED, image_size=SIZE, patch=PATCH, width=WIDTH, v_layers=V_LAYERS,
+                                     heads=HEADS, ctx=CTX, t_layers=T_LAYERS)
+    return model, lambda batch, i: train(*batch)
 
 
 def run_train(impl: str, shards: Path, workers: int, batch: int, steps: int, warmup: int, work: Path) -> dict:
@@ -272,7 +251,7 @@ def run_train(impl: str, shards: Path, workers: int, batch: int, steps: int, war
 
     torch.manual_seed(0)
     if impl == "open_clip":
-        model, step = open_clip_trainer()
+        model, step = open_clip_model_and_step()
         model.train()
         loader, _ = open_clip_loader(shards, workers, batch)
     else:

@@ -29,21 +29,10 @@ import time
 
 import torch
 import torch.nn.functional as F
+from common import matmul_peak
 
 D = 512
 SCALES = {"itc": (1 / 0.07, None), "sigmoid": (10.0, -10.0)}
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    """fp32 matmul FLOP/s of this machine, measured as eval/bench/train_throughput.py does (2048^3, best of 10)."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def _status_kib(field: str) -> int:

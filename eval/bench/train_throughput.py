@@ -20,6 +20,7 @@ import sys
 import time
 
 import torch
+from common import matmul_peak, open_clip_trainer
 
 WIDTH, IMAGE, PATCH, V_LAYERS, T_LAYERS, HEADS, CTX, EMBED = 256, 64, 8, 6, 4, 4, 32, 256
 
@@ -53,33 +54,8 @@ def build_contrast(compile: bool = False):
 
 
 def build_open_clip():
-    import open_clip
-    from open_clip.loss import ClipLoss
-
-    model = open_clip.CLIP(
-        embed_dim=EMBED,
-        vision_cfg=dict(image_size=IMAGE, patch_size=PATCH, width=WIDTH, layers=V_LAYERS, head_width=WIDTH // HEADS),
-        text_cfg=dict(context_length=CTX, vocab_size=49408, width=WIDTH, heads=HEADS, layers=T_LAYERS),
-    )
-    # open_clip's training script: AdamW with no weight decay on gains, biases, logit scale
-    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
-    named = list(model.named_parameters())
-    opt = torch.optim.AdamW(
-        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
-         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.1}],
-        lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
-    )
-    loss_fn = ClipLoss()
-
-    def step(pixels, ids):
-        img, txt, scale = model(pixels, ids)[:3]
-        loss = loss_fn(img, txt, scale)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return model, step
+    return open_clip_trainer(embed=EMBED, image_size=IMAGE, patch=PATCH, width=WIDTH, v_layers=V_LAYERS, heads=HEADS,
+                             ctx=CTX, t_layers=T_LAYERS)
 
 
 def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
@@ -121,17 +97,6 @@ def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
     }
-
-
-def matmul_peak(n: int = 2048, reps: int = 10) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(reps):
-        t = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - t)
-    return 2 * n**3 / best
 
 
 def main() -> None:

@@ -1,0 +1,52 @@
+"""Pieces shared by the benchmark scripts in this folder (run as ``python eval/bench/X.py``, which puts this folder
+on the import path)."""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def matmul_peak(n: int = 2048, reps: int = 10) -> float:
+    """This machine's fp32 matmul FLOP/s: an n^3 matmul, best of ``reps``."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best
+
+
+def open_clip_trainer(*, embed: int, image_size: int, patch: int, width: int, v_layers: int, heads: int, ctx: int,
+                      t_layers: int):
+    """open_clip's CLIP of the given size, its ClipLoss and AdamW as its training script sets it up (no weight
+    decay on gains, biases and the logit scale). Returns ``(model, step(pixels, ids) -> loss)``."""
+    import open_clip
+    from open_clip.loss import ClipLoss
+
+    model = open_clip.CLIP(
+        embed_dim=embed,
+        vision_cfg=dict(image_size=image_size, patch_size=patch, width=width, layers=v_layers, head_width=width // heads),
+        text_cfg=dict(context_length=ctx, vocab_size=49408, width=width, heads=heads, layers=t_layers),
+    )
+    exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
+    named = list(model.named_parameters())
+    opt = torch.optim.AdamW(
+        [{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
+         {"params": [p for n, p in named if not exclude(n, p)], "weight_decay": 0.1}],
+        lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
+    )
+    loss_fn = ClipLoss()
+
+    def step(pixels, ids):
+        img, txt, scale = model(pixels, ids)[:3]
+        loss = loss_fn(img, txt, scale)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss
+
+    return model, step
