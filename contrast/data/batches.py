@@ -16,14 +16,13 @@ from dataclasses import dataclass
 
 import torch
 
-from contrast.data.decode import CAUSES, BadSample
+from contrast.data.decode import CAUSES, BadSample, SampleReader, Skips, describe_cell
 from contrast.data.sources import DataError
 from contrast.data.stream import Stream, mix, next_good
 from contrast.errors import UserError
 
 log = logging.getLogger(__name__)
 
-WARN_FIRST = 20  # per stream, the first bad samples are logged one by one; later ones are only counted
 BAD_RUN_LIMIT = 10_000  # this many unreadable samples in a row means the source itself is broken
 
 
@@ -74,33 +73,24 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
 def _batches(spec: StreamSpec, local: int, cursor: list[int], skips: list[int]) -> Iterator[dict]:
     stream = spec.make_stream(spec.global_index(local), spec.n_streams)
-    made = int(cursor[0])
     stream.restore(cursor[1:])
-    fixed = CAUSES.index("caption_fixed")
-
-    def on_bad(row: dict, e: BadSample) -> None:
-        where = describe(row)
-        if spec.strict:
-            raise DataError(f"sample {where} is unreadable ({e}); fix or remove it, or set data.strict: false to "
-                            "skip such samples")
-        skips[CAUSES.index(e.cause)] += 1
-        if sum(skips) - skips[fixed] <= WARN_FIRST:
-            log.warning("skipping sample %s: %s", where, e)
-
+    made = int(cursor[0])
+    reader = SampleReader(strict=spec.strict, skips=Skips(dict(zip(CAUSES, skips))))
     while True:
         samples = []
         while len(samples) < spec.batch_size:
             # a slot's augmentation is drawn from its key: the same on every replay (and every layout, for map sources)
             sample = next_good(stream, lambda row, key: spec.prepare(row, random.Random(mix(spec.seed, 0xA06, key))),
-                               on_bad, BadSample, BAD_RUN_LIMIT)
-            if sample.pop("note", None) == "caption_fixed":
-                skips[fixed] += 1
+                               lambda row, e: reader.bad(e, describe(row)), BadSample, BAD_RUN_LIMIT)
+            note = sample.pop("note", None)
+            if note is not None:
+                reader.repaired(note, sample.get("caption", ""), describe(sample))
             samples.append(sample)
             made += 1
         batch = spec.collate(samples)
         batch["__stream__"] = torch.tensor(local)
         batch["__cursor__"] = torch.tensor([made, *stream.state()], dtype=torch.long)
-        batch["__skips__"] = torch.tensor(skips, dtype=torch.long)
+        batch["__skips__"] = torch.tensor([reader.skips.counts.get(c, 0) for c in CAUSES], dtype=torch.long)
         yield batch
 
 
@@ -108,9 +98,7 @@ def describe(row: dict) -> str:
     """Where a row comes from, for messages: its shard key, or its row number and image file."""
     if "__key__" in row:
         return str(row["__key__"])
-    image = row.get("image")
-    path = image.get("path") if isinstance(image, dict) else image if isinstance(image, str) else None
-    return f"row {row.get('__index__', '?')}" + (f" ({path})" if path else "")
+    return describe_cell(row.get("image"), row.get("__index__"))
 
 
 class StreamLoader:

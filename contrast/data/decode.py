@@ -357,9 +357,10 @@ class SampleReader:
     ``draft`` is passed to :func:`load_image` (a transform's ``decode_size``; None decodes at full size).
     """
 
-    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, draft: int | None = None):
+    def __init__(self, max_pixels: int = DEFAULT_MAX_PIXELS, strict: bool = False, draft: int | None = None,
+                 skips: Skips | None = None):
         self.max_pixels, self.strict, self.draft = max_pixels, strict, draft
-        self.skips = Skips()
+        self.skips = skips if skips is not None else Skips()
         self.first_error: tuple[str, BadSample] | None = None  # (where, error) of the first sample skipped
 
     @classmethod
@@ -394,10 +395,14 @@ class SampleReader:
             self.bad(e, where)
             return None
         if note is not None:
-            if self.strict:
-                self.bad(BadSample(note, f"caption {text!r} held undecodable or control characters"), where)
-            self.skips.add(note, where=where)
+            self.repaired(note, text, where)
         return text
+
+    def repaired(self, note: str, text: str, where: str) -> None:
+        """Count a caption that had to be repaired (kept); with ``strict``, stop on it like on a bad sample."""
+        if self.strict:
+            self.bad(BadSample(note, f"caption {text!r} held undecodable or control characters"), where)
+        self.skips.add(note, where=where)
 
     def label(self, value: Any, where: str) -> Any:
         """The label (see :func:`clean_label`), or None (counted) when it cannot name a class."""

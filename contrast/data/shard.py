@@ -33,7 +33,7 @@ from typing import Any
 from PIL import Image
 
 from contrast.config import DataConfig, ImageTowerConfig
-from contrast.data.decode import CAUSES, BadSample, clean_caption, load_image
+from contrast.data.decode import REPAIRED, BadSample, Skips, clean_caption, load_image
 from contrast.data.sources import DataError, load_source
 
 DEFAULT_SHARD_SIZE = 10_000
@@ -232,22 +232,20 @@ class ShardReport:
     shard_size: int
     samples: int = 0
     sizes: dict[str, int] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)  # cause -> count
-    repaired: dict[str, int] = field(default_factory=dict)  # note -> count (captions fixed, kept)
-    first_skipped: dict[str, str] = field(default_factory=dict)  # cause -> the first such sample, for a look
+    skips: Skips = field(default_factory=Skips)  # by cause, with the first sample of each; captions repaired too
 
     def info(self) -> dict:
-        order = {c: i for i, c in enumerate(CAUSES)}
-        by_cause = lambda d: dict(sorted(d.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0])))  # noqa: E731
+        counts = self.skips.as_dict()
         return {
             "source": self.source, "split": self.split, "shard_size": self.shard_size, "samples": self.samples,
-            "shards": len(self.sizes), "skipped": by_cause(self.skipped), "skipped_total": sum(self.skipped.values()),
-            "repaired": by_cause(self.repaired), "first_skipped": by_cause(self.first_skipped),
+            "shards": len(self.sizes), "skipped": {c: n for c, n in counts.items() if c != REPAIRED},
+            "skipped_total": self.skips.total, "repaired": {c: n for c, n in counts.items() if c == REPAIRED},
+            "first_skipped": {c: self.skips.first[c] for c in counts if c in self.skips.first and c != REPAIRED},
             "layout": "img2dataset: KEY.<image ext>, KEY.txt (caption), KEY.json (other columns, key, source_index)",
         }
 
     def summary(self) -> str:
-        total = sum(self.skipped.values())
+        total = self.skips.total
         causes = ", ".join(f"{c} {n}" for c, n in self.info()["skipped"].items())
         n = len(self.sizes)
         return (f"wrote {self.samples} {self.split} samples in {n} shard{'' if n == 1 else 's'} to {self.out} "
@@ -289,11 +287,10 @@ def _write_all(rows: Iterator[dict], writer: ShardWriter, report: ShardReport, c
         except BadSample as e:
             if cfg.strict:
                 raise DataError(f"row {index} of {cfg.source} is unusable ({e}); data.strict is on") from e
-            report.skipped[e.cause] = report.skipped.get(e.cause, 0) + 1
-            report.first_skipped.setdefault(e.cause, f"row {index}: {e.detail}")
+            report.skips.add(e.cause, where=f"row {index}: {e.detail}")
             continue
         if note:
-            report.repaired[note] = report.repaired.get(note, 0) + 1
+            report.skips.add(note)
         writer.write(sample)
         report.samples += 1
     writer.close()
