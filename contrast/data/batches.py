@@ -9,7 +9,6 @@ latest of each, which is what a checkpoint stores.
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -20,8 +19,6 @@ from contrast.data.decode import CAUSES, BadSample, SampleReader, Skips, describ
 from contrast.data.sources import DataError
 from contrast.data.stream import Stream, mix, next_good
 from contrast.errors import UserError
-
-log = logging.getLogger(__name__)
 
 BAD_RUN_LIMIT = 10_000  # this many unreadable samples in a row means the source itself is broken
 
@@ -133,9 +130,6 @@ class StreamLoader:
         if before_last and self._before is not None:
             local, cursors[local], skips[local] = self._before
         return torch.tensor([[len(c), *c, *s] for c, s in zip(cursors, skips)], dtype=torch.long)
-
-    def skipped(self) -> dict[str, int]:
-        return skip_counts(torch.tensor(self.skips).sum(0).tolist())
 
 
 def skip_counts(totals: list[int]) -> dict[str, int]:

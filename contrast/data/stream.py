@@ -18,12 +18,9 @@ stream re-reads at most the rows of the current unit to refill its shuffle buffe
 
 from __future__ import annotations
 
-import logging
 import random
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
-
-log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
 

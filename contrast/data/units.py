@@ -20,10 +20,6 @@ IMAGE_EXTS = ("jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "ppm", 
 TABLE_EXTS = (".parquet", ".arrow")
 
 
-class ShardReadError(ValueError):
-    """A shard that stops being readable part-way (a truncated or damaged tar)."""
-
-
 @dataclass
 class TarUnit:
     """A webdataset tar shard (a local path or any URL ``webdataset.gopen`` opens, e.g. ``pipe:``)."""

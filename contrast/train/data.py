@@ -17,7 +17,7 @@ import torch
 
 from contrast import distributed as D
 from contrast.config import Config, DataConfig
-from contrast.data.batches import StreamLoader, StreamSpec, fresh_state, rebased, skip_counts, split_state
+from contrast.data.batches import StreamLoader, StreamSpec, rebased, skip_counts, split_state
 from contrast.data.collate import Collator, FeatureSamples, ImageSamples
 from contrast.data.sources import DataError, RowSource, open_rows
 from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
@@ -125,7 +125,6 @@ def build_loader(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo 
                 print(f"the checkpoint's data layout was {state['layout'][0]} processes x {state['layout'][1]} "
                       f"streams, this run's is {dist.world_size} x {per_rank}: the data order continues at this step "
                       "(map sources: exactly, with the same global batch) or restarts the epoch it had reached (shards)")
-    cursors = cursors or [fresh_state(spec, i) for i in range(per_rank)]
     return StreamLoader(spec, workers, cursors, skips, pin_memory=torch.cuda.is_available())
 
 
