@@ -131,6 +131,15 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(dim, heads, mlp_ratio, context_dim, act) for _ in range(depth))
         self.grad_checkpointing = False
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def run_block(self, blk: nn.Module, *args) -> torch.Tensor:
+        """``blk(*args)``, under activation checkpointing when it is on and gradients are being recorded."""
+        if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+            return checkpoint(blk, *args, use_reentrant=False)
+        return blk(*args)
+
     def forward(
         self,
         x: torch.Tensor,
@@ -142,10 +151,7 @@ class Transformer(nn.Module):
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         taps: list[torch.Tensor] = []
         for i, blk in enumerate(self.blocks):
-            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(blk, x, mask, causal, context, context_mask, use_reentrant=False)
-            else:
-                x = blk(x, mask, causal, context, context_mask)
+            x = self.run_block(blk, x, mask, causal, context, context_mask)
             if i in return_layers:
                 taps.append(x)
         return x, taps
@@ -211,6 +217,9 @@ class TokenTransformer(nn.Module):
             nn.init.normal_(blk.attn.proj.weight, std=proj_std)
             nn.init.normal_(blk.mlp.fc1.weight, std=fc_std)
             nn.init.normal_(blk.mlp.fc2.weight, std=proj_std)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.transformer.set_grad_checkpointing(enable)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings (B, T, W), without positions."""

@@ -82,6 +82,9 @@ class BlipTextModel(nn.Module):
         self.grad_checkpointing = cfg.grad_checkpointing
         self._init()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def _init(self) -> None:
         w, L = self.cfg.width, self.cfg.layers
         nn.init.normal_(self.token_embedding.weight, std=0.02)
@@ -176,6 +179,11 @@ class BlipModel(Model):
     @property
     def image_tower(self) -> ImageTower:
         return self.image
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if any(p.requires_grad for p in self.image.parameters()):  # a locked tower keeps nothing for backward
+            self.image.set_grad_checkpointing(enable)
+        self.text.set_grad_checkpointing(enable)
 
     @property
     def special_token_ids(self) -> list[int]:

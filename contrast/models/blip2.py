@@ -31,6 +31,7 @@ from contrast.models.qformer import QFormer
 from contrast.objectives import hard_negative_indices, similarity
 from contrast.tokenizer import text_padding_mask
 from contrast.towers import ImageTower
+from contrast.towers.hf_text import hf_checkpointing
 
 
 def freeze(tower: ImageTower) -> ImageTower:
@@ -64,6 +65,12 @@ class CausalDecoder(nn.Module):
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.lm.get_input_embeddings()(input_ids) if self.cfg.source == "hf" else self.lm.embed_tokens(input_ids)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if self.cfg.source == "hf":
+            hf_checkpointing(self.lm, enable)
+        else:
+            self.lm.set_grad_checkpointing(enable)
 
     def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (B, L, V) at every position."""
@@ -116,6 +123,9 @@ class Blip2Stage1(Model):
     @property
     def image_tower(self) -> ImageTower:
         return self.tower
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.qformer.set_grad_checkpointing(enable)  # the image tower is frozen: nothing of it is kept for backward
 
     def train(self, mode: bool = True) -> Blip2Stage1:
         super().train(mode)
@@ -217,6 +227,9 @@ class CaptionLM(Model):
         self.cfg = cfg
         self.decoder = decoder
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.decoder.set_grad_checkpointing(enable)
+
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
         ids = trim_padding(batch["input_ids"])
         return _caption_output(self.decoder, self.decoder.embed(ids), text_padding_mask(ids).long(), 0, ids)
@@ -239,6 +252,10 @@ class Blip2Stage2(Model):
     @property
     def image_tower(self) -> ImageTower:
         return self.tower
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.qformer.set_grad_checkpointing(enable)
+        self.decoder.set_grad_checkpointing(enable)  # frozen, but the gradient of the prompt passes through it
 
     def train(self, mode: bool = True) -> Blip2Stage2:
         super().train(mode)

@@ -42,6 +42,11 @@ class DualEncoder(Model):
     def encode_text(self, input_ids: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return unit(self.text.embed(input_ids), normalize)
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        for tower in (self.image, self.text):
+            if any(p.requires_grad for p in tower.parameters()):  # a locked tower keeps nothing for backward
+                tower.set_grad_checkpointing(enable)
+
     def scale(self) -> torch.Tensor:
         return clamped_scale(self.logit_scale, self.cfg.max_logit_scale)
 

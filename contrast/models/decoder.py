@@ -58,6 +58,11 @@ class VisionLanguageDecoder(Model):
     def image_tower(self) -> ImageTower:
         return self.image
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not self.tower_frozen:
+            self.image.set_grad_checkpointing(enable)
+        self.lm.set_grad_checkpointing(enable)
+
     @property
     def width(self) -> int:
         return self.lm.width

@@ -67,7 +67,7 @@ class CausalLM(TokenTransformer):
         for i, blk in enumerate(self.transformer.blocks):
             if blocks_hook is not None:
                 x = blocks_hook(i, x)
-            x = blk(x, causal=True)
+            x = self.transformer.run_block(blk, x, None, True)
         return self.ln_final(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

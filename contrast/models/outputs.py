@@ -112,6 +112,10 @@ class Model(nn.Module):
     def bridge_state(self) -> dict[str, torch.Tensor]:
         raise self._lacks("has no decoder bridge")
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing in every trained tower and transformer (train.grad_checkpointing)."""
+        raise self._lacks("has no activation checkpointing")
+
     # capability "caption": an image-grounded decoder
     def image_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         raise self._lacks("has no captioning decoder")

@@ -137,15 +137,19 @@ class HFTextTower(nn.Module):
         return self
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        enc = self.encoder
-        if hasattr(enc, "activation_checkpointing_enable"):  # transformers >= 5 renamed gradient_checkpointing_*
-            on, off, key = enc.activation_checkpointing_enable, enc.activation_checkpointing_disable, "activation"
-        else:
-            on, off, key = enc.gradient_checkpointing_enable, enc.gradient_checkpointing_disable, "gradient"
-        if enable:
-            on(**{f"{key}_checkpointing_kwargs": {"use_reentrant": False}})
-        else:
-            off()
+        hf_checkpointing(self.encoder, enable)
+
+
+def hf_checkpointing(model: nn.Module, enable: bool) -> None:
+    """Activation checkpointing of a Hugging Face model, in either version of the transformers API."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5 renamed gradient_checkpointing_*
+        on, off, key = model.activation_checkpointing_enable, model.activation_checkpointing_disable, "activation"
+    else:
+        on, off, key = model.gradient_checkpointing_enable, model.gradient_checkpointing_disable, "gradient"
+    if enable:
+        on(**{f"{key}_checkpointing_kwargs": {"use_reentrant": False}})
+    else:
+        off()
 
 
 def build_text_tower(cfg: TextTowerConfig, embed_dim: int) -> TextTower | HFTextTower:

@@ -87,6 +87,3 @@ class TextTower(TokenTransformer):
                 blk.requires_grad_(True)
             self.ln_final.requires_grad_(True)
         self.proj.requires_grad_(True)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.transformer.grad_checkpointing = enable
