@@ -304,7 +304,13 @@ class TrainConfig:
     warmup_steps: int = 100
     min_lr_ratio: float = 0.0
     grad_clip: float | None = 1.0
-    precision: str = "fp32"  # fp32 | bf16 (autocast)
+    precision: str = "fp32"  # fp32 | bf16 (autocast) | fp16 (autocast and a dynamic gradient scaler)
+    micro_batch_size: int | None = None  # below batch_size (per process): compute it in chunks of this many pairs
+    accumulate: str = "auto"  # with micro_batch_size: auto | cache (exact gradient caching) | mean (see README)
+    grad_checkpointing: bool = False  # activation checkpointing in every tower (less memory, one more forward)
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP2), sharded checkpoints
+    nonfinite: str = "stop"  # a step whose loss or gradients are NaN/inf: stop | skip (not applied, counted)
+    max_nonfinite: int = 10  # nonfinite skip: stop after this many consecutive skipped steps
     seed: int = 0
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
@@ -312,6 +318,7 @@ class TrainConfig:
     threads: int | None = None  # torch intra-op threads on CPU; None leaves torch's default
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (fuses elementwise work; the first steps pay for compiling)
+    keep_host_memory: bool = True  # on the CPU: malloc keeps freed blocks for the next step (no page faults per step)
 
 
 @dataclass

@@ -100,3 +100,12 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     y = x.detach().clone()
     dist.all_reduce(y, op=dist.ReduceOp.SUM)
     return y / dist.get_world_size()
+
+
+def any_rank(flag: torch.Tensor) -> torch.Tensor:
+    """A 0-dim bool tensor: ``flag`` set on any rank (an all-reduce, no host synchronisation). Itself in one process."""
+    if not is_initialized() or dist.get_world_size() == 1:
+        return flag
+    y = flag.to(torch.int32)
+    dist.all_reduce(y, op=dist.ReduceOp.MAX)
+    return y.bool()

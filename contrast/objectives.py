@@ -300,18 +300,27 @@ class LossOutput:
 
 Term = Callable[..., torch.Tensor]
 
+# How each term couples the samples of a batch, which decides how a batch may be split into micro-batches:
+# "embeddings": only through the pooled embeddings (and the logit scale / bias), so gradient caching is exact;
+# "sample": a mean of per-sample losses, so averaging equal micro-batches is exact;
+# "pairs": through the image-text pairs themselves (ITM's hard negatives are drawn from the whole batch).
+COUPLING = {"itc": "embeddings", "sigmoid": "embeddings", "itm": "pairs", "lm": "sample"}
+
 
 class Objective:
     """A weighted sum of loss terms. Each term is ``fn(model_output, comm) -> scalar``.
 
-    The training loop calls ``objective(model_output)`` and never knows which terms it holds.
+    The training loop calls ``objective(model_output)`` and never knows which terms it holds; it may ask how they
+    couple the batch (:attr:`couplings`) to split a batch into micro-batches.
     """
 
-    def __init__(self, terms: dict[str, tuple[float, Term]], comm: Comm | None = None):
+    def __init__(self, terms: dict[str, tuple[float, Term]], comm: Comm | None = None,
+                 couplings: dict[str, str] | None = None):
         if not terms:
             raise ValueError("the objective has no terms with a positive weight; set at least one loss weight > 0")
         self.terms = terms
         self.comm = comm or Comm()
+        self.couplings = {name: (couplings or COUPLING).get(name, "pairs") for name in terms}
 
     def __call__(self, out) -> LossOutput:
         parts: dict[str, torch.Tensor] = {}
@@ -341,11 +350,10 @@ def hard_negative_indices(
         weights[torch.arange(sim.shape[0], device=sim.device), positive] = 0.0
         if exclude is not None:
             weights = weights.masked_fill(exclude, 0.0)
-        empty = weights.sum(dim=1) <= 0
-        if empty.any():  # nothing else to draw from: fall back to uniform over the non-positive columns
-            uniform = torch.ones_like(weights)
-            uniform[torch.arange(sim.shape[0], device=sim.device), positive] = 0.0
-            weights = torch.where(empty[:, None], uniform, weights)
+        empty = weights.sum(dim=1) <= 0  # nothing else to draw from: uniform over the non-positive columns
+        uniform = torch.ones_like(weights)  # (always built: branching on ``empty`` would wait for the device)
+        uniform[torch.arange(sim.shape[0], device=sim.device), positive] = 0.0
+        weights = torch.where(empty[:, None], uniform, weights)
         return torch.multinomial(weights, 1, generator=generator).squeeze(1)
 
 

@@ -5,6 +5,8 @@ Layout of a run directory::
     RUN_DIR/config.yaml                                    the resolved recipe
     RUN_DIR/checkpoints/step_00000100/model.safetensors    weights (any step directory is loadable)
     RUN_DIR/checkpoints/step_00000100/state.pt             training state (see contrast.train.checkpoint)
+    RUN_DIR/checkpoints/step_00000100/sharded/             FSDP runs: model and optimizer shards (DCP), in place of
+                                                           the weights until `contrast train consolidate` writes them
     RUN_DIR/checkpoints/latest                             the name of the newest complete step directory
 
 ``model, preprocess, tokenizer = contrast.load(RUN_DIR)``. :func:`build` is the one place where a recipe's
@@ -31,6 +33,7 @@ from contrast.tokenizer import build_tokenizer
 from contrast.towers import ImageTower
 
 WEIGHTS = "model.safetensors"
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of an FSDP checkpoint (model and optimizer)
 FEATURES_TOWER = "tower.safetensors"  # the frozen tower's weights inside a `contrast features extract` directory
 
 
@@ -41,21 +44,35 @@ def step_dir(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
 
 
-def resolve(path: str | Path) -> Path:
-    """A run directory, a ``checkpoints`` folder or a step directory -> the step directory to load."""
+def _holds_checkpoint(p: Path) -> bool:
+    return (p / WEIGHTS).is_file() or (p / SHARDED).is_dir()
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory, a ``checkpoints`` folder or a step directory -> the step directory, whether it holds weights
+    or only FSDP shards (what resuming reads; loading a model goes through :func:`resolve`)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint path not found: {p}")
-    if (p / WEIGHTS).is_file():
+    if _holds_checkpoint(p):
         return p
     for root in (p / "checkpoints", p):
         pointer = root / "latest"
         if pointer.is_file():
             target = root / pointer.read_text().strip()
-            if not (target / WEIGHTS).is_file():
+            if not _holds_checkpoint(target):
                 raise CheckpointError(f"{pointer} names {target}, which has no {WEIGHTS}; the run may be damaged")
             return target
     raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS}, no checkpoints/latest); train first or pass a step directory")
+
+
+def resolve(path: str | Path) -> Path:
+    """A run directory, a ``checkpoints`` folder or a step directory -> the step directory to load weights from."""
+    ckpt = resolve_checkpoint(path)
+    if not (ckpt / WEIGHTS).is_file():
+        raise CheckpointError(f"{ckpt} is a sharded (FSDP) checkpoint without consolidated weights; write its "
+                              f"{WEIGHTS} with: contrast train consolidate {ckpt}")
+    return ckpt
 
 
 def run_dir_of(ckpt: Path) -> Path:

@@ -76,6 +76,19 @@ def text_padding_mask(input_ids: torch.Tensor) -> torch.Tensor:
     return torch.arange(T, device=input_ids.device)[None, :] <= eot  # (B, T)
 
 
+class TrimmedTokenizer:
+    """A BPE tokenizer whose batches end at their last end-of-text token: the trailing padding columns every caption
+    of the batch has are dropped, so the text tower runs on the batch's longest caption instead of the full context.
+    Exact for towers that never let padding reach a real position (causal, or masked); training batches use it."""
+
+    def __init__(self, tokenizer: ClipTokenizer):
+        self.tokenizer = tokenizer
+
+    def __call__(self, texts: str | list[str]) -> torch.Tensor:
+        ids = self.tokenizer(texts)  # (B, T)
+        return ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (B, T'), T' = last end-of-text position + 1
+
+
 def build_tokenizer(text_cfg):
     """The tokenizer a text tower config asks for (``model.text.kind``: clip -> BPE, hf -> the model's own)."""
     if text_cfg.kind == "hf":

@@ -167,4 +167,10 @@ def test_non_finite_loss_stops_with_a_saved_checkpoint(tmp_path, data_cache):
     cfg.model.init_logit_scale = float("nan")
     with pytest.raises(NonFiniteLossError, match="Lower train.lr"):
         train(cfg, tmp_path / "run", progress=False)
-    assert R.resolve(tmp_path / "run").name == "step_00000000"
+    saved = R.resolve(tmp_path / "run")
+    assert saved.name == "step_00000001"  # checked at the first logged step; its update was not applied
+    weights = R.read_weights(saved / R.WEIGHTS)
+    torch.manual_seed(cfg.train.seed)
+    fresh = build_model(cfg.model).state_dict()
+    for k, v in weights.items():
+        torch.testing.assert_close(v, fresh[k], equal_nan=True)

@@ -1,4 +1,5 @@
-"""``contrast train RECIPE [--out RUN_DIR] [--set a.b=value ...] [--resume latest|CKPT]``."""
+"""``contrast train RECIPE [--out RUN_DIR] [--set a.b=value ...] [--resume latest|CKPT]`` and
+``contrast train consolidate CHECKPOINT`` (a sharded FSDP checkpoint -> model.safetensors, one process)."""
 
 from __future__ import annotations
 
@@ -7,15 +8,31 @@ from pathlib import Path
 
 from contrast import distributed as D
 from contrast.config import load_recipe
+from contrast.errors import UserError
 from contrast.runs import load
+from contrast.train.checkpoint import consolidate
 from contrast.train.loop import train
+
+CONSOLIDATE = "consolidate"
 
 
 def default_run_dir(recipe: str) -> Path:
     return Path("runs") / Path(recipe).stem
 
 
+def _consolidate(args: argparse.Namespace) -> int:
+    if not args.checkpoint:
+        raise UserError("contrast train consolidate needs a checkpoint: a run directory or a step directory")
+    print(f"consolidated weights: {consolidate(args.checkpoint)}")
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
+    if args.recipe == CONSOLIDATE:
+        return _consolidate(args)
+    if args.checkpoint:
+        raise UserError(f"unexpected argument '{args.checkpoint}'; contrast train takes one recipe "
+                        f"(or: contrast train {CONSOLIDATE} CHECKPOINT)")
     cfg = load_recipe(args.recipe, args.set)
     out = Path(args.out) if args.out else default_run_dir(args.recipe)
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
@@ -42,8 +59,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def add_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model from a recipe")
-    p.add_argument("recipe", help="YAML recipe, e.g. recipes/clip_tiny.yaml")
+    p = sub.add_parser("train", help="train a model from a recipe (or consolidate a sharded checkpoint)")
+    p.add_argument("recipe", help=f"YAML recipe, e.g. recipes/clip_tiny.yaml; or '{CONSOLIDATE}' followed by a "
+                                  "checkpoint to write the model.safetensors of a sharded (FSDP) checkpoint")
+    p.add_argument("checkpoint", nargs="?", help=f"with '{CONSOLIDATE}': a run directory, its checkpoints folder or "
+                                                 "a step directory (in one process, no torchrun)")
     p.add_argument("--out", help="run directory (default runs/<recipe name>)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe value, e.g. --set train.steps=200 (repeatable)")

@@ -108,7 +108,6 @@ class StreamLoader:
         self.spec = spec
         self.cursors = cursors or [fresh_state(spec, i) for i in range(spec.per_rank)]
         self.skips = skips or [[0] * len(CAUSES) for _ in range(spec.per_rank)]
-        self._before: tuple[int, list[int], list[int]] | None = None
         self.loader = torch.utils.data.DataLoader(
             StreamBatches(spec, self.cursors, self.skips), batch_size=None, num_workers=num_workers,
             pin_memory=pin_memory, prefetch_factor=4 if num_workers else None)
@@ -118,17 +117,14 @@ class StreamLoader:
             if "__error__" in batch:
                 raise DataError(batch["__error__"])
             local = int(batch.pop("__stream__"))
-            self._before = (local, self.cursors[local], self.skips[local])
             self.cursors[local] = batch.pop("__cursor__").tolist()
             self.skips[local] = batch.pop("__skips__").tolist()
             yield batch
 
-    def state(self, before_last: bool = False) -> torch.Tensor:
+    def state(self) -> torch.Tensor:
         """``(per_rank, 1 + cursor width + causes)``: each local stream's cursor and skip counts, after the last
-        batch taken (or, with ``before_last``, as they were before it: a step that was not applied)."""
-        cursors, skips = list(self.cursors), list(self.skips)
-        if before_last and self._before is not None:
-            local, cursors[local], skips[local] = self._before
+        batch taken."""
+        cursors, skips = self.cursors, self.skips
         return torch.tensor([[len(c), *c, *s] for c, s in zip(cursors, skips)], dtype=torch.long)
 
 

@@ -23,6 +23,7 @@ from contrast.data.sources import DataError, RowSource, open_rows
 from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
 from contrast.data.transforms import build_transform
 from contrast.features import build_feature_data
+from contrast.tokenizer import TrimmedTokenizer
 
 
 def default_workers(world_local: int = 1) -> int:
@@ -97,7 +98,8 @@ def build_spec(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo, p
         sources, weights, prepare = [RowSource(str(cfg.model.features_dir), rows=rows)], [1.0], FeatureSamples()
     else:
         sources, weights = _sources(cfg, split)
-        collate = Collator(tokenizer)
+        exact = cfg.model.text.kind == "clip" and cfg.model.text.causal  # padding never reaches a real position
+        collate = Collator(TrimmedTokenizer(tokenizer) if exact else tokenizer)
         prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels)
     _check_size(sources, t.batch_size * dist.world_size, dist.world_size * per_rank)
     return StreamSpec(_stream_factory(sources, weights, cfg, dist), prepare, collate, t.batch_size, t.seed, dist.rank,
@@ -128,9 +130,9 @@ def build_loader(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo 
     return StreamLoader(spec, workers, cursors, skips, pin_memory=torch.cuda.is_available())
 
 
-def loader_state(loader: StreamLoader, dist: D.DistInfo, before_last: bool = False) -> dict:
+def loader_state(loader: StreamLoader, dist: D.DistInfo) -> dict:
     """Every rank's stream cursors (a collective: all ranks call it), as a checkpoint stores them."""
-    local = loader.state(before_last)
+    local = loader.state()
     rows = D.gather_with_grad(local) if dist.world_size > 1 else local
     return {"layout": [dist.world_size, loader.spec.per_rank], "streams": rows}
 

@@ -26,8 +26,9 @@ class RunLog:
     def advance(self) -> None:
         self.bar.update(1)
 
-    def write(self, step: int, loss: float, losses, out, lr: float) -> None:
-        """One logged step: loss, its terms, learning rate, images/s since the last logged step, logit scale."""
+    def write(self, step: int, loss: float, losses, out, lr: float, extra: dict | None = None) -> None:
+        """One logged step: loss, its terms, learning rate, images/s since the last logged step, logit scale, and
+        ``extra`` (gradient norm, non-finite steps so far)."""
         if not self.main:
             return
         now = time.perf_counter()
@@ -37,6 +38,7 @@ class RunLog:
         rec.update({f"loss/{k}": float(v) for k, v in losses.parts.items()})
         if out.logit_scale is not None:
             rec["logit_scale"] = float(out.logit_scale.detach())
+        rec.update(extra or {})
         self.file.write(json.dumps(rec) + "\n")
         self.file.flush()
         self.bar.set_postfix(loss=f"{loss:.3f}", scale=f"{rec.get('logit_scale', 0):.1f}", img_s=f"{ips:.0f}")

@@ -18,24 +18,23 @@ import torch
 from torch import nn
 
 from contrast import distributed as D
-from contrast.config import Config, save_config
+from contrast.config import Config, ConfigError, save_config
 from contrast.data.batches import StreamLoader
 from contrast.data.transforms import normalise_batch
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
-from contrast.runs import WEIGHTS, build, load_model_weights, resolve, step_dir
+from contrast.runs import build, resolve_checkpoint, step_dir
 from contrast.tokenizer import build_tokenizer
 from contrast.train import checkpoint as C
+from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, total_skips
+from contrast.train.host import keep_freed_memory
 from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
+from contrast.train.step import PRECISIONS, NonFiniteLossError, Stepper, autocast, build_stepper
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16}
-
-
-class NonFiniteLossError(UserError, RuntimeError):
-    """The loss became NaN or infinite."""
+__all__ = ["NonFiniteLossError", "Run", "RunResult", "setup", "train", "train_step"]
 
 
 @dataclass
@@ -64,6 +63,8 @@ class Run:
     loader: StreamLoader
     autocast: AbstractContextManager
     start: int = 0
+    stepper: Stepper | None = None  # built last in setup: the step, the gradient scaler and the non-finite guard
+    resumed: dict | None = None  # the training state a resumed run started from
 
 
 def select_device(name: str) -> torch.device:
@@ -83,8 +84,10 @@ def _init_process(cfg: Config) -> tuple[D.DistInfo, torch.device]:
         torch.cuda.set_device(device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    if device.type == "cpu" and cfg.train.keep_host_memory:
+        keep_freed_memory()
     if cfg.train.precision not in PRECISIONS:
-        raise ValueError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
+        raise ConfigError(f"train.precision must be one of {', '.join(PRECISIONS)}, got '{cfg.train.precision}'")
     return dist_info, device
 
 
@@ -99,12 +102,12 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, main: bool)
 
 def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
     """Load weights and training state; returns the step and the saved data cursors (None for older checkpoints)."""
-    ckpt = resolve(run.run_dir if resume == "latest" else resume)
-    load_model_weights(run.model, ckpt / WEIGHTS)
+    ckpt = resolve_checkpoint(run.run_dir if resume == "latest" else resume)
     state = C.load_state(ckpt)
-    run.optimizer.load_state_dict(state["optimizer"])
+    C.load_weights_and_optimizer(ckpt, state, run.model, run.optimizer)  # sharded (DCP) or safetensors + optimizer
     run.scheduler.load_state_dict(state["scheduler"])
     C.set_rng_state(state["rng"])
+    run.resumed = state
     if run.dist.is_main:
         print(f"resumed from {ckpt} at step {int(state['step'])}")
         if "data" not in state:
@@ -114,7 +117,7 @@ def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
 
 def _wrap(model: nn.Module, cfg: Config, dist_info: D.DistInfo, device: torch.device) -> nn.Module:
     wrapped = model
-    if dist_info.world_size > 1:
+    if dist_info.world_size > 1 and not F.is_sharded(model):  # an FSDP model reduces its own gradients
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     return torch.compile(wrapped) if cfg.train.compile else wrapped
 
@@ -127,41 +130,35 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     random.seed(cfg.train.seed)
     torch.manual_seed(cfg.train.seed)
     model = build(cfg.model).to(device)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(cfg.model.text)
-    opt = build_optimizer(model, cfg.train)
     comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank, dist_info.world_size,
                 D.ring_shift)
     model.set_comm(comm)  # a forward that needs the global batch (BLIP's hard negatives) gets it like the loss
-    dtype = PRECISIONS[cfg.train.precision]
+    if F.use_fsdp(cfg.train, dist_info):
+        F.shard_model(model, device)  # in place: model is the sharded module from here on
+    opt = build_optimizer(model, cfg.train)  # after sharding: FSDP's optimizer holds the sharded parameters
     run = Run(cfg, run_dir, dist_info, device, model, model, build_objective(cfg.loss, comm), opt,
-              build_scheduler(opt, cfg.train), None,
-              torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None))
+              build_scheduler(opt, cfg.train), None, autocast(device, cfg.train.precision))
     data_state = None
     if resume:
         run.start, data_state = _resume(run, resume)
     run.train_model = _wrap(model, cfg, dist_info, device)
     run.loader = build_loader(cfg, tokenizer, cfg.data.train_split, dist_info, run.start, data_state)
+    run.stepper = build_stepper(run)
+    run.stepper.guard.step.fill_(run.start)
+    run.stepper.load_state(run.resumed or {})
     return run
 
 
 # --------------------------------------------------------------------------------------------------- the step
 
 
-def train_step(run: Run, batch: dict[str, torch.Tensor], step: int) -> tuple[LossOutput, ModelOutput]:
-    """Forward, loss, backward, clip, optimizer and scheduler step on one batch."""
-    batch = to_device(batch, run.device, run.cfg.model.image)
-    with run.autocast:
-        out = run.train_model(batch)
-        losses = run.objective(out)
-    if not torch.isfinite(losses.total):
-        _stop_non_finite(run, losses, step)
-    run.optimizer.zero_grad(set_to_none=True)
-    losses.total.backward()
-    if run.cfg.train.grad_clip:
-        torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.cfg.train.grad_clip)
-    run.optimizer.step()
-    run.scheduler.step()
-    return losses, out
+def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[LossOutput, ModelOutput]:
+    """Forward and backward (whole or in micro-batches), clip, optimizer and scheduler step on one batch; a step
+    whose loss or gradients are not finite is not applied (see :class:`contrast.train.step.NonFiniteGuard`)."""
+    return run.stepper(to_device(batch, run.device, run.cfg.model.image))
 
 
 def to_device(batch: dict, device: torch.device, image_cfg) -> dict:
@@ -173,23 +170,31 @@ def to_device(batch: dict, device: torch.device, image_cfg) -> dict:
     return batch
 
 
-def _stop_non_finite(run: Run, losses: LossOutput, step: int) -> None:
-    saved = _save(run, step, keep=run.cfg.train.keep_checkpoints + 1, before_last=True)
+def _check_finite(run: Run, step: int) -> None:
+    """Stop the run when the non-finite guard says so (at logged and checkpoint steps: a host synchronisation)."""
+    problem = run.stepper.guard.problem()
+    if problem is None:
+        return
+    saved = _save(run, step, keep=run.cfg.train.keep_checkpoints + 1)
     raise NonFiniteLossError(
-        f"the loss became {losses.total.item()} at step {step} (terms: "
-        f"{ {k: round(float(v), 4) for k, v in losses.parts.items()} }). The weights before this step are saved in "
-        f"{saved}. Lower train.lr, raise train.warmup_steps or set train.grad_clip, then resume with --resume latest."
+        f"{problem}. The weights from before it are saved in {saved or 'the main process checkpoint'} (at step {step}, "
+        "so a resumed run goes on with the next batches). Lower train.lr, raise train.warmup_steps or set "
+        "train.grad_clip, or set train.nonfinite: skip; then resume with --resume latest."
     )
 
 
-def _save(run: Run, step: int, keep: int | None = None, before_last: bool = False) -> Path | None:
+def _save(run: Run, step: int, keep: int | None = None) -> Path | None:
     """Checkpoint ``step`` with every rank's data cursors; all ranks call it (gathering the cursors), the main
     process writes."""
-    data = loader_state(run.loader, run.dist, before_last)
+    data = loader_state(run.loader, run.dist)
+    if F.is_sharded(run.model):  # every rank writes its shards
+        return C.save_sharded_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
+                                         {"world_size": run.dist.world_size, "data": data, **run.stepper.state()},
+                                         keep=run.cfg.train.keep_checkpoints if keep is None else keep)
     if not run.dist.is_main:
         return None
     return C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
-                             {"world_size": run.dist.world_size, "data": data},
+                             {"world_size": run.dist.world_size, "data": data, **run.stepper.state()},
                              keep=run.cfg.train.keep_checkpoints if keep is None else keep)
 
 
@@ -220,21 +225,27 @@ def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress:
     result.skipped = total_skips(loader_state(run.loader, run.dist))
     log.summary({"steps": step, "started_at_step": run.start, "skipped": result.skipped,
                  "wall_s": round(time.perf_counter() - started, 1)})
+    if F.is_sharded(run.model) and result.checkpoint is not None and result.checkpoint.is_dir():
+        C.consolidate(result.checkpoint)  # the final checkpoint gets model.safetensors: main rank only, others wait
     D.barrier()
     return result
 
 
 def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) -> int:
     t = run.cfg.train
-    losses, out = train_step(run, batch, step)
+    losses, out = train_step(run, batch)
     step += 1
     log.count(batch["input_ids"].shape[0] * run.dist.world_size)
-    if step % t.log_every == 0 or step == t.steps:
-        value = float(D.all_reduce_mean(losses.total.detach()))  # host sync on logged steps only
+    logged, saving = step % t.log_every == 0 or step == t.steps, t.checkpoint_every and step % t.checkpoint_every == 0
+    if logged or saving:  # host synchronisation on these steps only
+        _check_finite(run, step)
+    if logged:
+        value = float(D.all_reduce_mean(losses.total.detach()))
         result.losses.append((step, value))
         result.last_loss = value
-        log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"])
+        extra = {"grad_norm": float(run.stepper.grad_norm), **run.stepper.guard.report()}
+        log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"], extra)
     log.advance()
-    if t.checkpoint_every and step % t.checkpoint_every == 0:
+    if saving:
         result.checkpoint = _save(run, step)
     return step

@@ -10,7 +10,7 @@ from torch import nn
 from contrast.config import TrainConfig
 
 
-def _tower_of(name: str) -> str:
+def tower_of(name: str) -> str:
     for tower in ("image", "text"):
         if name.startswith(f"{tower}.") or name.startswith(f"module.{tower}."):
             return tower
@@ -24,7 +24,7 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        tower = _tower_of(name)
+        tower = tower_of(name)
         decay = p.ndim >= 2
         key = (tower, decay)
         if key not in groups:

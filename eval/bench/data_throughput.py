@@ -262,7 +262,7 @@ def run_train(impl: str, shards: Path, workers: int, batch: int, steps: int, war
         model, loader = run.model, run.loader
 
         def step(b, i):
-            train_step(run, b, i)
+            train_step(run, b)
 
     it = iter(loader)
     for i in range(warmup):  # worker start-up, first allocations
