@@ -19,7 +19,7 @@ FLOORS = {
     "towers": 1, "tokenizer": 1, "data": 1,
     "models": 2,
     "runs": 3,
-    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4,
+    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }
 FLOOR_NAMES = ["base", "parts", "models", "runs", "drivers", "cli"]

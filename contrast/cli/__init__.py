@@ -1,4 +1,7 @@
-"""The ``contrast`` command line: ``contrast train | eval | data | features | caption | export | import | index``.
+"""The ``contrast`` command line: ``contrast train | plan | eval | data | features | caption | export | import | index``.
+
+``contrast plan`` measures a recipe (parameters, FLOPs, activation memory) and predicts whether and how it fits a
+device before training.
 
 Argument parsing lives here, one module per command group, each offering ``add_cli(subparsers)``; this module only
 assembles them, so adding a command is one line in ``COMMAND_MODULES``. Commands call the library below.
@@ -14,6 +17,7 @@ from contrast.errors import UserError
 
 COMMAND_MODULES = [
     "contrast.cli.train",
+    "contrast.cli.plan",
     "contrast.cli.evaluate",
     "contrast.cli.data",
     "contrast.cli.features",
