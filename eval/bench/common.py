@@ -3,6 +3,7 @@ on the import path)."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -21,9 +22,12 @@ def matmul_peak(n: int = 2048, reps: int = 10) -> float:
 
 
 def open_clip_trainer(*, embed: int, image_size: int, patch: int, width: int, v_layers: int, heads: int, ctx: int,
-                      t_layers: int):
+                      t_layers: int, precision: str = "fp32", accum_freq: int = 1):
     """open_clip's CLIP of the given size, its ClipLoss and AdamW as its training script sets it up (no weight
-    decay on gains, biases and the logit scale). Returns ``(model, step(pixels, ids) -> loss)``."""
+    decay on gains, biases and the logit scale; no gradient clipping, its default). ``precision`` "bf16" runs the
+    forward and the loss under ``torch.autocast`` bf16 with fp32 weights, as its ``--precision amp_bf16`` does;
+    ``accum_freq`` K > 1 splits each batch into K micro-batches as its ``--accum-freq K`` does (see
+    ``_accumulating_step``). Returns ``(model, step(pixels, ids) -> loss)``."""
     import open_clip
     from open_clip.loss import ClipLoss
 
@@ -40,13 +44,41 @@ def open_clip_trainer(*, embed: int, image_size: int, patch: int, width: int, v_
         lr=1e-4, betas=(0.9, 0.98), eps=1e-6,
     )
     loss_fn = ClipLoss()
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
+    if accum_freq > 1:
+        return model, _accumulating_step(model, loss_fn, opt, amp, accum_freq)
 
     def step(pixels, ids):
-        img, txt, scale = model(pixels, ids)[:3]
-        loss = loss_fn(img, txt, scale)
+        with amp():
+            img, txt, scale = model(pixels, ids)[:3]
+            loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss
 
     return model, step
+
+
+def _accumulating_step(model, loss_fn, opt, amp, k: int):
+    """One optimizer step over a batch in ``k`` micro-batches the way open_clip's ``train_one_epoch`` does with
+    ``accum_freq`` k: embed every micro-batch without gradients and keep the features; then for each micro-batch a
+    forward with gradients, the loss over the whole batch with its features put in place of its cached ones, and a
+    backward (the logit scale thus gets the sum of k whole-batch gradients, as in open_clip); then one step."""
+
+    def step(pixels, ids):
+        chunks = list(zip(pixels.chunk(k), ids.chunk(k)))
+        with torch.no_grad(), amp():
+            cached = [model(p, t)[:2] for p, t in chunks]
+        images, texts = [c[0] for c in cached], [c[1] for c in cached]
+        opt.zero_grad(set_to_none=True)
+        for j, (p, t) in enumerate(chunks):
+            with amp():
+                img, txt, scale = model(p, t)[:3]
+                loss = loss_fn(torch.cat(images[:j] + [img] + images[j + 1:]),
+                               torch.cat(texts[:j] + [txt] + texts[j + 1:]), scale)
+            loss.backward()
+        opt.step()
+        return loss
+
+    return step

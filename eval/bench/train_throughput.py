@@ -1,10 +1,21 @@
 """Training throughput of the same small CLIP in contrast and in open_clip, measured in one run on this machine.
 
 Config (both libraries): ViT image tower 64 px, patch 8, width 256, 6 layers, 4 heads; text context 32, width 256,
-4 layers, 4 heads; embedding 256; batch 128; AdamW; fp32. Each library trains with its own model, loss and
-optimizer set-up, each in its own process (so peak memory is that process's own). Reported: images/s, achieved
-FLOP/s (FLOPs of one training step counted by torch.utils.flop_counter, divided by the measured step time), its
-share of this machine's fp32 matmul peak (measured here on a large matmul), and peak resident memory.
+4 layers, 4 heads; embedding 256; batch 128; AdamW. Each row trains with its library's own model, loss and optimizer
+set-up, each in its own process (so peak memory is that process's own). contrast's rows go through
+``contrast.train.step.Stepper``, the training step ``contrast train`` runs (per-tower gradient norms, the non-finite
+guard, the fused AdamW step, the learning-rate schedule), with ``train.grad_clip: null``: open_clip's training script
+clips no gradients by default, so neither does any row here.
+
+Rows: ``open_clip`` and ``contrast`` in fp32; ``contrast cache``, the same global batch computed exactly by gradient
+caching over micro-batches of batch/4 (``train.micro_batch_size``; one more forward per micro-batch);
+``open_clip bf16`` (forward and loss under ``torch.autocast`` bf16, fp32 weights, as its ``--precision amp_bf16``)
+and ``contrast bf16`` (``train.precision: bf16``, the same autocast); with ``--compile``, ``contrast+compile``
+(``torch.compile`` of the model, as ``train.compile``). Reported: images/s, achieved FLOP/s (FLOPs of one training
+step as run, counted by torch.utils.flop_counter, divided by the measured step time; the cache row counts its second
+forward), its share of this machine's fp32 matmul peak (measured here on a large matmul; bf16 rows are compared
+with the fp32 peak too), and peak resident memory. Closing lines: each contrast row over open_clip fp32, and
+contrast bf16 over open_clip bf16.
 
     python eval/bench/train_throughput.py [--steps 8] [--warmup 2] [--batch 128] [--threads N] [--compile]
 """
@@ -18,18 +29,19 @@ import resource
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 from common import matmul_peak, open_clip_trainer
 
 WIDTH, IMAGE, PATCH, V_LAYERS, T_LAYERS, HEADS, CTX, EMBED = 256, 64, 8, 6, 4, 4, 32, 256
+ROWS = ("open_clip", "contrast", "contrast cache", "open_clip bf16", "contrast bf16")
+COMPILED = "contrast+compile"
 
 
-def build_contrast(compile: bool = False):
+def contrast_config(batch: int, precision: str = "fp32", micro: int | None = None):
+    """The bench's CLIP as a contrast Config; its train section as the rows use it (no clipping, see above)."""
     from contrast.config import Config, TrainConfig
-    from contrast.models import build_model
-    from contrast.objectives import build_objective
-    from contrast.train.optim import build_optimizer
 
     cfg = Config()
     cfg.model.embed_dim = EMBED
@@ -38,39 +50,66 @@ def build_contrast(compile: bool = False):
                                   global_pool="token", fc_norm=False)
     cfg.model.text.context_length, cfg.model.text.width = CTX, WIDTH
     cfg.model.text.layers, cfg.model.text.heads = T_LAYERS, HEADS
+    cfg.train = TrainConfig(lr=1e-4, batch_size=batch, micro_batch_size=micro, precision=precision, grad_clip=None)
+    return cfg
+
+
+def build_contrast(batch: int, precision: str = "fp32", micro: int | None = None, compile: bool = False):
+    """contrast's model and its real training step: ``(model, step(pixels, ids) -> loss)``, the step one
+    ``Stepper`` call ("whole", or "cache" over micro-batches of ``micro`` when it is below ``batch``)."""
+    from contrast.models import build_model
+    from contrast.objectives import build_objective
+    from contrast.train.host import keep_freed_memory
+    from contrast.train.optim import build_optimizer, build_scheduler
+    from contrast.train.step import Stepper, autocast
+
+    cfg = contrast_config(batch, precision, micro)
+    device = torch.device("cpu")
+    if cfg.train.keep_host_memory:  # as the training loop does on the CPU
+        keep_freed_memory()
     model = build_model(cfg.model)
-    opt = build_optimizer(model, TrainConfig(lr=1e-4))
-    objective = build_objective(cfg.loss)
-    forward = torch.compile(model) if compile else model
-
-    def step(pixels, ids):
-        loss = objective(forward({"pixels": pixels, "input_ids": ids})).total
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss
-
-    return model, step
+    optimizer = build_optimizer(model, cfg.train)
+    run = SimpleNamespace(cfg=cfg, model=model, train_model=torch.compile(model) if compile else model,
+                          objective=build_objective(cfg.loss), optimizer=optimizer,
+                          scheduler=build_scheduler(optimizer, cfg.train), autocast=autocast(device, precision),
+                          device=device)
+    mode = "cache" if micro is not None and micro < batch else "whole"
+    stepper = Stepper(run, mode, micro)
+    return model, lambda pixels, ids: stepper({"pixels": pixels, "input_ids": ids})[0].total
 
 
-def build_open_clip():
+def build_open_clip(precision: str = "fp32", accum_freq: int = 1):
     return open_clip_trainer(embed=EMBED, image_size=IMAGE, patch=PATCH, width=WIDTH, v_layers=V_LAYERS, heads=HEADS,
-                             ctx=CTX, t_layers=T_LAYERS)
+                             ctx=CTX, t_layers=T_LAYERS, precision=precision, accum_freq=accum_freq)
+
+
+def builder(impl: str, batch: int):
+    return {
+        "open_clip": lambda: build_open_clip(),
+        "open_clip bf16": lambda: build_open_clip("bf16"),
+        "contrast": lambda: build_contrast(batch),
+        "contrast bf16": lambda: build_contrast(batch, "bf16"),
+        "contrast cache": lambda: build_contrast(batch, micro=max(1, batch // 4)),
+        COMPILED: lambda: build_contrast(batch, compile=True),
+    }[impl]
+
+
+def make_batch(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    pixels = torch.randn(batch, 3, IMAGE, IMAGE)
+    ids = torch.randint(1, 49406, (batch, CTX))
+    ids[:, -1] = 49407  # end-of-text last, as the tokenizer leaves it for full-length captions
+    return pixels, ids
 
 
 def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
     from torch.utils.flop_counter import FlopCounterMode
 
     torch.manual_seed(0)
-    builders = {"contrast": build_contrast, "open_clip": build_open_clip,
-                "contrast+compile": lambda: build_contrast(compile=True)}
-    model, step = builders[impl]()
+    model, step = builder(impl, batch)()
     model.train()
-    pixels = torch.randn(batch, 3, IMAGE, IMAGE)
-    ids = torch.randint(1, 49406, (batch, CTX))
-    ids[:, -1] = 49407  # end-of-text last, as the tokenizer leaves it for full-length captions
-    if impl.endswith("+compile"):  # count FLOPs on the eager model; compiling happens in the warm-up steps
-        eager, eager_step = build_contrast()
+    pixels, ids = make_batch(batch)
+    if impl == COMPILED:  # count FLOPs on the eager model; compiling happens in the warm-up steps
+        eager, eager_step = build_contrast(batch)
         with FlopCounterMode(display=False) as fc:
             eager_step(pixels, ids)
         del eager, eager_step
@@ -99,6 +138,32 @@ def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
     }
 
 
+def child(args, impl: str) -> dict:
+    cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup", str(args.warmup),
+           "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    if out.returncode:
+        sys.exit(f"{impl} run failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def print_table(args, peak: float, rows: list[dict]) -> None:
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
+          f"(2048^3 matmul, best of 10); batch {args.batch}, median of {args.steps} steps; no gradient clipping")
+    print(f"{'impl':<17} {'img/s':>8} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'% peak':>7} "
+          f"{'peak RSS MiB':>13} {'params M':>9}")
+    for r in rows:
+        print(f"{r['impl']:<17} {r['images_per_s']:>8.1f} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} "
+              f"{r['flop_per_s'] / 1e9:>9.1f} {100 * r['flop_per_s'] / peak:>6.1f}% {r['peak_rss_mib']:>13.0f} "
+              f"{r['params_m']:>9.2f}")
+    by = {r["impl"]: r for r in rows}
+    pairs = [(impl, "open_clip") for impl in by if impl.startswith("contrast")] + [("contrast bf16", "open_clip bf16")]
+    for ours, theirs in pairs:
+        a, b = by[ours], by[theirs]
+        print(f"{ours} / {theirs}: {a['images_per_s'] / b['images_per_s']:.2f}x images/s, "
+              f"{a['peak_rss_mib'] / b['peak_rss_mib']:.2f}x peak memory")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=8)
@@ -106,7 +171,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=128)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--compile", action="store_true", help="add a row for contrast with train.compile (torch.compile)")
-    ap.add_argument("--impl", choices=["contrast", "open_clip", "contrast+compile"], help=argparse.SUPPRESS)
+    ap.add_argument("--impl", choices=ROWS + (COMPILED,), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -114,26 +179,8 @@ def main() -> None:
         print(json.dumps(run_one(args.impl, args.steps, args.warmup, args.batch)))
         return
     peak = matmul_peak()
-    rows = []
-    for impl in ("open_clip", "contrast") + (("contrast+compile",) if args.compile else ()):
-        cmd = [sys.executable, __file__, "--impl", impl, "--steps", str(args.steps), "--warmup", str(args.warmup),
-               "--batch", str(args.batch)] + (["--threads", str(args.threads)] if args.threads else [])
-        out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
-        if out.returncode:
-            sys.exit(f"{impl} run failed:\n{out.stderr}")
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {peak / 1e9:.1f} GFLOP/s "
-          f"(2048^3 matmul, best of 10); batch {args.batch}, median of {args.steps} steps")
-    print(f"{'impl':<16} {'img/s':>8} {'step s':>8} {'GFLOP/step':>11} {'GFLOP/s':>9} {'% peak':>7} "
-          f"{'peak RSS MiB':>13} {'params M':>9}")
-    for r in rows:
-        print(f"{r['impl']:<16} {r['images_per_s']:>8.1f} {r['step_s']:>8.3f} {r['flops_per_step'] / 1e9:>11.2f} "
-              f"{r['flop_per_s'] / 1e9:>9.1f} {100 * r['flop_per_s'] / peak:>6.1f}% {r['peak_rss_mib']:>13.0f} "
-              f"{r['params_m']:>9.2f}")
-    oc = rows[0]
-    for ours in rows[1:]:
-        print(f"{ours['impl']} / open_clip: {ours['images_per_s'] / oc['images_per_s']:.2f}x images/s, "
-              f"{ours['peak_rss_mib'] / oc['peak_rss_mib']:.2f}x peak memory")
+    rows = [child(args, impl) for impl in ROWS + ((COMPILED,) if args.compile else ())]
+    print_table(args, peak, rows)
 
 
 if __name__ == "__main__":
