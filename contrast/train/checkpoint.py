@@ -80,9 +80,16 @@ def save_checkpoint(
     scheduler,
     extra: dict | None = None,
     keep: int = 2,
-) -> Path:
-    run_dir = Path(run_dir)
-    final = step_dir(run_dir, step)
+) -> Path | None:
+    """Checkpoint ``step``; every rank calls it. An FSDP model's ranks each write their shards
+    (:func:`_save_sharded`); otherwise the main process alone writes weights and state. Returns the step directory on
+    the main process, None elsewhere."""
+    if is_sharded(model):
+        return _save_sharded(step_dir(Path(run_dir), step), model, optimizer, training_state(step, scheduler, extra),
+                             keep)
+    if not D.info().is_main:
+        return None
+    final = step_dir(Path(run_dir), step)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
@@ -109,18 +116,10 @@ def _publish(tmp: Path, final: Path, keep: int) -> Path:
     return final
 
 
-def save_sharded_checkpoint(
-    run_dir: str | Path,
-    step: int,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    extra: dict | None = None,
-    keep: int = 2,
-) -> Path | None:
-    """A sharded checkpoint of an FSDP ``model``; every rank calls it. Returns the step directory on the main rank."""
+def _save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int
+                  ) -> Path | None:
+    """A sharded checkpoint of an FSDP ``model`` (DCP shards, every rank) plus ``state`` (main rank) at ``final``."""
     main = dist.get_rank() == 0
-    final = step_dir(Path(run_dir), step)
     name = [f"{final.name}.tmp-{os.getpid()}"]  # the main rank's name for the temporary directory
     if main:
         shutil.rmtree(final.with_name(name[0]), ignore_errors=True)
@@ -129,7 +128,7 @@ def save_sharded_checkpoint(
     model_state, optim_state = get_state_dict(model, optimizer)
     dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDED)  # files synced
     if main:
-        torch.save(training_state(step, scheduler, extra), tmp / STATE)
+        torch.save(state, tmp / STATE)
         _publish(tmp, final, keep)
     D.barrier()  # no rank goes on before the checkpoint is in place
     return final if main else None

@@ -184,15 +184,9 @@ def _check_finite(run: Run, step: int) -> None:
 
 
 def _save(run: Run, step: int, keep: int | None = None) -> Path | None:
-    """Checkpoint ``step`` with every rank's data cursors; all ranks call it (gathering the cursors), the main
-    process writes."""
+    """Checkpoint ``step`` with every rank's data cursors; all ranks call it (gathering the cursors; FSDP ranks write
+    their shards), the main process writes the rest."""
     data = loader_state(run.loader, run.dist)
-    if F.is_sharded(run.model):  # every rank writes its shards
-        return C.save_sharded_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
-                                         {"world_size": run.dist.world_size, "data": data, **run.stepper.state()},
-                                         keep=run.cfg.train.keep_checkpoints if keep is None else keep)
-    if not run.dist.is_main:
-        return None
     return C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
                              {"world_size": run.dist.world_size, "data": data, **run.stepper.state()},
                              keep=run.cfg.train.keep_checkpoints if keep is None else keep)
