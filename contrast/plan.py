@@ -51,6 +51,7 @@ from contrast.tokenizer import build_tokenizer
 from contrast.train.fsdp import plan_units
 from contrast.train.optim import tower_of
 from contrast.train.step import autocast as train_autocast
+from contrast.train.step import exact_split
 
 GiB = 1024**3
 PROBE_BATCHES = (2, 4)  # micro-step batch sizes; every measured figure is linear in the batch between and beyond
@@ -395,10 +396,10 @@ def split_mode(cfg: Config) -> tuple[str, bool]:
     the objective's couplings): gradient caching when every term couples the batch through its embeddings only
     (ITC, sigmoid; not with momentum distillation), a mean when every term is a per-caption mean (LM only), else a
     mean that is not the whole-batch loss (BLIP's ITM, mixed objectives)."""
-    kinds = set(build_objective(cfg.loss).couplings.values())
-    if kinds == {"embeddings"} and "itc_distilled" not in pairwise_terms(cfg):
+    exact = exact_split(build_objective(cfg.loss).couplings)
+    if exact == "cache" and "itc_distilled" not in pairwise_terms(cfg):
         return "cache", True
-    return "mean", kinds == {"sample"}
+    return "mean", exact == "mean"
 
 
 def cache_allowed(cfg: Config) -> bool:

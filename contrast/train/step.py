@@ -40,6 +40,14 @@ class NonFiniteLossError(UserError, RuntimeError):
 # --------------------------------------------------------------------------------------------------- splitting
 
 
+def exact_split(couplings: dict[str, str]) -> str | None:
+    """How micro-batches of loss terms with these couplings combine into the whole-batch step exactly: ``cache``
+    (every term couples the batch through the embeddings only), ``mean`` (every term is a per-caption mean), or None
+    (ITM needs the image-text pairs of the whole batch)."""
+    kinds = set(couplings.values())
+    return {frozenset({"embeddings"}): "cache", frozenset({"sample"}): "mean"}.get(frozenset(kinds))
+
+
 def accumulation(train_cfg, objective: Objective, per_rank: int) -> str:
     """How a rank's batch of ``per_rank`` pairs is computed: ``whole``, ``cache`` or ``mean`` (checked, explained)."""
     micro, mode = train_cfg.micro_batch_size, train_cfg.accumulate
@@ -50,18 +58,18 @@ def accumulation(train_cfg, objective: Objective, per_rank: int) -> str:
     if micro < 1 or per_rank % micro:
         raise ConfigError(f"train.micro_batch_size {micro} must divide the batch of each process (train.batch_size "
                           f"{per_rank}); choose a divisor of {per_rank}")
-    kinds = set(objective.couplings.values())
-    if mode == "mean" or (mode == "auto" and kinds == {"sample"}):
+    exact = exact_split(objective.couplings)
+    if mode == "mean":
         return "mean"
-    if kinds == {"embeddings"}:
-        return "cache"
-    coupled = ", ".join(n for n, k in objective.couplings.items() if k != "embeddings")
+    if exact == "cache" or (mode == "auto" and exact == "mean"):
+        return exact
+    terms = ", ".join(f"{n} ({k})" for n, k in objective.couplings.items())
     raise ConfigError(
-        f"train.micro_batch_size {micro} cannot be exact for loss terms {coupled}: gradient caching is exact only "
-        "when the loss couples the batch through its embeddings (itc, sigmoid), and ITM draws its hard negatives "
-        "from the image-text pairs of the whole batch. Set train.accumulate: mean to average the gradients of "
-        "independent micro-batches (each is then its own contrastive batch, see README 'Large batches'), or remove "
-        "train.micro_batch_size")
+        f"train.micro_batch_size {micro} with train.accumulate: {mode} cannot be exact for the loss terms {terms}: "
+        "gradient caching is exact only when every term couples the batch through its embeddings (itc, sigmoid), "
+        "and ITM draws its hard negatives from the image-text pairs of the whole batch. Set train.accumulate: mean "
+        "to average the gradients of independent micro-batches (exact for per-caption LM losses; otherwise each "
+        "micro-batch is its own contrastive batch, see README 'Large batches'), or remove train.micro_batch_size")
 
 
 def split(batch: dict, size: int) -> list[dict]:
