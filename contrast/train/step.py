@@ -322,16 +322,20 @@ class Stepper:
         run.scheduler.step()
         return losses, out
 
+    def _tower_norms(self) -> torch.Tensor:
+        return torch.stack([_norm(ps, self.run.device) for ps in self.towers.values()])  # (towers,)
+
     def _unscale_and_observe(self, losses: LossOutput) -> torch.Tensor:
         if self.scaler is None:
-            norms = torch.stack([_norm(ps, self.run.device) for ps in self.towers.values()])
+            norms = self._tower_norms()
             skip = self.guard.observe(losses.total, losses.parts, norms)
         else:  # gradient overflow is the scaler's business; the guard watches the loss, and poisons a halted step
             skip = self.guard.observe(losses.total, losses.parts, None)
             grads = [p.grad for p in self.params if p.grad is not None]
-            torch._foreach_mul_(grads, torch.where(skip, float("nan"), 1.0).to(grads[0].dtype))
+            if grads:  # NaN gradients make the scaler skip the update
+                torch._foreach_mul_(grads, torch.where(skip, float("nan"), 1.0).to(grads[0].dtype))
             self.scaler.unscale_(self.run.optimizer)
-            norms = torch.stack([_norm(ps, self.run.device) for ps in self.towers.values()])
+            norms = self._tower_norms()
         self.grad_norm = norms.square().sum().sqrt()
         return skip
 
