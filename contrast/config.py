@@ -513,15 +513,65 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+YAML_MAX_VALUES = 1_000_000  # a YAML file whose anchors and aliases expand to more values than this is refused
+
+
+def read_yaml(path: str | Path, what: str = "recipe") -> Any:
+    """A YAML file's value, with plain (safe) types only: no code runs, the text must be UTF-8, and anchors/aliases
+    may not expand to more than :data:`YAML_MAX_VALUES` values (nested aliases grow exponentially when a consumer
+    walks them). Every problem is a :class:`ConfigError` naming the file."""
+    p = Path(path)
+    try:
+        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
+                          "save it as UTF-8") from e
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}) > YAML_MAX_VALUES:
+            raise ConfigError(f"{what} {p} expands to more than {YAML_MAX_VALUES:,} values through YAML "
+                              "anchors/aliases; write the repeated parts out or use fewer nested aliases")
+        return loader.construct_document(node)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{what} {p} is not valid YAML: {e}") from e
+    except _RecursiveYaml as e:
+        raise ConfigError(f"{what} {p} has a YAML alias inside the value it names (a recursive structure); "
+                          "remove the self-reference") from e
+    finally:
+        loader.dispose()
+
+
+class _RecursiveYaml(Exception):
+    """A YAML alias inside the value it names."""
+
+
+def _expanded_size(node: yaml.Node, memo: dict[int, int]) -> int:
+    """How many values ``node`` holds once every alias is expanded (each shared node counted once per use)."""
+    key = id(node)
+    if key in memo:
+        if memo[key] < 0:
+            raise _RecursiveYaml
+        return memo[key]
+    memo[key] = -1  # in progress: meeting it again means a cycle
+    if isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    elif isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(v, memo) for v in node.value)
+    else:
+        size = 1
+    memo[key] = min(size, YAML_MAX_VALUES + 1)  # saturate: the bound is all that matters
+    return memo[key]
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe, apply overrides and validate everything against :class:`Config`."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"recipe not found: {p} (the recipes shipped with contrast live in recipes/, e.g. recipes/clip_tiny.yaml)")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"recipe {p} is not valid YAML: {e}") from e
+    data = read_yaml(p) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {p} must be a mapping of sections (model:, data:, train:, ...)")
     data = apply_overrides(data, overrides or [])
@@ -534,7 +584,7 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 def load_config(path: str | Path) -> Config:
     """A run's saved ``config.yaml`` (written by :func:`save_config`, by this version or an earlier one)."""
-    return from_dict(upgrade_saved(yaml.safe_load(Path(path).read_text())))
+    return from_dict(upgrade_saved(read_yaml(path, "run config")))
 
 
 def upgrade_saved(data: dict) -> dict:

@@ -10,3 +10,13 @@ class UserError(Exception):
 
 class CheckpointError(UserError, ValueError):
     """A checkpoint or run directory that is missing, incomplete, or made for a different model."""
+
+
+def unpickling_problem(e: BaseException) -> str:
+    """What a ``torch.load(..., weights_only=True)`` refusal found, in one line (without torch's advice to load the
+    file unsafely)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[0][:200] if lines else type(e).__name__

@@ -8,6 +8,8 @@ Layout of a run directory::
     RUN_DIR/checkpoints/step_00000100/sharded/             FSDP runs: model and optimizer shards (DCP), in place of
                                                            the weights until `contrast train consolidate` writes them
     RUN_DIR/checkpoints/latest                             the name of the newest complete step directory
+    RUN_DIR/checkpoints/best                               with train.best_metric: the best evaluated step's name
+    RUN_DIR/metrics.jsonl  RUN_DIR/tensorboard/            logged steps, evaluations and the run summary
 
 ``model, preprocess, tokenizer = contrast.load(RUN_DIR)``. :func:`build` is the one place where a recipe's
 references to other runs become parts: a run's image tower (``model.blip2.tower``, ``model.bridge.tower``), a
@@ -33,6 +35,8 @@ from contrast.tokenizer import build_tokenizer
 from contrast.towers import ImageTower
 
 WEIGHTS = "model.safetensors"
+CHECKPOINTS = "checkpoints"  # the folder of step directories inside a run directory
+POINTERS = ("latest", "best")  # files in it naming the newest complete step and the best evaluated one
 SHARDED = "sharded"  # the torch.distributed.checkpoint folder of an FSDP checkpoint (model and optimizer)
 FEATURES_TOWER = "tower.safetensors"  # the frozen tower's weights inside a `contrast features extract` directory
 
@@ -41,7 +45,7 @@ FEATURES_TOWER = "tower.safetensors"  # the frozen tower's weights inside a `con
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return Path(run_dir) / "checkpoints" / f"step_{step:08d}"
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:08d}"
 
 
 def _holds_checkpoint(p: Path) -> bool:
@@ -56,14 +60,24 @@ def resolve_checkpoint(path: str | Path) -> Path:
         raise CheckpointError(f"checkpoint path not found: {p}")
     if _holds_checkpoint(p):
         return p
-    for root in (p / "checkpoints", p):
-        pointer = root / "latest"
-        if pointer.is_file():
-            target = root / pointer.read_text().strip()
-            if not _holds_checkpoint(target):
-                raise CheckpointError(f"{pointer} names {target}, which has no {WEIGHTS}; the run may be damaged")
-            return target
+    if p.is_file() and p.name in POINTERS:  # RUN/checkpoints/best or .../latest
+        return _follow(p)
+    for root in (p / CHECKPOINTS, p):
+        if (root / "latest").is_file():
+            return _follow(root / "latest")
     raise CheckpointError(f"{p} holds no checkpoint (no {WEIGHTS}, no checkpoints/latest); train first or pass a step directory")
+
+
+def _follow(pointer: Path) -> Path:
+    """The step directory a ``latest`` / ``best`` file names (a bare step_N name, never a path elsewhere)."""
+    name = pointer.read_text(errors="replace").strip()
+    if not name.startswith("step_") or "/" in name or "\\" in name or name in (".", ".."):
+        raise CheckpointError(f"{pointer} should name a step directory beside it (step_N), not '{name[:80]}'; the "
+                              "run may be damaged: pass a step directory instead")
+    target = pointer.parent / name
+    if not _holds_checkpoint(target):
+        raise CheckpointError(f"{pointer} names {target}, which has no {WEIGHTS}; the run may be damaged")
+    return target
 
 
 def resolve(path: str | Path) -> Path:

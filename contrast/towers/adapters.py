@@ -21,18 +21,21 @@ from __future__ import annotations
 import importlib.resources
 import importlib.util
 import logging
+import pickle
 import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from contrast.errors import UserError, unpickling_problem
+
 log = logging.getLogger(__name__)
 
 WEIGHT_SUFFIXES = (".safetensors", ".pth", ".pt", ".bin", ".ckpt")
 
 
-class WeightsError(ValueError):
+class WeightsError(UserError, ValueError):
     """A weights file that cannot be found, read or matched to the model it should load into."""
 
 
@@ -98,8 +101,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(str(path), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused it: nothing in it ran
+        raise WeightsError(f"{path} holds more than tensors ({unpickling_problem(e)}), so it was refused unread; "
+                           "pass a safetensors file or a plain state-dict checkpoint") from e
     except Exception as e:  # unreadable file of any kind: say which and why
-        raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {e}") from e
+        raise WeightsError(f"cannot read weights from {path}: {type(e).__name__}: {unpickling_problem(e)}") from e
     for key in ("state_dict", "model", "module"):
         if isinstance(sd, dict) and key in sd and isinstance(sd[key], dict):
             sd = sd[key]

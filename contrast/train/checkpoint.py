@@ -13,10 +13,13 @@ into the usual ``model.safetensors`` in a single process.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 import random
 import shutil
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,7 +36,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from contrast import distributed as D
 from contrast.config import load_config
-from contrast.errors import CheckpointError
+from contrast.errors import CheckpointError, unpickling_problem
 from contrast.runs import (
     SHARDED,
     WEIGHTS,
@@ -91,11 +94,32 @@ def save_checkpoint(
         return None
     final = step_dir(Path(run_dir), step)
     tmp = final.with_name(final.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_model_weights(model, tmp / WEIGHTS)
-    torch.save({**training_state(step, scheduler, extra), "optimizer": optimizer.state_dict()}, tmp / STATE)
-    return _publish(tmp, final, keep)
+    with _write_failures(tmp, final):
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        save_model_weights(model, tmp / WEIGHTS)
+        torch.save({**training_state(step, scheduler, extra), "optimizer": optimizer.state_dict()}, tmp / STATE)
+        return _publish(tmp, final, keep)
+
+
+class CheckpointWriteError(CheckpointError):
+    """A checkpoint could not be written (a full disk, a file system refusing a rename); the previous one stands."""
+
+
+@contextlib.contextmanager
+def _write_failures(tmp: Path, final: Path) -> Iterator[None]:
+    """A write that fails leaves no partial step directory behind and stops the run with a message naming the
+    checkpoint that still stands (``latest`` moves only after a complete write; older ones are pruned after it)."""
+    try:
+        yield
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        pointer = final.parent / "latest"
+        stands = (f"the previous checkpoint {final.parent / pointer.read_text().strip()} is intact"
+                  if pointer.is_file() else "no earlier checkpoint exists")
+        cause = getattr(e, "strerror", None) or str(e).splitlines()[0][:200]
+        raise CheckpointWriteError(f"writing the checkpoint {final} failed ({cause}); {stands}. Free disk space or "
+                                   "fix the file system, then continue with --resume latest") from e
 
 
 def _publish(tmp: Path, final: Path, keep: int) -> Path:
@@ -104,16 +128,27 @@ def _publish(tmp: Path, final: Path, keep: int) -> Path:
         if f.is_file():
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
     root = final.parent
-    pointer = root / "latest"
-    ptmp = pointer.with_name(f"latest.tmp-{os.getpid()}")
-    ptmp.write_text(final.name + "\n")
-    os.replace(ptmp, pointer)
+    old = final.with_name(final.name + f".old-{os.getpid()}")
+    if final.exists():  # the same step written again: set the old one aside until the new one is in place
+        os.replace(final, old)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        if old.exists():
+            os.replace(old, final)
+        raise
+    point(root / "latest", final)
+    shutil.rmtree(old, ignore_errors=True)
     _prune(root, keep)
     return final
+
+
+def point(pointer: Path, target: Path) -> None:
+    """Make the file ``pointer`` (latest, best) name the step directory ``target``, atomically."""
+    ptmp = pointer.with_name(f"{pointer.name}.tmp-{os.getpid()}")
+    ptmp.write_text(target.name + "\n")
+    os.replace(ptmp, pointer)
 
 
 def _save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int
@@ -126,25 +161,60 @@ def _save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimize
     dist.broadcast_object_list(name, src=0)  # after the main rank cleared it
     tmp = final.with_name(name[0])
     model_state, optim_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDED)  # files synced
-    if main:
-        torch.save(state, tmp / STATE)
-        _publish(tmp, final, keep)
-    D.barrier()  # no rank goes on before the checkpoint is in place
+    failed = None
+    try:
+        with _write_failures(tmp, final):
+            try:
+                dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=tmp / SHARDED)  # synced
+            except CheckpointException as e:  # every rank gets it when any rank's write failed
+                raise OSError(_first_line(e)) from e
+            if main:
+                torch.save(state, tmp / STATE)
+                _publish(tmp, final, keep)
+    except CheckpointWriteError as e:
+        failed = e
+    D.barrier()  # no rank goes on before the checkpoint is in place (or every rank knows it is not)
+    if failed is not None:
+        raise failed
     return final if main else None
 
 
 def _prune(ckpt_root: Path, keep: int) -> None:
-    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and ".tmp" not in p.name)
+    """Keep the newest ``keep`` step directories and the one ``best`` names; remove what killed writers left."""
+    steps = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and "." not in p.name)
+    best = ckpt_root / "best"
+    protected = best.read_text().strip() if best.is_file() else None
     for old in steps[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old.name != protected:
+            shutil.rmtree(old, ignore_errors=True)
+    for stale in ckpt_root.glob("step_*.*-*"):  # .tmp-PID / .old-PID of a process that died mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+STATE_KEYS = ("step", "scheduler", "rng")
 
 
 def load_state(ckpt: Path) -> dict:
+    """The training state of a checkpoint. Only tensors and plain values are read (``weights_only``): a file holding
+    anything else (code to run, objects of other programs) is refused with a message, and nothing in it runs."""
     path = ckpt / STATE
     if not path.is_file():
         raise CheckpointError(f"{ckpt} has weights but no {STATE}; it cannot be resumed (it can still be loaded for eval)")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's note on the pickle protocol of foreign files
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{path} holds more than tensors and plain values ({unpickling_problem(e)}), so it was "
+                              "refused unread: it is not a training state written by contrast. Resume from a "
+                              "checkpoint of this run's own, or start fresh") from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} cannot be read ({unpickling_problem(e)}); it may be truncated or damaged. "
+                              "Resume from an earlier checkpoint (--resume RUN/checkpoints/step_N)") from e
+    if not isinstance(state, dict) or any(k not in state for k in STATE_KEYS):
+        raise CheckpointError(f"{path} is not a training state written by contrast (it lacks "
+                              f"{', '.join(STATE_KEYS)}); resume from a checkpoint of this run's own")
+    return state
 
 
 def load_weights_and_optimizer(ckpt: Path, state: dict, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
