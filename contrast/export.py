@@ -14,6 +14,10 @@ silently wrong directory behind.
   a ViT without class token and with an attention-pool head goes to ``SiglipVisionModel`` instead.
 - ``open_clip``: ``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
   ``open_clip.create_model("local-dir:DIR")`` (the whole dual encoder: open_clip models are image + text).
+
+Each format's preprocessing config (timm's ``pretrained_cfg``, open_clip's ``preprocess_cfg``, Hugging Face's
+``preprocessor_config.json``) reproduces our eval pixels: short side to the input size, bicubic, centre crop; every
+export also states the steps in ``contrast_preprocess.json`` (with ``resize: pad``, the white padding comes first).
 """
 
 from __future__ import annotations
@@ -132,9 +136,11 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
         "num_features": tower.width,
         "model_args": model_args,
         "pretrained_cfg": _timm_pretrained_cfg(tower, E),
-        "contrast": {"pool": tower.cfg.pool, "embed_dim": tower.embed_dim, "projection": "projection.safetensors"},
+        "contrast": {"pool": tower.cfg.pool, "embed_dim": tower.embed_dim, "projection": "projection.safetensors",
+                     "resize": tower.cfg.resize},
     }
     (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_preprocess_note(tower, out)
 
     loaded = timm.create_model(f"local-dir:{out}", pretrained=True).eval()
     with torch.no_grad():
@@ -152,13 +158,18 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
 # --------------------------------------------------------------------------------------------------- Hugging Face
 
 
-def _hf_preprocessor(tower: ImageTower, processor: str) -> dict:
+def _hf_preprocessor(tower: ImageTower) -> dict:
+    """CLIPImageProcessor settings that reproduce our eval pixels: short side to S (bicubic), centre S x S crop.
+
+    Written for SigLIP-style towers too: ``SiglipImageProcessor`` only resizes straight to a square, which frames
+    every non-square image differently from ours. Hugging Face floors the crop offset where we (like timm and
+    torchvision) round it half to even: a one-pixel shift when the resized long side exceeds S by 4k + 3."""
     s = tower.cfg.image_size
     return {
-        "image_processor_type": processor,
+        "image_processor_type": "CLIPImageProcessor",
         "do_resize": True,
-        "size": {"shortest_edge": s} if processor == "CLIPImageProcessor" else {"height": s, "width": s},
-        "do_center_crop": processor == "CLIPImageProcessor",
+        "size": {"shortest_edge": s},
+        "do_center_crop": True,
         "crop_size": {"height": s, "width": s},
         "resample": 3,
         "do_rescale": True,
@@ -168,6 +179,26 @@ def _hf_preprocessor(tower: ImageTower, processor: str) -> dict:
         "image_std": list(tower.cfg.std),
         "do_convert_rgb": True,
     }
+
+
+PREPROCESS_NOTE = "contrast_preprocess.json"
+
+
+def _write_preprocess_note(tower: ImageTower, out: Path) -> None:
+    """Our eval preprocessing, stated once beside every export: with ``resize: pad`` the image is first centred on a
+    white square, a step no target library's config expresses (pad first, then use the exported preprocessing)."""
+    note = {
+        "image_size": tower.cfg.image_size,
+        "resize": tower.cfg.resize,
+        "steps": (["pad to a square on white (255, 255, 255), image centred, offsets floored"]
+                  if tower.cfg.resize == "pad" else [])
+        + ["resize the short side to image_size (PIL bicubic, antialiased; the long side floored)",
+           "crop the centre image_size x image_size (offset rounded half to even, as torchvision's CenterCrop)",
+           "scale to [0, 1], subtract mean, divide by std"],
+        "mean": list(tower.cfg.mean),
+        "std": list(tower.cfg.std),
+    }
+    (out / PREPROCESS_NOTE).write_text(json.dumps(note, indent=2))
 
 
 def export_hf(tower: ImageTower, out: str | Path) -> ExportReport:
@@ -196,7 +227,8 @@ def _export_hf_clip(tower: ImageTower, out: Path) -> ExportReport:
     if missing or unexpected:
         raise ExportError(f"HF CLIP key map incomplete: missing {missing}, unexpected {unexpected}")
     hf.save_pretrained(str(out))
-    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower, "CLIPImageProcessor"), indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower), indent=2))
+    _write_preprocess_note(tower, out)
 
     x = _probe_pixels(tower)
     tower = tower.eval()
@@ -228,7 +260,8 @@ def _export_hf_siglip(tower: ImageTower, out: Path) -> ExportReport:
     hf.save_pretrained(str(out))
     # SiglipVisionModel has no projection: ours is written beside it, applied as pooler_output @ weight.T
     save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
-    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower, "SiglipImageProcessor"), indent=2))
+    (out / "preprocessor_config.json").write_text(json.dumps(_hf_preprocessor(tower), indent=2))
+    _write_preprocess_note(tower, out)
 
     x = _probe_pixels(tower)
     tower = tower.eval()
@@ -278,6 +311,7 @@ def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
         },
     }
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
+    _write_preprocess_note(tower, out)
     save_file(sd, str(out / "open_clip_model.safetensors"))
 
     oc = open_clip.create_model(f"local-dir:{out}").eval()

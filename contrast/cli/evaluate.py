@@ -58,14 +58,14 @@ def _run_zeroshot(args, cfg, model, preprocess, tokenizer) -> list:
 
     sections = []
     for task_path in args.task:
-        task = load_task(task_path)
         with _user_errors():
+            task = load_task(task_path, args.task_data)
             r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=cfg.data,
                                   image_size=cfg.model.image.image_size, batch_size=args.batch_size,
                                   device=device(args.device))
         sections.append(Section("zeroshot", r["task"], r))
         print(f"{r['task']}: top-1 {r['top1']:.3f}  top-5 {r['top5']:.3f}  mean per-class recall "
-              f"{r['mean_per_class_recall']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f})")
+              f"{r['mean_per_class_recall']:.3f}  (n={r['n']}, chance {r['chance_top1']:.3f}; split {r['split']})")
         _print_skips(r["task"], r)
     return sections
 
@@ -80,43 +80,61 @@ def _zeroshot(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
-    from contrast.data import load_source
-    from contrast.data.decode import SampleReader
-    from contrast.evaluate.report import Section
-    from contrast.evaluate.retrieval import evaluate_retrieval
+def _retrieval_tasks(args, cfg) -> list:
+    """The retrieval tasks to run: ``--retrieval-task`` files, else one built from ``--data`` (default: the run's)."""
+    from contrast.evaluate.tasks import RetrievalTask, load_retrieval_task
 
-
+    files = getattr(args, "retrieval_task", None) or []
+    if files:
+        return [load_retrieval_task(f, args.data) for f in files]
     source = args.data or cfg.data.source
-    split = args.split or cfg.data.eval_split
-    if source == "synthetic":  # the run's own settings of the built-in set
-        data_cfg = cfg.data if cfg.data.source == "synthetic" else dataclasses.replace(cfg.data, source="synthetic")
-    else:
-        data_cfg = dataclasses.replace(cfg.data, source=source, image_column=args.image_column,
-                                       caption_column=args.caption_column)
-    with _user_errors():
-        ds = load_source(data_cfg, split, cfg.model.image.image_size)
-        if args.limit:
-            ds = ds.select(range(min(args.limit, len(ds))))
-        r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=args.group_by, rerank_itm=args.rerank_itm,
-                               batch_size=args.batch_size, device=device(args.device),
-                               reader=SampleReader.of(data_cfg))
-    r.update(data=source, split=split)
-    name = f"{Path(source).name or source}:{split}"
+    return [RetrievalTask(name=f"{Path(source).name or source}:{args.split or cfg.data.eval_split}", data=source,
+                          split=args.split or cfg.data.eval_split, images=args.images, max_captions=args.max_captions,
+                          image_column=args.image_column, caption_column=args.caption_column,
+                          group_by=args.group_by, limit=args.limit or 0)]
+
+
+def _print_retrieval(name: str, r: dict, rerank_itm: int) -> None:
     print(f"{name}: {r['num_images']} images, {r['num_texts']} captions")
     for direction in ("image_to_text", "text_to_image"):
         m = r[direction]
         print(f"  {direction}: " + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("R@")))
         if "itm_reranked" in r:
             m = r["itm_reranked"][direction]
-            print(f"  {direction} (ITM re-ranked top {args.rerank_itm}): "
+            print(f"  {direction} (ITM re-ranked top {rerank_itm}): "
                   + "  ".join(f"{k} {v:.3f}" for k, v in m.items() if k.startswith("R@")))
     print(f"  ({r['definition']})")
     _print_skips(name, r)
-    return [Section("retrieval", name, r)]
+
+
+def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
+    from contrast.data.decode import SampleReader
+    from contrast.evaluate.report import Section
+    from contrast.evaluate.retrieval import evaluate_retrieval
+    from contrast.evaluate.tasks import retrieval_dataset
+
+    sections = []
+    with _user_errors():
+        tasks = _retrieval_tasks(args, cfg)
+    for task in tasks:
+        data_cfg = cfg.data if task.data == "synthetic" else dataclasses.replace(cfg.data, source=task.data)
+        with _user_errors():
+            ds = retrieval_dataset(task, cfg.data, cfg.model.image.image_size)
+            r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=task.group_by,
+                                   rerank_itm=args.rerank_itm, batch_size=args.batch_size,
+                                   device=device(args.device), reader=SampleReader.of(data_cfg))
+        r.update(data=task.data, split=task.split)
+        _print_retrieval(task.name, r, args.rerank_itm)
+        sections.append(Section("retrieval", task.name, r))
+    return sections
 
 
 def _retrieval(args: argparse.Namespace) -> int:
+    if not args.data and not args.retrieval_task:
+        from contrast.errors import UserError
+
+        raise UserError("contrast eval retrieval needs --data SOURCE or --retrieval-task FILE (e.g. "
+                        "eval/tasks/coco_karpathy.yaml)")
     _write(args, "retrieval", _run_retrieval(args, *_setup(args)))
     return 0
 
@@ -130,8 +148,8 @@ def _run_probe(args, cfg, model, preprocess, tokenizer) -> list:
 
     sections = []
     for task_path in args.task:
-        task = load_task(task_path)
         with _user_errors():
+            task = load_task(task_path, args.task_data)
             splits = {}
             for role, split in (("train", task.train_split), ("val", task.val_split), ("test", task.split)):
                 if split is None:
@@ -179,10 +197,16 @@ def _common(p: argparse.ArgumentParser, batch_size: int = 256) -> None:
 
 
 def _retrieval_args(p: argparse.ArgumentParser, data_required: bool) -> None:
-    p.add_argument("--data", required=data_required,
-                   help="synthetic, a folder with captions.jsonl/csv, a .parquet/.arrow file or a save_to_disk folder"
-                   + ("" if data_required else " (default: the run's data source)"))
-    p.add_argument("--split", help="train | val | test (default: the run's data.eval_split)")
+    p.add_argument("--data", help="synthetic, a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json), a "
+                   "folder with captions.jsonl/csv, a .parquet/.arrow file or a save_to_disk folder"
+                   + (" (or give --retrieval-task)" if data_required else " (default: the run's data source)"))
+    p.add_argument("--retrieval-task", nargs="+", metavar="TASK",
+                   help="retrieval task file(s), e.g. eval/tasks/coco_karpathy.yaml (--data replaces their data)")
+    p.add_argument("--split", help="train | val | test (Karpathy JSON: also restval; default: the run's "
+                   "data.eval_split)")
+    p.add_argument("--images", help="Karpathy JSON: the folder its image paths are relative to (default: its folder)")
+    p.add_argument("--max-captions", type=int, default=5,
+                   help="Karpathy JSON: captions kept per image (default 5, the protocol's; 0 keeps all)")
     p.add_argument("--image-column", default="image")
     p.add_argument("--caption-column", default="caption", help="a string column, or a list-of-strings column")
     p.add_argument("--group-by", help="column naming each caption's image (default: image_id when present, else "
@@ -206,6 +230,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     _common(z)
     z.add_argument("--task", required=True, nargs="+", help="task file(s), e.g. eval/tasks/shapes.yaml")
     z.add_argument("--out", help="also write the results as a JSON list here")
+    z.add_argument("--task-data", help="use this data folder for the task(s) instead of their data:")
     z.set_defaults(func=_zeroshot)
 
     r = ev.add_parser("retrieval", help="image-text retrieval recall@1/5/10 in both directions")
@@ -216,12 +241,14 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     lp = ev.add_parser("linear-probe", help="logistic regression on frozen image features, per task file")
     _common(lp, batch_size=64)
     lp.add_argument("--task", required=True, nargs="+", help="task file(s); train_split / val_split / split")
+    lp.add_argument("--task-data", help="use this data folder for the task(s) instead of their data:")
     _probe_args(lp)
     lp.set_defaults(func=_linear_probe)
 
     a = ev.add_parser("all", help="zero-shot and linear probe on task files plus retrieval, in one report")
     _common(a, batch_size=64)
     a.add_argument("--task", required=True, nargs="+", help="task file(s), e.g. eval/tasks/shapes.yaml")
+    a.add_argument("--task-data", help="use this data folder for the zero-shot task(s) instead of their data:")
     _probe_args(a)
     _retrieval_args(a, data_required=False)
     a.add_argument("--no-probe", action="store_true", help="skip the linear probes")

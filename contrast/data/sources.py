@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,11 +71,22 @@ def _generate(cfg: DataConfig, split: str, features: Features, image_size: int) 
     )
 
 
+def _utf8(path: Path) -> str:
+    """The text of a captions file, which must be UTF-8; else a one-line error naming the file and the fix."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8, "
+                        f"e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed && mv fixed {path.name}`") from None
+
+
 def _read_captions(folder: Path) -> list[dict]:
     jl, cs = folder / "captions.jsonl", folder / "captions.csv"
     rows: list[dict] = []
     if jl.is_file():
-        for n, line in enumerate(jl.read_text(errors="replace").splitlines(), 1):
+        for n, line in enumerate(_utf8(jl).splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -82,8 +94,7 @@ def _read_captions(folder: Path) -> list[dict]:
             except json.JSONDecodeError as e:
                 raise DataError(f"{jl}:{n} is not valid JSON ({e}); each line must be {{\"file\": ..., \"caption\": ...}}") from e
     elif cs.is_file():
-        with cs.open(newline="", errors="replace") as f:
-            rows = list(csv.DictReader(f))
+        rows = list(csv.DictReader(io.StringIO(_utf8(cs), newline="")))
     else:
         raise DataError(
             f"{folder} holds no captions.jsonl or captions.csv; add one with a 'file' and a 'caption' per image"

@@ -13,6 +13,11 @@ stands for the class name::
     where: {n_shapes: 1}
     classnames: [circle, square, triangle]
     templates: ["a {}.", "a picture of a {}."]
+
+``data`` may also be a class folder or a CLIP_benchmark webdataset folder (:mod:`contrast.evaluate.wds`), whose
+``classnames.txt`` / ``zeroshot_classification_templates.txt`` serve a task that lists none; ``classnames`` and
+``templates`` may be references such as ``open_clip:imagenet`` (:mod:`contrast.evaluate.taskfile`); ``split: all``
+takes every image of a folder. :func:`zeroshot_metrics` gives the headline figures as plain floats.
 """
 
 from __future__ import annotations
@@ -24,21 +29,23 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-import yaml
 from torchmetrics.classification import MulticlassAccuracy
 
 from contrast.config import ConfigError, DataConfig, ImageTowerConfig, from_dict
 from contrast.data import load_source
 from contrast.data.decode import SampleReader, describe_cell
-from contrast.evaluate.labelled import is_class_folder, load_class_folder
+from contrast.evaluate.labelled import is_class_folder, load_class_folder, split_description
 from contrast.evaluate.metrics import classification_metrics
+from contrast.evaluate.taskfile import read_yaml, resolve_list
+from contrast.evaluate.wds import folder_classnames, folder_templates, is_wds_folder, load_wds_split
 
 
 @dataclass
 class ZeroShotTask:
     name: str = ""
+    kind: str = "zeroshot"
     data: str = "synthetic"
-    split: str = "test"
+    split: str = "test"  # train | val | test, or all (every image of a class folder or CLIP_benchmark folder)
     label_column: str = "label"
     image_column: str = "image"
     where: dict[str, Any] = field(default_factory=dict)  # keep rows whose columns equal these values
@@ -46,18 +53,63 @@ class ZeroShotTask:
     templates: list[str] = field(default_factory=lambda: ["a photo of a {}."])
     train_split: str = "train"  # linear probe: fit on this split
     val_split: str | None = "val"  # linear probe: choose the L2 strength here; None holds out part of train_split
+    get: str = ""  # how to obtain the data, shown when it is not on disk
 
 
-def load_task(path: str | Path) -> ZeroShotTask:
+def _data_path(data: str) -> Path | None:
+    return None if data == "synthetic" else Path(data).expanduser()
+
+
+def missing_data_error(name: str, data: str, get: str, path: str | Path | None) -> ConfigError:
+    how = f" {get.rstrip('.')}." if get else ""
+    where = f"edit data: in {path}" if path else "edit the task's data:"
+    return ConfigError(f"task '{name}': data folder {Path(data).expanduser()} not found.{how} Or point the task "
+                       f"at your copy: {where}, or pass --task-data PATH")
+
+
+def _from_folder(raw: dict, p: Path) -> dict:
+    """Class names and templates a CLIP_benchmark-style data folder supplies where the task file lists none."""
+    data = raw.get("data")
+    root = _data_path(data) if isinstance(data, str) else None
+    if root is None or "classnames" in raw and "templates" in raw:
+        return raw
+    if not root.exists():
+        if "classnames" in raw:
+            return raw
+        raise missing_data_error(str(raw.get("name") or p.stem), str(data), str(raw.get("get") or ""), p)
+    raw = dict(raw)
+    if "classnames" not in raw and (names := folder_classnames(root)) is not None:
+        raw["classnames"] = names
+    if "templates" not in raw and (templates := folder_templates(root)) is not None:
+        raw["templates"] = templates
+    return raw
+
+
+def load_task(path: str | Path, data: str | None = None) -> ZeroShotTask:
+    """A zero-shot task file, its class name and template references resolved; ``data`` replaces its data path."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"task file not found: {p} (task files live in eval/tasks/)")
-    task = from_dict(yaml.safe_load(p.read_text()) or {}, ZeroShotTask)
+    raw = read_yaml(p) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"task file {p} must be a mapping (name:, data:, classnames:, templates:, ...)")
+    if raw.get("kind", "zeroshot") != "zeroshot":
+        raise ConfigError(f"task file {p} is a {raw['kind']} task, not zero-shot classification; run it with "
+                          f"`contrast eval {raw['kind']} --task {p}`")
+    if data is not None:
+        raw = {**raw, "data": data}
+    raw = _from_folder(raw, p)
+    for key in ("classnames", "templates"):
+        if key in raw:
+            raw[key] = resolve_list(raw[key], key, f"task {p}")
+    task = from_dict(raw, ZeroShotTask)
     if not task.classnames:
         raise ConfigError(f"task {p} lists no classnames")
     bad = [t for t in task.templates if "{}" not in t]
     if bad:
         raise ConfigError(f"task {p}: templates must contain '{{}}' where the class name goes; these do not: {bad}")
+    if not task.templates:
+        raise ConfigError(f"task {p} lists no templates")
     task.name = task.name or p.stem
     return task
 
@@ -75,6 +127,37 @@ def zeroshot_classifier(
     return torch.stack(weights, dim=1)
 
 
+def _check_class_count(task: ZeroShotTask, found: list[str] | int, what: str) -> None:
+    n = found if isinstance(found, int) else len(found)
+    if n != len(task.classnames):
+        shown = f" {found[:10]}" if isinstance(found, list) else ""
+        raise ConfigError(f"task '{task.name}': {task.data} has {n} {what} but the task lists {len(task.classnames)} "
+                          f"classnames; list one name per class, in the data's class order{shown}")
+
+
+def _labelled_source(task: ZeroShotTask, data_cfg: DataConfig | None):
+    """A class folder, a CLIP_benchmark folder, or any other source with a label column."""
+    if is_wds_folder(task.data):  # CLIP_benchmark layout: labels are class indices
+        names = folder_classnames(task.data)
+        if names is not None:
+            _check_class_count(task, names, "class names in classnames.txt")
+        cache = data_cfg.cache_dir if data_cfg is not None else None
+        return load_wds_split(task.data, task.split, task.label_column, cache)
+    if is_class_folder(task.data):  # ROOT/CLASS/*.jpg: labels index the sorted class folder names
+        ds = load_class_folder(task.data, task.split, task.label_column)
+        _check_class_count(task, ds.features[task.label_column].names, "class folders")
+        return ds
+    if task.split == "all":
+        raise ConfigError(f"task '{task.name}': split 'all' is for class folders and CLIP_benchmark folders; "
+                          f"{task.data} is neither, so choose train, val or test")
+    # labelled data: the label column stands where a caption would; keep its own name
+    cfg = DataConfig(source=task.data, image_column=task.image_column, caption_column=task.label_column)
+    ds = load_source(cfg, task.split)
+    if task.label_column != "caption" and "caption" in ds.column_names:
+        ds = ds.rename_column("caption", task.label_column)
+    return ds
+
+
 def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
                  image_size: int = ImageTowerConfig.image_size):
     """The task's rows; ``data_cfg`` supplies the run's own settings when the task uses the built-in set, which is
@@ -82,20 +165,10 @@ def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
     if task.data == "synthetic":
         cfg = data_cfg if data_cfg is not None and data_cfg.source == "synthetic" else DataConfig()
         ds = load_source(cfg, task.split, image_size)
-    elif is_class_folder(task.data):  # ROOT/CLASS/*.jpg: labels index the sorted class folder names
-        ds = load_class_folder(task.data, task.split, task.label_column)
-        folders = ds.features[task.label_column].names
-        if len(folders) != len(task.classnames):
-            raise ConfigError(
-                f"task '{task.name}': {task.data} has {len(folders)} class folders but the task lists "
-                f"{len(task.classnames)} classnames; list one name per folder, in the sorted folder order {folders[:10]}"
-            )
+    elif not Path(task.data).expanduser().exists():
+        raise missing_data_error(task.name, task.data, task.get, None)
     else:
-        # labelled data: the label column stands where a caption would; keep its own name
-        cfg = DataConfig(source=task.data, image_column=task.image_column, caption_column=task.label_column)
-        ds = load_source(cfg, task.split)
-        if task.label_column != "caption" and "caption" in ds.column_names:
-            ds = ds.rename_column("caption", task.label_column)
+        ds = _labelled_source(task, data_cfg)
     for col, value in task.where.items():
         if col not in ds.column_names:
             raise ConfigError(f"task '{task.name}': where-column '{col}' is not in the data ({ds.column_names})")
@@ -103,6 +176,13 @@ def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
     if task.label_column not in ds.column_names:
         raise ConfigError(f"task '{task.name}': label column '{task.label_column}' is not in {ds.column_names}")
     return ds
+
+
+def describe_split(task: ZeroShotTask) -> str:
+    """Which images of the task's data a result covers, in words."""
+    if task.data != "synthetic" and is_class_folder(task.data) and not is_wds_folder(task.data):
+        return f"{task.split}: {split_description(task.data, task.split)}"
+    return task.split
 
 
 def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list[str], batch_size: int,
@@ -175,4 +255,23 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
         "per_class_recall": per_class["per_class_recall"],
         "confusion": per_class["confusion"],  # [true][predicted] counts
         "classnames": list(task.classnames),
+        "split": describe_split(task),
     }
+
+
+ZEROSHOT_KEYS = ("top1", "top5", "mean_per_class_recall")
+
+
+def zeroshot_metrics(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask | str | Path, *,
+                     device: str | torch.device = "cpu", data_cfg: DataConfig | None = None,
+                     image_size: int = ImageTowerConfig.image_size, batch_size: int = 256) -> dict[str, float]:
+    """Zero-shot top-1, top-5 and mean per-class recall of ``model`` on a task (or task file) as plain floats,
+    keyed ``zeroshot/<task>/<metric>``; the model is left in the training mode it came in."""
+    task = task if isinstance(task, ZeroShotTask) else load_task(task)
+    was_training = model.training
+    try:
+        r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=data_cfg, image_size=image_size,
+                              batch_size=batch_size, device=device)
+    finally:
+        model.train(was_training)
+    return {f"zeroshot/{task.name}/{k}": float(r[k]) for k in ZEROSHOT_KEYS}
