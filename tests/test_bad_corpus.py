@@ -252,12 +252,12 @@ def test_index_build(corpus, clip_run, tmp_path, capsys):
 
 
 def test_index_build_resumes_without_decoding_the_finished_part(corpus, clip_run, tmp_path, monkeypatch):
-    from contrast.data import decode
+    from contrast.index import rows
     from contrast.index.model import ModelEncoder, build_from_checkpoint
 
     decoded = []
-    real_load, real_images = decode.load_image, ModelEncoder.images
-    monkeypatch.setattr(decode, "load_image", lambda v, *a, **k: (decoded.append(v), real_load(v, *a, **k))[1])
+    real_load, real_images = rows.load_image, ModelEncoder.pixels  # images arrive decoded, as uint8 pixels
+    monkeypatch.setattr(rows, "load_image", lambda v, *a, **k: (decoded.append(v), real_load(v, *a, **k))[1])
     kw = dict(split="train", batch_size=4, shard_size=8, device="cpu", progress=False)
     build_from_checkpoint(clip_run, corpus, tmp_path / "full", **kw)
     assert len(decoded) == N_TRAIN
@@ -268,10 +268,10 @@ def test_index_build_resumes_without_decoding_the_finished_part(corpus, clip_run
             raise RuntimeError("killed")
         return real_images(self, images)
 
-    monkeypatch.setattr(ModelEncoder, "images", stop_at_fourth_batch)
+    monkeypatch.setattr(ModelEncoder, "pixels", stop_at_fourth_batch)
     with pytest.raises(RuntimeError, match="killed"):
         build_from_checkpoint(clip_run, corpus, tmp_path / "resumed", **kw)
-    monkeypatch.setattr(ModelEncoder, "images", real_images)
+    monkeypatch.setattr(ModelEncoder, "pixels", real_images)
     decoded.clear()
     build_from_checkpoint(clip_run, corpus, tmp_path / "resumed", **kw)
     lines = [json.loads(x) for x in (tmp_path / "full" / "metadata.jsonl").read_text().splitlines()]

@@ -278,9 +278,11 @@ def test_encoder_contract_and_existing_index_are_checked(tmp_path):
         build_index(x, lambda b: 2 * np.stack(b), tmp_path / "a", progress=False)
     with pytest.raises(IndexStoreError, match=r"returned shape \(1, 8\) for a batch of 10"):
         build_index(x, lambda b: np.stack(b)[:1], tmp_path / "b", batch_size=10, progress=False)
-    build_index(x, stack, tmp_path / "c", progress=False)
-    with pytest.raises(IndexStoreError, match="already holds a finished index"):
-        build_index(x, stack, tmp_path / "c", progress=False)
+    first = build_index(x, stack, tmp_path / "c", progress=False)
+    # the same build again (a rerun after it finished, or after a kill between its last write and its exit): done
+    assert build_index(x, stack, tmp_path / "c", progress=False).manifest == first.manifest
+    with pytest.raises(IndexStoreError, match="already holds a finished index built with other settings"):
+        build_index(x, stack, tmp_path / "c", factory="HNSW32", progress=False)
     again = build_index(x[:50], stack, tmp_path / "c", overwrite=True, progress=False)
     assert len(again) == 50 and len(open_index(tmp_path / "c")) == 50
 
@@ -344,8 +346,9 @@ def test_cli_build_query_eval_against_direct_model_encoding(tmp_path, tiny_run, 
     hits = json.loads(out)
     assert code == 0 and hits[0]["id"] == 7 and hits[0]["score"] == pytest.approx(1.0, abs=1e-4) and len(hits) == 10
 
-    code, out, _ = run_cli(capsys, "index", "eval", str(ix), "-k", "5", "--json")
-    assert code == 0 and json.loads(out)["recall"] == 1.0 and json.loads(out)["num_queries"] == 64
+    code, out, _ = run_cli(capsys, "index", "eval", str(ix), "-k", "5", "--queries", "stored", "--json")
+    stored = json.loads(out)["results"][0]
+    assert code == 0 and stored["recall"]["5"] == 1.0 and stored["num_queries"] == 64
 
     # the same run directory with other weights: refused by hash
     other = tmp_path / "other"

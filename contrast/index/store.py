@@ -13,24 +13,30 @@ An index directory holds::
     build.json                 settings of the build (a resumed build must use the same ones)
     shards/emb_00000.npy       float32 (S, E) embeddings of items [i*S, (i+1)*S); written last, atomically,
     shards/meta_00000.jsonl    so an existing emb file marks a finished shard
+    trained.faiss              the trained, empty index (the quantizer and codebooks every addition reuses)
     index.faiss                the faiss index; row r of the index is item ids[r]
+    lists_000.ivfdata          an on-disk IVF index's inverted lists (``on_disk``; the number counts additions)
     ids.npy                    int64 (N,) item id of each index row
     metadata.jsonl             one JSON object per index row (path, caption, ...)
     metadata_offsets.npy       int64 (N,) byte offset of each metadata line, for random access
     manifest.json              written last: its presence marks a finished index
+    add.json                   an addition in progress (:func:`add_to_index`)
 
-Memory during a build is bounded by the shard size (plus the training sample for factories that train),
-never by the collection size: embeddings go to disk shard by shard and are added back to faiss in chunks.
+Memory during a build is bounded by the shard size (plus the training sample for factories that train), never by
+the collection size: embeddings go to disk shard by shard and are added back to faiss in chunks. An in-memory index
+is as big as its codes; an on-disk IVF index (:mod:`contrast.index.ondisk`) holds only its quantizer in memory.
+
+Finishing a build or an addition writes every new file under a ``.next`` name, records ``"phase": "commit"`` in the
+state file, then renames them into place (the manifest last): a process killed at any moment leaves either the old
+index or the new one, and the same command run again finishes the job.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import itertools
 import json
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,53 +47,35 @@ from typing import Any
 import faiss
 import numpy as np
 
-from contrast.errors import UserError
+from contrast.index import ondisk
+from contrast.index.factory import (
+    check_on_disk,
+    choose_factory,
+    default_search_params,
+    layers,
+    plan_factory,
+    set_search_params,
+)
+from contrast.index.files import (
+    IndexStoreError,
+    atomic_save_npy,
+    atomic_write_bytes,
+    atomic_write_index,
+    atomic_write_json,
+    file_sha256,
+)
 
 FORMAT_VERSION = 1
 METRIC = "inner_product"
-MIN_POINTS_PER_LIST = 39  # faiss k-means wants at least this many training points per centroid
-DEFAULT_EF_SEARCH = 64
+STORAGES = ("memory", "on_disk")
+TRAINED = "trained.faiss"
+NEXT = ".next"
+ROW_FILES = ("ids.npy", "metadata_offsets.npy", "metadata.jsonl")
 
 Encoder = Callable[[list[Any]], Any]  # batch of items -> (B, E) float32 L2-normalised (numpy or torch)
 Describer = Callable[[Any], dict[str, Any]]  # item -> JSON-serialisable metadata
 
-
-class IndexStoreError(UserError, ValueError):
-    """A missing, corrupt or mismatched index directory, or settings faiss cannot build."""
-
-
-# --------------------------------------------------------------------------------------------------- files
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}.npy")
-    with open(tmp, "wb") as f:
-        np.save(f, arr)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
-    """sha256 hex digest of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+__all__ = ["IndexStoreError", "file_sha256", "plan_factory"]  # re-exported; the rest is listed in contrast.index
 
 
 def _emb_path(out: Path, i: int) -> Path:
@@ -108,7 +96,7 @@ class IndexManifest:
     embed_dim: int
     count: int
     factory: str  # as requested
-    factory_effective: str  # as built (IVF list count clamped to the collection size)
+    factory_effective: str  # as built (IVF list count clamped to the collection size; auto resolved)
     checkpoint: str | None  # the weights file the vectors came from, when built from a model
     checkpoint_hash: str | None  # sha256 of that file
     modality: str | None  # image | text: what the indexed vectors encode
@@ -123,6 +111,10 @@ class IndexManifest:
     metric: str = METRIC
     format_version: int = FORMAT_VERSION
     notes: list[str] = field(default_factory=list)
+    storage: str = "memory"  # memory | on_disk (IVF inverted lists in lists_GGG.ivfdata)
+    k_factor: int | None = None  # refine factories: candidates re-ranked per result wanted
+    additions: list[dict[str, Any]] = field(default_factory=list)  # every add_to_index, in order
+    rerank: int | None = None  # default: re-rank rerank * k candidates exactly from the stored shards
 
     @classmethod
     def from_file(cls, path: Path) -> IndexManifest:
@@ -151,67 +143,16 @@ class IndexManifest:
                                   f"reads {FORMAT_VERSION}; {fix}")
         if raw.get("metric", METRIC) != METRIC:
             raise IndexStoreError(f"{path}: metric {raw['metric']!r} is not supported (only {METRIC!r}); {fix}")
+        if raw.get("storage", "memory") not in STORAGES:
+            raise IndexStoreError(f"{path} is corrupt (storage {raw['storage']!r} is not one of {STORAGES}); {fix}")
         return cls(**raw)
 
-
-# --------------------------------------------------------------------------------------------------- factory
-
-
-_IVF_RE = re.compile(r"IVF(\d+)")
-_PQ_RE = re.compile(r"(?:^|,)PQ(\d+)(?:x(\d+))?")
+    @property
+    def generation(self) -> int:
+        return len(self.additions)
 
 
-def plan_factory(factory: str, dim: int, count: int) -> tuple[str, list[str]]:
-    """The faiss factory string to build for ``count`` vectors of width ``dim``, and notes on any change.
-
-    IVF list counts are clamped to ``count // 39`` (faiss k-means needs about 39 training points per list),
-    so ``IVF1024,PQ32`` on 10k vectors becomes ``IVF256,PQ32``. Settings that cannot be clamped sensibly
-    (a PQ size that does not divide the width, a PQ codebook larger than the collection) are errors.
-    """
-    notes: list[str] = []
-    m = _IVF_RE.search(factory)
-    if m:
-        nlist = int(m.group(1))
-        cap = max(1, count // MIN_POINTS_PER_LIST)
-        if nlist > cap:
-            factory = factory[: m.start(1)] + str(cap) + factory[m.end(1):]
-            notes.append(f"IVF{nlist} needs >= {MIN_POINTS_PER_LIST * nlist} vectors to train, the collection "
-                         f"has {count}: clamped to IVF{cap}")
-    m = _PQ_RE.search(factory)
-    if m:
-        M, nbits = int(m.group(1)), int(m.group(2) or 8)
-        if dim % M:
-            ok = max(d for d in range(1, M + 1) if dim % d == 0)
-            raise IndexStoreError(f"factory {factory!r}: PQ{M} needs the embedding width ({dim}) to be a multiple "
-                                  f"of {M}; use a PQ size that divides {dim}, e.g. PQ{ok}")
-        if count < 2**nbits:
-            raise IndexStoreError(f"factory {factory!r}: PQ codebooks need at least {2**nbits} vectors to train, "
-                                  f"the collection has {count}; use Flat or HNSW32 for a collection this small")
-    try:
-        faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    except RuntimeError as e:
-        msg = str(e).strip().splitlines()[-1]
-        raise IndexStoreError(f"faiss cannot build factory {factory!r} for width {dim}: {msg}. "
-                              f"Known good choices: Flat, HNSW32, IVF1024,PQ32") from None
-    return factory, notes
-
-
-def _default_search_params(index: faiss.Index) -> tuple[int | None, int | None]:
-    ivf = faiss.try_extract_index_ivf(index)
-    nprobe = min(ivf.nlist, max(8, ivf.nlist // 16)) if ivf is not None else None
-    ef = DEFAULT_EF_SEARCH if hasattr(index, "hnsw") else None
-    return nprobe, ef
-
-
-def _set_search_params(index: faiss.Index, nprobe: int | None, ef_search: int | None, k: int) -> None:
-    ivf = faiss.try_extract_index_ivf(index)
-    if ivf is not None and nprobe is not None:
-        ivf.nprobe = int(nprobe)
-    if hasattr(index, "hnsw") and ef_search is not None:
-        index.hnsw.efSearch = max(int(ef_search), k)
-
-
-# --------------------------------------------------------------------------------------------------- build
+# --------------------------------------------------------------------------------------------------- shards
 
 
 def _as_vectors(x: Any, n: int, dim: int | None) -> np.ndarray:
@@ -242,15 +183,187 @@ def _items_from(items: Iterable[Any], start: int) -> Iterator[Any]:
     return itertools.islice(iter(items), start, None)
 
 
-def _finished_shards(out: Path) -> list[int]:
-    """Row counts of the finished shards 0..k-1 (contiguous from 0)."""
+def shard_rows(out: str | os.PathLike) -> list[int]:
+    """Row counts of the finished shards 0..k-1 (contiguous from 0), read from the .npy headers."""
     rows = []
     for i in itertools.count():
-        p = _emb_path(out, i)
+        p = _emb_path(Path(out), i)
         if not p.is_file():
             break
         rows.append(int(np.load(p, mmap_mode="r").shape[0]))
     return rows
+
+
+def pending_items(out: str | os.PathLike) -> int:
+    """Items the unfinished build or addition in ``out`` has encoded so far (what a resumed run skips)."""
+    out = Path(out)
+    first = _read_state(out / "add.json")["first_shard"] if (out / "add.json").is_file() else 0
+    return sum(shard_rows(out)[first:])
+
+
+def _encode_shards(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, first_shard: int,
+                   done: int, first_id: int, shard_size: int, batch_size: int, dim: int | None,
+                   progress: bool) -> int:
+    """Encode items from item ``done`` on (the first ``done`` sit in finished shards from ``first_shard``) into
+    shards numbered on from there, with ids from ``first_id + done``; returns the count of items encoded in all."""
+    from tqdm.auto import tqdm
+
+    total = len(items) if _indexable(items) else None
+    bar = tqdm(total=total, initial=done, unit="item", desc="encoding", disable=not progress)
+    it = _items_from(items, done)
+    shard, n = first_shard + done // shard_size, done
+    while True:
+        vecs: list[np.ndarray] = []
+        lines: list[bytes] = []
+        filled = 0
+        while filled < shard_size:
+            batch = list(itertools.islice(it, min(batch_size, shard_size - filled)))
+            if not batch:
+                break
+            v = _as_vectors(encode(batch), len(batch), dim)
+            dim = v.shape[1]
+            vecs.append(v)
+            for item in batch:
+                meta = describe(item) if describe is not None else {}
+                lines.append((json.dumps({**meta, "id": first_id + n}) + "\n").encode())
+                n += 1
+            filled += len(batch)
+            bar.update(len(batch))
+        if filled == 0:
+            break
+        atomic_write_bytes(_meta_path(out, shard), b"".join(lines))
+        atomic_save_npy(_emb_path(out, shard), np.concatenate(vecs))  # (filled, E); marks the shard finished
+        shard += 1
+        if filled < shard_size:
+            break
+    bar.close()
+    return n
+
+
+def _encode_remaining(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, first_shard: int,
+                      first_id: int, shard_size: int, batch_size: int, dim: int | None, progress: bool) -> int:
+    """Encode what the finished shards from ``first_shard`` on lack; returns the item count of this build or
+    addition."""
+    rows = shard_rows(out)[first_shard:]
+    if any(r != shard_size for r in rows[:-1]) or (rows and rows[-1] > shard_size):
+        raise IndexStoreError(f"{out}/shards does not match shard size {shard_size}; pass overwrite")
+    if rows and rows[-1] < shard_size:  # a short shard is the last one: the source ended there
+        return sum(rows)
+    return _encode_shards(items, encode, describe, out, first_shard, sum(rows), first_id, shard_size, batch_size,
+                          dim, progress)
+
+
+def _training_sample(out: Path, count: int, shard_size: int, n: int, seed: int) -> np.ndarray:
+    """``n`` vectors drawn without replacement across the shards, read shard by shard."""
+    pick = np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
+    parts = []
+    for s in range(-(-count // shard_size)):
+        lo, hi = np.searchsorted(pick, [s * shard_size, (s + 1) * shard_size])
+        if hi > lo:
+            emb = np.load(_emb_path(out, s), mmap_mode="r")
+            parts.append(np.asarray(emb[pick[lo:hi] - s * shard_size]))
+    return np.ascontiguousarray(np.concatenate(parts))
+
+
+# --------------------------------------------------------------------------------------------------- state files
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        state = json.loads(path.read_text())
+        state["params"]  # noqa: B018
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise IndexStoreError(f"{path} is corrupt; pass overwrite (--overwrite) to start over") from None
+    return state
+
+
+def _check_params(out: Path, state: dict[str, Any], params: dict[str, Any], what: str) -> None:
+    diff = {k: (state["params"].get(k), v) for k, v in params.items() if state["params"].get(k) != v}
+    if diff:
+        how = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
+        raise IndexStoreError(f"{out} holds an unfinished {what} with other settings ({how}); rerun with the "
+                              f"same settings to resume it, or pass overwrite (--overwrite) to start over")
+
+
+def _finished_with(out: Path, params: dict[str, Any]) -> bool:
+    """``out`` holds a finished index built with these settings."""
+    if not (out / "manifest.json").is_file() or not (out / "build.json").is_file():
+        return False
+    try:
+        return json.loads((out / "build.json").read_text()).get("params") == params
+    except (json.JSONDecodeError, AttributeError):
+        return False
+
+
+def _prepare_out_dir(out: Path, overwrite: bool) -> None:
+    """Clear the directory if ``overwrite``, refuse a finished index, create ``shards/``, drop half-written files."""
+    if overwrite and out.exists():
+        _remove_index_files(out)
+    if (out / "manifest.json").exists():
+        raise IndexStoreError(f"{out} already holds a finished index built with other settings; choose another "
+                              f"output directory or pass overwrite (--overwrite) to replace it")
+    (out / "shards").mkdir(parents=True, exist_ok=True)
+    _drop_half_written(out)
+
+
+def _drop_half_written(out: Path) -> None:
+    for stale in [*out.glob("*.tmp*"), *(out / "shards").glob("*.tmp*"), *(out / ondisk.BLOCKS).glob("*.tmp*")]:
+        stale.unlink()  # half-written files of a killed process
+
+
+def _open_build_state(out: Path, params: dict[str, Any]) -> dict[str, Any]:
+    """The build state of an unfinished build with the same ``params``, or a fresh one written to ``build.json``."""
+    build_file = out / "build.json"
+    state: dict[str, Any] = {"params": params, "encoded": None, "elapsed": 0.0}
+    if not build_file.exists():
+        if any((out / "shards").iterdir()):
+            raise IndexStoreError(f"{out}/shards holds files but no build.json; pass overwrite (--overwrite)")
+        atomic_write_json(build_file, state)
+        return state
+    state = _read_state(build_file)
+    _check_params(out, state, params, "build")
+    return state
+
+
+def _remove_index_files(out: Path) -> None:
+    for name in ("manifest.json", "build.json", "add.json", "index.faiss", TRAINED, *ROW_FILES):
+        (out / name).unlink(missing_ok=True)
+        (out / (name + NEXT)).unlink(missing_ok=True)
+    for p in out.glob("lists_*.ivfdata"):
+        p.unlink()
+    shutil.rmtree(out / "shards", ignore_errors=True)
+    shutil.rmtree(out / ondisk.BLOCKS, ignore_errors=True)
+    for p in out.glob("*.tmp*"):
+        p.unlink()
+
+
+def _commit(out: Path, state_file: Path, state: dict[str, Any]) -> None:
+    """Move every ``.next`` file into place, the manifest last; safe to run again after a kill at any point."""
+    if state.get("phase") != "commit":
+        state["phase"] = "commit"
+        atomic_write_json(state_file, state)
+    for name in ("index.faiss", *ROW_FILES, "manifest.json"):
+        nxt = out / (name + NEXT)
+        if nxt.exists():
+            os.replace(nxt, out / name)
+    ondisk.remove_blocks(out)
+    for p in out.glob("lists_*.ivfdata"):  # lists of earlier generations
+        if p.name not in state.get("keep", []):
+            p.unlink()
+
+
+# --------------------------------------------------------------------------------------------------- build
+
+
+@dataclass
+class _Plan:
+    """A build's factory as resolved for the stored vectors."""
+
+    factory: str
+    effective: str
+    on_disk: bool
+    notes: list[str]
+    rerank: int | None = None  # chosen by auto
 
 
 def build_index(
@@ -259,6 +372,10 @@ def build_index(
     out_dir: str | os.PathLike,
     *,
     factory: str = "Flat",
+    on_disk: bool = False,
+    memory_gib: float | None = None,
+    target_recall: float = 0.95,
+    rerank: int | None = None,
     describe: Describer | None = None,
     batch_size: int = 64,
     shard_size: int = 4096,
@@ -277,204 +394,242 @@ def build_index(
     """Encode ``items`` in batches, store the vectors in shards, and build a faiss index over them.
 
     ``encode(list_of_items) -> (B, E)`` float32 unit vectors; ``describe(item) -> dict`` gives each item's
-    metadata (path, caption). An unfinished build in ``out_dir`` with the same settings is resumed from its
-    last finished shard; a different one is refused unless ``overwrite``.
+    metadata (path, caption). ``on_disk`` keeps an IVF factory's inverted lists on disk. ``factory="auto"`` picks
+    the index type for the collection from ``memory_gib`` and ``target_recall`` (:func:`choose_factory`).
+    ``rerank`` makes searches re-rank ``rerank * k`` candidates exactly against the stored shards by default. An
+    unfinished build in ``out_dir`` with the same settings is resumed from its last finished shard; a different
+    one is refused unless ``overwrite``.
     """
-    if batch_size < 1 or shard_size < 1 or add_chunk < 1:
-        raise IndexStoreError("batch_size, shard_size and add_chunk must be positive")
+    if batch_size < 1 or shard_size < 1 or add_chunk < 1 or (rerank is not None and rerank < 1):
+        raise IndexStoreError("batch_size, shard_size, add_chunk and rerank must be positive")
+    _check_request(factory, on_disk, memory_gib)
     out = Path(out_dir)
     t0 = time.perf_counter()
-    _prepare_out_dir(out, overwrite)
     params = {"factory": factory, "shard_size": shard_size, "checkpoint_hash": checkpoint_hash,
-              "modality": modality, "source": source, "split": split}
+              "modality": modality, "source": source, "split": split, "on_disk": on_disk,
+              **({"memory_gib": memory_gib, "target_recall": target_recall} if factory == "auto" else {})}
+    if _finished_with(out, params) and not overwrite:  # the same command again after it finished (or was killed
+        print(f"contrast index: {out} holds this build finished already")  # between its last rename and its exit)
+        return open_index(out)
+    _prepare_out_dir(out, overwrite)
     state = _open_build_state(out, params)
     if state.get("encoded") is None:  # step 1: encode into shards (resumes from the last finished shard)
-        state["encoded"] = _encode_remaining(items, encode, describe, out, shard_size, batch_size, dim, progress)
+        state["encoded"] = _encode_remaining(items, encode, describe, out, 0, 0, shard_size, batch_size, dim, progress)
         state["elapsed"] = float(state.get("elapsed", 0.0)) + time.perf_counter() - t0
         t0 = time.perf_counter()
-        _atomic_write_json(out / "build.json", state)
+        atomic_write_json(out / "build.json", state)
     count = int(state["encoded"])
     if count == 0:
         raise IndexStoreError("the source yielded no items; nothing to index")
-
-    num_shards = -(-count // shard_size)
-    index, effective, notes = _trained_index(out, factory, count, shard_size, min(count, max_train), seed)  # step 2
-    dim = index.d
-    _write_index_files(index, out, count, num_shards, add_chunk)  # step 3: add vectors, write index + metadata
-    nprobe, ef = _default_search_params(index)
-    manifest = IndexManifest(
-        embed_dim=dim, count=count, factory=factory, factory_effective=effective, checkpoint=checkpoint,
-        checkpoint_hash=checkpoint_hash, modality=modality, source=source, split=split, shard_size=shard_size,
-        num_shards=num_shards, nprobe=nprobe, ef_search=ef,
-        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        build_seconds=round(float(state.get("elapsed", 0.0)) + time.perf_counter() - t0, 3), notes=notes,
-    )
-    _atomic_write_json(out / "manifest.json", dataclasses.asdict(manifest))  # last: marks the index finished
-    return RetrievalIndex(out, manifest, index)
+    if state.get("phase") != "commit":
+        trained, plan = _trained_index(out, state, min(count, max_train), seed)  # step 2
+        index = _filled(trained, out, range(-(-count // shard_size)), 0, plan.on_disk, None, add_chunk)  # step 3
+        _write_row_files(out, range(-(-count // shard_size)), count, None)
+        manifest = _manifest(index, plan, count, state, t0, checkpoint=checkpoint, checkpoint_hash=checkpoint_hash,
+                             modality=modality, source=source, split=split, shard_size=shard_size,
+                             rerank=rerank if rerank is not None else plan.rerank)
+        atomic_write_index(index, out / ("index.faiss" + NEXT))
+        atomic_write_json(out / ("manifest.json" + NEXT), dataclasses.asdict(manifest))
+        state["keep"] = [ondisk.lists_name(0)] if plan.on_disk else []
+    _commit(out, out / "build.json", state)  # step 4: move the new files into place, the manifest last
+    return open_index(out)
 
 
-def _prepare_out_dir(out: Path, overwrite: bool) -> None:
-    """Clear the directory if ``overwrite``, refuse a finished index, create ``shards/``, drop half-written files."""
-    if overwrite and out.exists():
-        _remove_index_files(out)
-    if (out / "manifest.json").exists():
-        raise IndexStoreError(f"{out} already holds a finished index; choose another output directory "
-                              f"or pass overwrite (--overwrite) to replace it")
-    (out / "shards").mkdir(parents=True, exist_ok=True)
-    for stale in [*out.glob("*.tmp*"), *(out / "shards").glob("*.tmp*")]:  # half-written files of a killed build
-        stale.unlink()
+def _check_request(factory: str, on_disk: bool, memory_gib: float | None) -> None:
+    if factory == "auto" and memory_gib is None:
+        raise IndexStoreError("factory 'auto' needs a memory budget: pass memory_gib (--memory GiB)")
+    if factory != "auto" and on_disk and ("IVF" not in factory or "Refine" in factory or "RFlat" in factory):
+        raise IndexStoreError(f"factory {factory!r} cannot keep its inverted lists on disk: on_disk needs an IVF "
+                              "index without a refine stage, e.g. IVF4096,Flat, IVF4096,SQ8 or OPQ32,IVF4096,PQ32")
 
 
-def _open_build_state(out: Path, params: dict[str, Any]) -> dict[str, Any]:
-    """The build state of an unfinished build with the same ``params``, or a fresh one written to ``build.json``."""
-    build_file = out / "build.json"
-    state: dict[str, Any] = {"params": params, "encoded": None, "elapsed": 0.0}
-    if not build_file.exists():
-        if any((out / "shards").iterdir()):
-            raise IndexStoreError(f"{out}/shards holds files but no build.json; pass overwrite (--overwrite)")
-        _atomic_write_json(build_file, state)
-        return state
-    try:
-        state = json.loads(build_file.read_text())
-        old = state["params"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-        raise IndexStoreError(f"{build_file} is corrupt; pass overwrite (--overwrite) to start over") from None
-    diff = {k: (old.get(k), v) for k, v in params.items() if old.get(k) != v}
-    if diff:
-        what = ", ".join(f"{k}: {a!r} then, {b!r} now" for k, (a, b) in diff.items())
-        raise IndexStoreError(f"{out} holds an unfinished build with other settings ({what}); rerun with the "
-                              f"same settings to resume it, or pass overwrite (--overwrite) to start over")
-    return state
-
-
-def _encode_remaining(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, shard_size: int,
-                      batch_size: int, dim: int | None, progress: bool) -> int:
-    """Encode what the finished shards lack; returns the total item count."""
-    rows = _finished_shards(out)
-    if any(r != shard_size for r in rows[:-1]) or (rows and rows[-1] > shard_size):
-        raise IndexStoreError(f"{out}/shards does not match shard size {shard_size}; pass overwrite")
-    if rows and rows[-1] < shard_size:  # a short shard is the last one: the source ended there
-        return sum(rows)
-    return _encode_shards(items, encode, describe, out, len(rows), shard_size, batch_size, dim, progress)
-
-
-def _trained_index(out: Path, factory: str, count: int, shard_size: int, n_train: int,
-                   seed: int) -> tuple[faiss.Index, str, list[str]]:
-    """An empty faiss index for ``factory`` as planned for the stored vectors, trained on ``n_train`` of them when it
-    needs training; with the effective factory string and the planning notes."""
-    dim = int(np.load(_emb_path(out, 0), mmap_mode="r").shape[1])
-    effective, notes = plan_factory(factory, dim, count)
-    for note in notes:
+def _resolve(out: Path, state: dict[str, Any], count: int, dim: int) -> _Plan:
+    """The factory to build for the stored vectors (``auto`` chosen here), with the notes saying why."""
+    p = state["params"]
+    factory, on_disk, notes, rerank = p["factory"], bool(p["on_disk"]), [], None
+    if factory == "auto":
+        choice = choose_factory(count, dim, p["memory_gib"], p["target_recall"])
+        factory, on_disk, rerank = choice.factory, choice.on_disk, choice.rerank
+        notes.append(f"auto: {choice.reason}")
+    effective, more = plan_factory(factory, dim, count)
+    for note in notes + more:
         print(f"contrast index: {note}")
-    index = faiss.index_factory(dim, effective, faiss.METRIC_INNER_PRODUCT)
+    return _Plan(p["factory"], effective, on_disk, notes + more, rerank)
+
+
+def _trained_index(out: Path, state: dict[str, Any], n_train: int, seed: int) -> tuple[faiss.Index, _Plan]:
+    """The trained, empty index (``trained.faiss``, kept so a resumed build and later additions reuse the same
+    quantizer), trained on ``n_train`` stored vectors when the factory needs training."""
+    count, shard_size = int(state["encoded"]), int(state["params"]["shard_size"])
+    dim = int(np.load(_emb_path(out, 0), mmap_mode="r").shape[1])
+    if "plan" in state and (out / TRAINED).is_file():
+        return faiss.read_index(str(out / TRAINED)), _Plan(**state["plan"])
+    plan = _resolve(out, state, count, dim)
+    index = faiss.index_factory(dim, plan.effective, faiss.METRIC_INNER_PRODUCT)
+    for part in layers(index):  # polysemous codes serve a Hamming pre-filter we never search with; training them
+        if hasattr(part, "do_polysemous_training"):  # is most of a PQ index's training time
+            part.do_polysemous_training = False
+    if plan.on_disk:
+        check_on_disk(index, plan.effective)
     if not index.is_trained:
         sample = _training_sample(out, count, shard_size, n_train, seed)
         index.train(sample)
         del sample
-    return index, effective, notes
+    atomic_write_index(index, out / TRAINED)
+    state["plan"] = dataclasses.asdict(plan)
+    atomic_write_json(out / "build.json", state)
+    return index, plan
 
 
-def _write_index_files(index: faiss.Index, out: Path, count: int, num_shards: int, add_chunk: int) -> None:
-    """Add every shard to ``index`` and write index.faiss, ids.npy, metadata_offsets.npy, metadata.jsonl.
-
-    Each file is written under a temporary name and moved into place only when all of them are complete.
-    """
-    pid = os.getpid()
-    ids_tmp = out / f"ids.npy.tmp{pid}"
-    offsets_tmp = out / f"metadata_offsets.npy.tmp{pid}"
-    meta_tmp = out / f"metadata.jsonl.tmp{pid}"
-    ids_all = np.lib.format.open_memmap(ids_tmp, mode="w+", dtype=np.int64, shape=(count,))
-    offsets = np.lib.format.open_memmap(offsets_tmp, mode="w+", dtype=np.int64, shape=(count,))
-    with open(meta_tmp, "wb") as meta_out:
-        row = _add_shards(index, out, num_shards, add_chunk, ids_all, offsets, meta_out)
-    if row != count or index.ntotal != count:
-        raise IndexStoreError(f"{out}/shards hold {row} metadata rows and {index.ntotal} vectors, expected {count}; "
-                              f"pass overwrite (--overwrite) to rebuild")
-    ids_all.flush()
-    offsets.flush()
-    del ids_all, offsets
-    tmp = out / f"index.faiss.tmp{pid}"
-    faiss.write_index(index, str(tmp))
-    os.replace(tmp, out / "index.faiss")
-    os.replace(ids_tmp, out / "ids.npy")
-    os.replace(offsets_tmp, out / "metadata_offsets.npy")
-    os.replace(meta_tmp, out / "metadata.jsonl")
+def _shard_vectors(out: Path, shards: Iterable[int]) -> Iterator[tuple[int, int, np.ndarray]]:
+    """(shard, first row, memory-mapped vectors) of each shard, rows counted over all shards before it."""
+    rows = shard_rows(out)
+    starts = np.concatenate([[0], np.cumsum(rows)])
+    for s in shards:
+        yield s, int(starts[s]), np.load(_emb_path(out, s), mmap_mode="r")
 
 
-def _add_shards(index: faiss.Index, out: Path, num_shards: int, add_chunk: int, ids_all: np.ndarray,
-                offsets: np.ndarray, meta_out: Any) -> int:
-    """Add the shards' vectors to ``index`` in chunks and copy their metadata; returns the rows written."""
-    row = 0
-    for s in range(num_shards):
-        emb = np.load(_emb_path(out, s), mmap_mode="r")
+def _filled(start: faiss.Index, out: Path, shards: range, generation: int, on_disk: bool,
+            previous: faiss.Index | None, add_chunk: int) -> faiss.Index:
+    """``start`` (the trained index, or the previous index in memory) with the vectors of ``shards`` added; on disk:
+    the trained index with the previous lists and the shards' blocks merged into this generation's lists file."""
+    if on_disk:
+        blocks = ondisk.write_blocks(start, out, _shard_vectors(out, shards), add_chunk)
+        return ondisk.merge(start, blocks, out / ondisk.lists_name(generation), previous)
+    for _, _, emb in _shard_vectors(out, shards):
         for lo in range(0, emb.shape[0], add_chunk):
-            index.add(np.ascontiguousarray(emb[lo : lo + add_chunk]))
-        with open(_meta_path(out, s), "rb") as f:
-            for line in f:
-                offsets[row] = meta_out.tell()
-                ids_all[row] = json.loads(line)["id"]
-                meta_out.write(line)
-                row += 1
-    return row
+            start.add(np.ascontiguousarray(emb[lo : lo + add_chunk]))
+    return start
 
 
-def _encode_shards(items: Iterable[Any], encode: Encoder, describe: Describer | None, out: Path, first_shard: int,
-                   shard_size: int, batch_size: int, dim: int | None, progress: bool) -> int:
-    """Encode items from shard ``first_shard`` on; returns the total item count."""
-    from tqdm.auto import tqdm
-
-    start = first_shard * shard_size
-    total = len(items) if _indexable(items) else None
-    bar = tqdm(total=total, initial=start, unit="item", desc="encoding", disable=not progress)
-    it = _items_from(items, start)
-    shard, next_id = first_shard, start
-    while True:
-        vecs: list[np.ndarray] = []
-        lines: list[bytes] = []
-        filled = 0
-        while filled < shard_size:
-            batch = list(itertools.islice(it, min(batch_size, shard_size - filled)))
-            if not batch:
-                break
-            v = _as_vectors(encode(batch), len(batch), dim)
-            dim = v.shape[1]
-            vecs.append(v)
-            for item in batch:
-                meta = describe(item) if describe is not None else {}
-                lines.append((json.dumps({**meta, "id": next_id}) + "\n").encode())
-                next_id += 1
-            filled += len(batch)
-            bar.update(len(batch))
-        if filled == 0:
-            break
-        _atomic_write_bytes(_meta_path(out, shard), b"".join(lines))
-        _atomic_save_npy(_emb_path(out, shard), np.concatenate(vecs))  # (filled, E); marks the shard finished
-        shard += 1
-        if filled < shard_size:
-            break
-    bar.close()
-    return next_id
+def _write_row_files(out: Path, shards: range, count: int, previous: int | None) -> None:
+    """ids.npy, metadata_offsets.npy and metadata.jsonl (as ``.next`` files) of the rows before (copied from the
+    current files when ``previous`` rows exist) and of the shards'."""
+    paths = {name: out / (name + NEXT) for name in ROW_FILES}
+    tmp = {name: p.with_name(p.name + f".tmp{os.getpid()}") for name, p in paths.items()}
+    ids = np.lib.format.open_memmap(tmp["ids.npy"], mode="w+", dtype=np.int64, shape=(count,))
+    offsets = np.lib.format.open_memmap(tmp["metadata_offsets.npy"], mode="w+", dtype=np.int64, shape=(count,))
+    row = 0
+    with open(tmp["metadata.jsonl"], "wb") as meta_out:
+        if previous:
+            ids[:previous] = np.load(out / "ids.npy", mmap_mode="r")
+            offsets[:previous] = np.load(out / "metadata_offsets.npy", mmap_mode="r")
+            with open(out / "metadata.jsonl", "rb") as f:
+                shutil.copyfileobj(f, meta_out)
+            row = previous
+        for s in shards:
+            with open(_meta_path(out, s), "rb") as f:
+                for line in f:
+                    offsets[row] = meta_out.tell()
+                    ids[row] = json.loads(line)["id"]
+                    meta_out.write(line)
+                    row += 1
+        meta_out.flush()
+        os.fsync(meta_out.fileno())
+    if row != count:
+        raise IndexStoreError(f"{out}/shards hold {row} metadata rows, expected {count}; pass overwrite "
+                              "(--overwrite) to rebuild")
+    ids.flush()
+    offsets.flush()
+    del ids, offsets
+    for name in ROW_FILES:
+        os.replace(tmp[name], paths[name])
 
 
-def _training_sample(out: Path, count: int, shard_size: int, n: int, seed: int) -> np.ndarray:
-    """``n`` vectors drawn without replacement across the shards, read shard by shard."""
-    pick = np.sort(np.random.default_rng(seed).choice(count, size=n, replace=False))
-    parts = []
-    for s in range(-(-count // shard_size)):
-        lo, hi = np.searchsorted(pick, [s * shard_size, (s + 1) * shard_size])
-        if hi > lo:
-            emb = np.load(_emb_path(out, s), mmap_mode="r")
-            parts.append(np.asarray(emb[pick[lo:hi] - s * shard_size]))
-    return np.ascontiguousarray(np.concatenate(parts))
+def _manifest(index: faiss.Index, plan: _Plan, count: int, state: dict[str, Any], t0: float,
+              **fields: Any) -> IndexManifest:
+    nprobe, ef, kf = default_search_params(index)
+    return IndexManifest(
+        embed_dim=index.d, count=count, factory=plan.factory, factory_effective=plan.effective,
+        num_shards=-(-count // fields["shard_size"]), nprobe=nprobe, ef_search=ef, k_factor=kf,
+        storage="on_disk" if plan.on_disk else "memory", created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        build_seconds=round(float(state.get("elapsed", 0.0)) + time.perf_counter() - t0, 3), notes=plan.notes,
+        **fields)
 
 
-def _remove_index_files(out: Path) -> None:
-    for name in ("manifest.json", "build.json", "index.faiss", "ids.npy", "metadata.jsonl",
-                 "metadata_offsets.npy"):
-        (out / name).unlink(missing_ok=True)
-    shutil.rmtree(out / "shards", ignore_errors=True)
-    for p in out.glob("*.tmp*"):
-        p.unlink()
+# --------------------------------------------------------------------------------------------------- add
+
+
+def add_to_index(
+    index_dir: str | os.PathLike,
+    items: Iterable[Any],
+    encode: Encoder,
+    *,
+    describe: Describer | None = None,
+    batch_size: int = 64,
+    add_chunk: int = 16384,
+    checkpoint_hash: str | None = None,
+    source: str | None = None,
+    split: str | None = None,
+    record: Callable[[], dict[str, Any]] | None = None,
+    progress: bool = True,
+) -> RetrievalIndex:
+    """Append ``items`` to a finished index: encoded into new shards, ids continuing from the index's count, added
+    to the trained index (in memory, or merged into the next lists file on disk); the manifest lists the addition
+    (with ``record()``'s fields). ``checkpoint_hash`` must be the index's own model's. An interrupted addition
+    resumes when called again with the same settings; an addition of the same source and split that has finished
+    already is not repeated."""
+    out = Path(index_dir)
+    t0 = time.perf_counter()
+    m = IndexManifest.from_file(out / "manifest.json")
+    if m.checkpoint_hash is not None and checkpoint_hash != m.checkpoint_hash:
+        raise IndexStoreError(f"the index at {out} was built by another model ({m.checkpoint}, sha256 "
+                              f"{m.checkpoint_hash[:12]}...); add to it with that model, or build a new index")
+    params = {"checkpoint_hash": checkpoint_hash, "source": source, "split": split}
+    state = _open_add_state(out, m, params)
+    if state is None:
+        print(f"contrast index: {source}:{split} was added to {out} already; nothing to do")
+        return open_index(out)
+    first_shard, first_id = int(state["first_shard"]), int(state["first_id"])
+    if state.get("phase") != "commit":
+        new = _encode_remaining(items, encode, describe, out, first_shard, first_id, m.shard_size, batch_size,
+                                m.embed_dim, progress)
+        if new == 0:
+            (out / "add.json").unlink()
+            raise IndexStoreError("the source yielded no items; nothing to add")
+        shards = range(first_shard, first_shard + -(-new // m.shard_size))
+        _write_addition(out, m, state, shards, new, add_chunk, t0, record)
+    _commit(out, out / "add.json", state)
+    (out / "add.json").unlink()
+    return open_index(out)
+
+
+def _open_add_state(out: Path, m: IndexManifest, params: dict[str, Any]) -> dict[str, Any] | None:
+    """The state of the addition in progress (``add.json``), a fresh one, or None when it finished already."""
+    path = out / "add.json"
+    _drop_half_written(out)
+    if path.is_file():
+        state = _read_state(path)
+        _check_params(out, state, params, "addition")
+        return state
+    if any(all(a.get(k) == v for k, v in params.items()) for a in m.additions):
+        return None
+    state = {"params": params, "first_shard": m.num_shards, "first_id": m.count, "generation": m.generation + 1}
+    if len(shard_rows(out)) != m.num_shards:
+        raise IndexStoreError(f"{out}/shards holds {len(shard_rows(out))} shards, the manifest {m.num_shards}; "
+                              "the index is damaged, rebuild it")
+    atomic_write_json(path, state)
+    return state
+
+
+def _write_addition(out: Path, m: IndexManifest, state: dict[str, Any], shards: range, new: int, add_chunk: int,
+                    t0: float, record: Callable[[], dict[str, Any]] | None) -> None:
+    """The ``.next`` files of the index with ``shards`` added."""
+    on_disk, gen = m.storage == "on_disk", int(state["generation"])
+    if on_disk:
+        previous = ondisk.read(out / "index.faiss")
+        index = _filled(faiss.read_index(str(out / TRAINED)), out, shards, gen, True, previous, add_chunk)
+        del previous
+    else:
+        index = _filled(faiss.read_index(str(out / "index.faiss")), out, shards, gen, False, None, add_chunk)
+    _write_row_files(out, shards, m.count + new, m.count)
+    entry = {**state["params"], "generation": gen, "first_id": m.count, "count": new,
+             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "seconds": round(time.perf_counter() - t0, 3),
+             **(record() if record is not None else {})}
+    manifest = dataclasses.replace(m, count=m.count + new, num_shards=shards.stop, additions=[*m.additions, entry])
+    atomic_write_index(index, out / ("index.faiss" + NEXT))
+    atomic_write_json(out / ("manifest.json" + NEXT), dataclasses.asdict(manifest))
+    state["keep"] = [ondisk.lists_name(gen)] if on_disk else []
 
 
 # --------------------------------------------------------------------------------------------------- search
@@ -523,8 +678,11 @@ class RetrievalIndex:
                                       f"rebuild the index with this one")
 
     def search(self, queries: Any, k: int = 10, *, nprobe: int | None = None, ef_search: int | None = None,
-               with_metadata: bool = True) -> SearchResult:
-        """Top ``k`` items for each of the ``(Q, E)`` query vectors (normalised here if they are not)."""
+               k_factor: int | None = None, rerank: int | None = None, with_metadata: bool = True) -> SearchResult:
+        """Top ``k`` items for each of the ``(Q, E)`` query vectors (normalised here if they are not).
+
+        ``rerank`` (default: the manifest's; 0 turns it off): the index proposes ``rerank * k`` candidates whose
+        stored float32 vectors are read back from the shards (memory-mapped) and scored exactly."""
         q = queries.detach().float().cpu().numpy() if hasattr(queries, "detach") else np.asarray(queries)
         q = np.ascontiguousarray(np.atleast_2d(q).astype(np.float32))  # (Q, E)
         if q.shape[1] != self.dim:
@@ -533,9 +691,15 @@ class RetrievalIndex:
         if k < 1:
             raise IndexStoreError(f"k must be at least 1, got {k}")
         q /= np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        _set_search_params(self.index, nprobe if nprobe is not None else self.manifest.nprobe,
-                           ef_search if ef_search is not None else self.manifest.ef_search, k)
-        scores, rows = self.index.search(q, k)
+        m = self.manifest
+        set_search_params(self.index, nprobe if nprobe is not None else m.nprobe,
+                          ef_search if ef_search is not None else m.ef_search,
+                          k_factor if k_factor is not None else m.k_factor, k)
+        rr = rerank if rerank is not None else (m.rerank or 0)
+        if rr > 1:
+            scores, rows = self._reranked(q, *self.index.search(q, k * rr), k)
+        else:
+            scores, rows = self.index.search(q, k)
         ids = np.where(rows >= 0, self._ids[np.maximum(rows, 0)], -1)  # reads only the hits' ids
         meta = self.metadata(rows) if with_metadata else []
         return SearchResult(scores=scores, ids=ids, rows=rows, metadata=meta)
@@ -561,6 +725,47 @@ class RetrievalIndex:
                 raise IndexStoreError(f"{p} is missing; the stored embeddings are incomplete, rebuild the index")
             yield np.load(p, mmap_mode="r")
 
+    def _reranked(self, q: np.ndarray, _: np.ndarray, cand: np.ndarray, k: int, chunk: int = 64
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The best ``k`` of each query's candidate rows by exact inner product with their stored vectors."""
+        scores = np.full((len(q), k), -np.inf, np.float32)
+        rows = np.full((len(q), k), -1, np.int64)
+        for lo in range(0, len(q), chunk):
+            c = cand[lo : lo + chunk]  # (C, k * rerank)
+            uniq, pos = np.unique(c[c >= 0], return_inverse=True)
+            vec = self.vectors(uniq)  # (U, E): each candidate read once
+            s = np.full(c.shape, -np.inf, np.float32)
+            s[c >= 0] = np.einsum("ij,ij->i", vec[pos], np.repeat(q[lo : lo + chunk], (c >= 0).sum(1), axis=0))
+            top = np.argsort(-s, axis=1, kind="stable")[:, :k]
+            scores[lo : lo + chunk, : top.shape[1]] = np.take_along_axis(s, top, 1)
+            rows[lo : lo + chunk, : top.shape[1]] = np.where(np.isfinite(np.take_along_axis(s, top, 1)),
+                                                             np.take_along_axis(c, top, 1), -1)
+        return scores, rows
+
+    def _shard_starts(self) -> np.ndarray:
+        if not hasattr(self, "_starts"):
+            self._starts = np.concatenate([[0], np.cumsum([e.shape[0] for e in self.shards()])])
+        return self._starts
+
+    def vectors(self, rows: Any) -> np.ndarray:
+        """The stored (exact) vectors of index ``rows``, (R, E) float32, read from the shards they sit in."""
+        rows = np.asarray(rows, dtype=np.int64)
+        out = np.empty((len(rows), self.dim), np.float32)
+        starts = self._shard_starts()
+        shard = np.searchsorted(starts, rows, side="right") - 1
+        for s in np.unique(shard):
+            hit = shard == s
+            out[hit] = np.load(_emb_path(self.path, int(s)), mmap_mode="r")[rows[hit] - starts[s]]
+        return out
+
+    def memory_bytes(self) -> int:
+        """Bytes the index holds in memory to search: its serialised size (an on-disk index: without its lists)."""
+        return (self.path / "index.faiss").stat().st_size
+
+    def disk_bytes(self) -> int:
+        """Bytes of inverted lists kept on disk (0 for an in-memory index)."""
+        return sum(p.stat().st_size for p in self.path.glob("lists_*.ivfdata"))
+
 
 def open_index(path: str | os.PathLike) -> RetrievalIndex:
     """Open a finished index directory; missing or corrupt files are clear errors."""
@@ -573,7 +778,8 @@ def open_index(path: str | os.PathLike) -> RetrievalIndex:
             raise IndexStoreError(f"{path / name} is missing; the index is incomplete, rebuild it with "
                                   f"`contrast index build --overwrite`")
     try:
-        index = faiss.read_index(str(path / "index.faiss"))
+        index = ondisk.read(path / "index.faiss") if manifest.storage == "on_disk" else \
+            faiss.read_index(str(path / "index.faiss"))
     except RuntimeError as e:
         raise IndexStoreError(f"{path / 'index.faiss'} cannot be read by faiss "
                               f"({str(e).strip().splitlines()[-1]}); rebuild the index") from None
@@ -588,57 +794,3 @@ def open_index(path: str | os.PathLike) -> RetrievalIndex:
                               f"{n_ids} ids, {n_off} metadata rows; manifest {manifest.count}x"
                               f"{manifest.embed_dim}); rebuild the index")
     return RetrievalIndex(path, manifest, index)
-
-
-# --------------------------------------------------------------------------------------------------- eval
-
-
-@dataclass
-class IndexEval:
-    k: int
-    num_queries: int
-    recall: float  # mean |approximate top-k ∩ exact top-k| / k
-    qps: float  # index queries per second (one batched search call)
-    exact_qps: float  # brute-force queries per second over the stored shards
-    nprobe: int | None
-    ef_search: int | None
-
-
-def exact_search(shards: Iterable[np.ndarray], queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Exact inner-product top ``k`` over embeddings given shard by shard; returns (scores, rows), (Q, k) each."""
-    q = np.ascontiguousarray(queries, dtype=np.float32)
-    best_s = np.full((q.shape[0], 0), -np.inf, dtype=np.float32)
-    best_r = np.zeros((q.shape[0], 0), dtype=np.int64)
-    base = 0
-    for emb in shards:
-        s = q @ np.asarray(emb).T  # (Q, S)
-        r = np.broadcast_to(np.arange(base, base + s.shape[1]), s.shape)
-        base += s.shape[1]
-        s, r = np.concatenate([best_s, s], 1), np.concatenate([best_r, r], 1)
-        kk = min(k, s.shape[1])
-        top = np.argpartition(-s, kk - 1, axis=1)[:, :kk]
-        best_s, best_r = np.take_along_axis(s, top, 1), np.take_along_axis(r, top, 1)
-    order = np.argsort(-best_s, axis=1, kind="stable")
-    return np.take_along_axis(best_s, order, 1), np.take_along_axis(best_r, order, 1)
-
-
-def evaluate_index(index: RetrievalIndex, k: int = 10, num_queries: int = 1000, *, seed: int = 0,
-                   nprobe: int | None = None, ef_search: int | None = None) -> IndexEval:
-    """Recall@k of the index against exact search, with queries drawn from the stored vectors, and speed."""
-    n = min(num_queries, len(index))
-    pick = np.sort(np.random.default_rng(seed).choice(len(index), size=n, replace=False))
-    shard_size = index.manifest.shard_size
-    queries = np.concatenate([np.asarray(emb[pick[(pick >= s * shard_size) & (pick < s * shard_size + len(emb))]
-                                             - s * shard_size]) for s, emb in enumerate(index.shards())])
-    t = time.perf_counter()
-    _, exact = exact_search(index.shards(), queries, k)
-    exact_time = time.perf_counter() - t
-    t = time.perf_counter()
-    res = index.search(queries, k, nprobe=nprobe, ef_search=ef_search, with_metadata=False)
-    index_time = time.perf_counter() - t
-    hits = [len(set(a[a >= 0].tolist()) & set(b.tolist())) for a, b in zip(res.rows, exact)]
-    ivf = faiss.try_extract_index_ivf(index.index)
-    return IndexEval(k=k, num_queries=n, recall=float(np.mean(hits)) / min(k, len(index)),
-                     qps=n / max(index_time, 1e-9), exact_qps=n / max(exact_time, 1e-9),
-                     nprobe=ivf.nprobe if ivf is not None else None,
-                     ef_search=index.index.hnsw.efSearch if hasattr(index.index, "hnsw") else None)
