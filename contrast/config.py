@@ -319,12 +319,20 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     compile: bool = False  # torch.compile the model (fuses elementwise work; the first steps pay for compiling)
     keep_host_memory: bool = True  # on the CPU: malloc keeps freed blocks for the next step (no page faults per step)
+    collective_timeout_s: float = 600.0  # under torchrun: longest wait of one collective before it fails
+    lost_rank_s: float = 30.0  # under torchrun: a rank silent this long is lost and every rank stops (0: off)
+    eval_every: int = 0  # run the eval tasks every this many steps (0: at the end only)
+    best_metric: str | None = None  # keep the checkpoint with the highest eval value, e.g. zeroshot/shapes/top1
+    tensorboard: bool = True  # write loss terms, lr, logit scale, images/s and eval metrics to RUN/tensorboard
+    wandb: str | None = None  # a Weights & Biases project name to log to as well (needs the wandb package)
 
 
 @dataclass
 class EvalConfig:
-    tasks: list[str] = field(default_factory=list)  # task files run at the end of training
+    tasks: list[str] = field(default_factory=list)  # zero-shot task files run at the end (and every train.eval_every)
     batch_size: int = 256
+    retrieval_split: str | None = None  # also image-text retrieval on this split of data.source (e.g. val)
+    retrieval_limit: int = 1000  # at most this many pairs of it (0: all)
 
 
 @dataclass

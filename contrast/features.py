@@ -7,6 +7,8 @@ Layout of an extraction directory::
     DIR/tower.safetensors             the frozen tower's weights (a model trained from DIR uses exactly this tower)
     DIR/SPLIT/shard_00000.safetensors ``features`` (n, N, width) and ``index`` (n,) = row numbers in the split
     DIR/SPLIT/captions.json           the captions of those rows, in order
+    DIR/SPLIT/shard_00000.json        where the shard ends (the next row), its captions and the skip counts so far:
+                                      a stopped extraction continues after the last shard that has one
 
 ``FeatureShards(DIR, split)`` is a torch dataset over the shards; ``FeatureCollator`` tokenizes its captions and
 stacks ``image_feats`` (B, N, width) -- the batch key :class:`contrast.models.blip2.Blip2Stage1` reads instead of
@@ -26,11 +28,11 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from contrast.data import load_source
-from contrast.data.decode import SampleReader, describe_cell
+from contrast.data.decode import SampleReader, Skips, describe_cell
 from contrast.data.transforms import build_transform
 from contrast.errors import UserError
 from contrast.runs import FEATURES_TOWER as TOWER
-from contrast.runs import frozen_tower, save_model_weights
+from contrast.runs import frozen_tower, read_weights, save_model_weights
 
 META = "meta.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -67,7 +69,9 @@ def extract(
     """Run ``tower.forward_tokens`` over a datasets split (columns image, caption) and write shards. Returns meta.
 
     Rows whose image cannot be read or whose caption is missing or empty are left out (``index`` keeps the row
-    numbers of those written) and counted by ``reader`` (default: skip and count) into the split's ``skipped``."""
+    numbers of those written) and counted by ``reader`` (default: skip and count) into the split's ``skipped``.
+    Each shard is written atomically with a record of where it ends, so an extraction that was stopped (killed,
+    out of memory) continues from its last complete shard when run again, with the same result as one run."""
     from tqdm import tqdm
 
     if dtype not in DTYPES:
@@ -76,15 +80,15 @@ def extract(
     (out / split).mkdir(parents=True, exist_ok=True)
     tower = tower.to(device).eval()
     meta = read_meta(out) if (out / META).is_file() else {"splits": {}}
-    if not (out / TOWER).is_file():
-        save_model_weights(tower, out / TOWER)
+    _check_or_save_tower(tower, out)
     reader = reader if reader is not None else SampleReader()
-    shards = _ShardWriter(out / split, shard_size)
-    batches = _usable_batches(dataset, transform, reader, batch_size)
-    for pixels, rows, captions in tqdm(batches, total=-(-len(dataset) // batch_size), disable=not progress,
-                                       desc=f"features {split}"):
-        if rows:
-            shards.add(tower.forward_tokens(pixels.to(device)).to("cpu", DTYPES[dtype]), rows, captions)  # (b, N, w)
+    shards = _ShardWriter(out / split, shard_size, reader, {"source": source, "rows": len(dataset),
+                                                            "batch_size": batch_size, "dtype": dtype})
+    batches = _usable_batches(dataset, transform, reader, batch_size, shards.resume_from)
+    for pixels, rows, captions, lo, before in tqdm(batches, total=-(-(len(dataset) - shards.resume_from) // batch_size),
+                                                   disable=not progress, desc=f"features {split}"):
+        if rows:  # (b, N, w); a resumed batch is computed whole and its rows already written are dropped
+            shards.add(tower.forward_tokens(pixels.to(device)).to("cpu", DTYPES[dtype]), rows, captions, lo, before)
     shards.close()
     if shards.width is None:
         raise FeatureError(f"no usable rows in split '{split}' of {source or 'the data'} ({reader.skips.summary()})")
@@ -95,18 +99,41 @@ def extract(
         "image": asdict(image_cfg) if image_cfg is not None else meta.get("image"),
     })
     meta["splits"][split] = {"rows": len(shards.captions), "shards": shards.names, "skipped": reader.skips.as_dict()}
-    (out / META).write_text(json.dumps(meta, indent=2))
+    _atomic_text(out / META, json.dumps(meta, indent=2))
     return meta
 
 
-def _usable_batches(dataset: Any, transform: Callable, reader: SampleReader,
-                    batch_size: int) -> Iterator[tuple[torch.Tensor | None, list[int], list[str]]]:
-    """Per ``batch_size`` rows: (pixels (b, 3, H, W), row numbers, captions) of the usable ones (b may be 0)."""
+def _check_or_save_tower(tower: torch.nn.Module, out: Path) -> None:
+    """Save the tower's weights, or check that those saved (by an earlier, maybe stopped, extraction) are its own."""
+    path = out / TOWER
+    if not path.is_file():
+        tmp = path.with_name(path.name + ".tmp")
+        save_model_weights(tower, tmp)
+        tmp.replace(path)
+        return
+    saved = read_weights(path)
+    own = {k: v.detach().cpu() for k, v in tower.state_dict().items()}
+    if saved.keys() != own.keys() or any(not torch.equal(saved[k], own[k]) for k in own):
+        raise FeatureError(f"{out} holds features of another tower ({TOWER} differs from this one); extract into "
+                           "another --out, or delete that directory first")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _usable_batches(dataset: Any, transform: Callable, reader: SampleReader, batch_size: int, start: int = 0
+                    ) -> Iterator[tuple[torch.Tensor | None, list[int], list[str], int, dict[str, int]]]:
+    """Per ``batch_size`` rows from ``start`` (a batch boundary): (pixels (b, 3, H, W), row numbers, captions of the
+    usable ones (b may be 0), the batch's first row, the skip counts before it)."""
     from datasets import Image as ImageFeature
 
     if isinstance(dataset.features.get("image"), ImageFeature):
         dataset = dataset.cast_column("image", ImageFeature(decode=False))
-    for lo in range(0, len(dataset), batch_size):
+    for lo in range(start, len(dataset), batch_size):
+        before = reader.skips.as_dict()
         chunk = dataset[lo : lo + batch_size]
         pixels, rows, captions = [], [], []
         for j, (cell, raw) in enumerate(zip(chunk["image"], chunk["caption"])):
@@ -117,42 +144,70 @@ def _usable_batches(dataset: Any, transform: Callable, reader: SampleReader,
             pixels.append(transform(img))
             rows.append(lo + j)
             captions.append(caption)
-        yield (torch.stack(pixels) if pixels else None), rows, captions
+        yield (torch.stack(pixels) if pixels else None), rows, captions, lo, before
 
 
 class _ShardWriter:
-    """Features written to ``shard_XXXXX.safetensors`` files of ``shard_size`` rows, captions kept in order."""
+    """Features written to ``shard_XXXXX.safetensors`` files of ``shard_size`` rows, each followed by its record
+    ``shard_XXXXX.json``: its captions, its last row, and where to continue (the first row of the batch it ended in,
+    with the skip counts before that batch). A shard counts only once its record exists; a writer over a folder of
+    such shards continues after the last one, computing that batch again whole and dropping the rows written."""
 
-    def __init__(self, folder: Path, shard_size: int):
-        self.folder, self.shard_size = folder, shard_size
+    def __init__(self, folder: Path, shard_size: int, reader: SampleReader, identity: dict):
+        self.folder, self.shard_size, self.reader, self.identity = folder, shard_size, reader, identity
         self.feats: list[torch.Tensor] = []
         self.rows: list[int] = []
+        self.pending: list[str] = []
         self.captions: list[str] = []
         self.names: list[str] = []
         self.width = self.tokens = None
+        self.resume_from, self.last_row = 0, -1
+        self._resume()
 
-    def add(self, feats: torch.Tensor, rows: list[int], captions: list[str]) -> None:
+    def _resume(self) -> None:
+        while (record := self.folder / f"shard_{len(self.names):05d}.json").is_file():
+            name = record.with_suffix(".safetensors").name
+            done = json.loads(record.read_text())
+            if not (self.folder / name).is_file():
+                break
+            if done.get("identity") != self.identity:
+                raise FeatureError(f"{self.folder} holds features of another extraction ({done.get('identity')}, "
+                                   f"not {self.identity}); extract into another --out, or delete it first")
+            self.names.append(name)
+            self.captions.extend(done["captions"])
+            self.resume_from, self.last_row = done["resume_from"], done["last_row"]
+            self.width, self.tokens = done["width"], done["tokens"]
+            self.reader.skips = Skips(done["skipped_before"])
+
+    def add(self, feats: torch.Tensor, rows: list[int], captions: list[str], lo: int, before: dict) -> None:
         self.width, self.tokens = int(feats.shape[2]), int(feats.shape[1])
-        for j in range(feats.shape[0]):
+        for j, row in enumerate(rows):
+            if row <= self.last_row:
+                continue  # written before the extraction was stopped
             self.feats.append(feats[j : j + 1])
-            self.rows.append(rows[j])
-            if len(self.feats) == self.shard_size:
-                self._flush()
-        self.captions.extend(captions)
+            self.rows.append(row)
+            self.pending.append(captions[j])
+            if len(self.rows) == self.shard_size:
+                self._flush(lo, before)
 
-    def _flush(self) -> None:
-        if not self.feats:
-            return
+    def _flush(self, lo: int, before: dict) -> None:
         name = f"shard_{len(self.names):05d}.safetensors"
+        tmp = self.folder / (name + ".tmp")
         save_file({"features": torch.cat(self.feats).contiguous(), "index": torch.tensor(self.rows, dtype=torch.long)},
-                  str(self.folder / name))
+                  str(tmp))
+        tmp.replace(self.folder / name)
+        _atomic_text((self.folder / name).with_suffix(".json"), json.dumps({
+            "captions": self.pending, "last_row": self.rows[-1], "resume_from": lo, "skipped_before": before,
+            "width": self.width, "tokens": self.tokens, "identity": self.identity}))
         self.names.append(name)
-        self.feats.clear()
-        self.rows.clear()
+        self.captions.extend(self.pending)
+        self.last_row = self.rows[-1]
+        self.feats, self.rows, self.pending = [], [], []
 
     def close(self) -> None:
-        self._flush()
-        (self.folder / "captions.json").write_text(json.dumps(self.captions))
+        if self.rows:
+            self._flush(self.identity["rows"], self.reader.skips.as_dict())  # the end: nothing after it to compute
+        _atomic_text(self.folder / "captions.json", json.dumps(self.captions))
 
 
 class FeatureShards(torch.utils.data.Dataset):

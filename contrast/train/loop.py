@@ -18,17 +18,19 @@ import torch
 from torch import nn
 
 from contrast import distributed as D
-from contrast.config import Config, ConfigError, save_config
+from contrast.config import Config, ConfigError, save_config, to_dict
 from contrast.data.batches import StreamLoader
 from contrast.data.transforms import normalise_batch
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
-from contrast.runs import build, resolve_checkpoint, step_dir
+from contrast.runs import CHECKPOINTS, build, resolve_checkpoint, step_dir
 from contrast.tokenizer import build_tokenizer
 from contrast.train import checkpoint as C
 from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, total_skips
+from contrast.train.evals import Best, Evaluator
+from contrast.train.faults import SigtermStops, exit_when_lost, explain
 from contrast.train.host import keep_freed_memory
 from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
@@ -45,6 +47,9 @@ class RunResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss) at logged steps
     checkpoint: Path | None = None
     skipped: dict[str, int] = field(default_factory=dict)  # samples skipped (or repaired) by cause, all ranks
+    metrics: dict[str, float] = field(default_factory=dict)  # the eval tasks' metrics at the end of the run
+    best: dict | None = None  # with train.best_metric: {metric, value, step} of the best evaluation
+    main: bool = True  # this process is the main one (rank 0), which reports the run
 
 
 @dataclass
@@ -65,6 +70,10 @@ class Run:
     start: int = 0
     stepper: Stepper | None = None  # built last in setup: the step, the gradient scaler and the non-finite guard
     resumed: dict | None = None  # the training state a resumed run started from
+    resumes: int = 0  # how many times this run was resumed (kept in its checkpoints)
+    evaluator: Evaluator | None = None  # eval.tasks / eval.retrieval_split, run every train.eval_every and at the end
+    best: Best | None = None  # train.best_metric's best value so far
+    owns_group: bool = False  # setup created the process group (and train leaves it at the end)
 
 
 def select_device(name: str) -> torch.device:
@@ -78,7 +87,7 @@ def select_device(name: str) -> torch.device:
 
 def _init_process(cfg: Config) -> tuple[D.DistInfo, torch.device]:
     device = select_device(cfg.train.device)
-    dist_info = D.init_from_env(device)
+    dist_info = D.init_from_env(device, cfg.train.collective_timeout_s)
     if device.type == "cuda" and dist_info.world_size > 1:
         device = torch.device("cuda", dist_info.local_rank)
         torch.cuda.set_device(device)
@@ -102,8 +111,14 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, main: bool)
 
 def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
     """Load weights and training state; returns the step and the saved data cursors (None for older checkpoints)."""
+    if resume == "latest" and not (run.run_dir / CHECKPOINTS / "latest").is_file():
+        run.resumes = 1
+        if run.dist.is_main:
+            print(f"{run.run_dir} holds no checkpoint yet (stopped before its first one): starting from step 0")
+        return 0, None
     ckpt = resolve_checkpoint(run.run_dir if resume == "latest" else resume)
     state = C.load_state(ckpt)
+    run.resumes = int(state.get("resumes", 0)) + 1
     C.load_weights_and_optimizer(ckpt, state, run.model, run.optimizer)  # sharded (DCP) or safetensors + optimizer
     run.scheduler.load_state_dict(state["scheduler"])
     C.set_rng_state(state["rng"])
@@ -123,8 +138,11 @@ def _wrap(model: nn.Module, cfg: Config, dist_info: D.DistInfo, device: torch.de
 
 
 def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
-    """Process group, run directory, model, objective, optimizer, resumed state and the data loader."""
+    """Process group, run directory, model, objective, optimizer, resumed state, the data loader and the eval
+    tasks."""
+    owns_group = not D.is_initialized()
     dist_info, device = _init_process(cfg)
+    owns_group = owns_group and D.is_initialized()
     run_dir = Path(out_dir)
     _prepare_run_dir(cfg, run_dir, resume, dist_info.is_main)
     random.seed(cfg.train.seed)
@@ -140,7 +158,8 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
         F.shard_model(model, device)  # in place: model is the sharded module from here on
     opt = build_optimizer(model, cfg.train)  # after sharding: FSDP's optimizer holds the sharded parameters
     run = Run(cfg, run_dir, dist_info, device, model, model, build_objective(cfg.loss, comm), opt,
-              build_scheduler(opt, cfg.train), None, autocast(device, cfg.train.precision))
+              build_scheduler(opt, cfg.train), None, autocast(device, cfg.train.precision), owns_group=owns_group)
+    _eval_setup(run)
     data_state = None
     if resume:
         run.start, data_state = _resume(run, resume)
@@ -149,7 +168,24 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     run.stepper = build_stepper(run)
     run.stepper.guard.step.fill_(run.start)
     run.stepper.load_state(run.resumed or {})
+    saved_best = (run.resumed or {}).get("best")
+    if run.best is not None and saved_best and saved_best["metric"] == run.best.metric:
+        run.best = Best(**saved_best)  # a resumed run keeps its best (unless it now tracks another metric)
     return run
+
+
+def _eval_setup(run: Run) -> None:
+    """The eval tasks and the tracked metric, opened before the first step so a bad task file stops the run now."""
+    cfg = run.cfg
+    evaluator = Evaluator(cfg, run.model, run.device)
+    run.evaluator = evaluator if evaluator.enabled else None
+    if cfg.train.eval_every and run.evaluator is None:
+        raise ConfigError("train.eval_every needs something to evaluate: set eval.tasks (task files) and/or "
+                          "eval.retrieval_split (e.g. val)")
+    if cfg.train.best_metric:
+        if run.evaluator is None:
+            raise ConfigError("train.best_metric needs eval.tasks or eval.retrieval_split to evaluate")
+        run.best = Best(cfg.train.best_metric)
 
 
 # --------------------------------------------------------------------------------------------------- the step
@@ -185,44 +221,119 @@ def _check_finite(run: Run, step: int) -> None:
 
 def _save(run: Run, step: int, keep: int | None = None) -> Path | None:
     """Checkpoint ``step`` with every rank's data cursors; all ranks call it (gathering the cursors; FSDP ranks write
-    their shards), the main process writes the rest."""
+    their shards), the main process writes the rest. A failed write stops every rank with the main one's message."""
     data = loader_state(run.loader, run.dist)
-    return C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler,
-                             {"world_size": run.dist.world_size, "data": data, **run.stepper.state()},
-                             keep=run.cfg.train.keep_checkpoints if keep is None else keep)
+    extra = {"world_size": run.dist.world_size, "data": data, "resumes": run.resumes, **run.stepper.state()}
+    if run.best is not None:
+        extra["best"] = run.best.state()
+    failed, path = None, None
+    try:
+        path = C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler, extra,
+                                 keep=run.cfg.train.keep_checkpoints if keep is None else keep)
+    except C.CheckpointWriteError as e:
+        failed = e
+    if bool(D.any_rank(torch.tensor(failed is not None, device=run.device))):  # one all-reduce per checkpoint
+        raise failed or C.CheckpointWriteError(f"the main process could not write the checkpoint of step {step} "
+                                               "(its message says why); continue with --resume latest")
+    return path
+
+
+def _evaluate(run: Run, log: RunLog, step: int) -> tuple[dict[str, float], bool]:
+    """Every rank evaluates; the main process's metrics decide, the same way on every rank, whether ``step`` is the
+    best so far. Returns the metrics and that decision (the caller then checkpoints ``step`` and calls
+    :func:`_mark_best`), made before the checkpoint so that the checkpoint holds it."""
+    metrics = D.broadcast_object(run.evaluator(run.model))
+    improved = run.best is not None and run.best.update(metrics, step)
+    log.evaluation(step, metrics, run.best.state() if run.best is not None else None)
+    return metrics, improved
+
+
+def _mark_best(run: Run, path: Path | None) -> None:
+    if run.dist.is_main and path is not None:
+        C.point(run.run_dir / CHECKPOINTS / "best", path)
 
 
 # --------------------------------------------------------------------------------------------------- the loop
 
 
 def train(cfg: Config, out_dir: str | Path, resume: str | None = None, progress: bool = True) -> RunResult:
-    """Train ``cfg`` into ``out_dir``; ``resume`` is None, 'latest' or a checkpoint path."""
+    """Train ``cfg`` into ``out_dir``; ``resume`` is None, 'latest' or a checkpoint path. However the run ends, a
+    summary goes to metrics.jsonl and the output; a lost rank, a SIGTERM or a failed checkpoint write ends it with a
+    message naming the cause and the checkpoint to continue from."""
     started = time.perf_counter()
     run = setup(cfg, out_dir, resume)
-    result = RunResult(run_dir=run.run_dir, step=run.start, last_loss=float("nan"))
-    log = RunLog(run.run_dir, cfg.train.steps, run.start, run.dist.is_main, progress)
+    result = RunResult(run_dir=run.run_dir, step=run.start, last_loss=float("nan"), main=run.dist.is_main)
+    log = RunLog(run.run_dir, cfg.train.steps, run.start, run.dist.is_main, progress, resumed=bool(resume),
+                 tensorboard=cfg.train.tensorboard, wandb=cfg.train.wandb, config=to_dict(cfg))
+    heartbeat = D.Heartbeat.for_process_group(
+        cfg.train.lost_rank_s, exit_when_lost(run.run_dir, lambda why: _summarise(run, log, result, started, f"stopped: {why}")))
+    with SigtermStops() as stops:
+        try:
+            _steps(run, log, result)
+            _finish(run, log, result)
+            _summarise(run, log, result, started, "completed", gather=True)
+        except BaseException as e:
+            stops.quiet()
+            error = explain(e, heartbeat, run.run_dir)
+            why = str(error).splitlines()[0] if str(error) else type(error).__name__
+            if heartbeat is not None:
+                heartbeat.fail(why[:300])
+            _summarise(run, log, result, started, f"stopped: {why}")
+            if error is e:
+                raise
+            raise error from e
+        finally:
+            log.close()
+    if heartbeat is not None:
+        heartbeat.stop()
+    D.barrier()
+    if run.owns_group:
+        D.shutdown()  # every rank leaves together: no rank's exit looks like a lost peer
+    return result
+
+
+def _steps(run: Run, log: RunLog, result: RunResult) -> None:
     run.model.train()
-    step = run.start
-    try:
-        batches = iter(run.loader)
-        while step < cfg.train.steps:
-            step = _one_step(run, next(batches), step, log, result)
-    finally:
-        log.close()
-    result.step = step
-    t = cfg.train
-    saved = step > run.start and t.checkpoint_every and step % t.checkpoint_every == 0  # the same on every rank
-    if not saved and not (resume and step == run.start):
+    batches = iter(run.loader)
+    while result.step < run.cfg.train.steps:
+        result.step = _one_step(run, next(batches), result.step, log, result)
+
+
+def _finish(run: Run, log: RunLog, result: RunResult) -> None:
+    """The end-of-run evaluation, the final checkpoint, FSDP consolidation."""
+    step, improved = result.step, False
+    if run.evaluator is not None:
+        result.metrics, improved = _evaluate(run, log, step)
+        result.best = run.best.state() if run.best is not None else None
+    if not (run.resumed and step == run.start):  # a run resumed at its last step has its checkpoint
         result.checkpoint = _save(run, step)
     elif run.dist.is_main:
         result.checkpoint = step_dir(run.run_dir, step)
-    result.skipped = total_skips(loader_state(run.loader, run.dist))
-    log.summary({"steps": step, "started_at_step": run.start, "skipped": result.skipped,
-                 "wall_s": round(time.perf_counter() - started, 1)})
+    if improved:
+        _mark_best(run, result.checkpoint)
     if F.is_sharded(run.model) and result.checkpoint is not None and result.checkpoint.is_dir():
         C.consolidate(result.checkpoint)  # the final checkpoint gets model.safetensors: main rank only, others wait
     D.barrier()
-    return result
+
+
+def _summarise(run: Run, log: RunLog, result: RunResult, started: float, status: str, gather: bool = False) -> None:
+    """The end-of-run record: steps, resumes, skipped samples by cause (all ranks' when ``gather``, a collective;
+    this rank's otherwise), non-finite steps, wall time, how it ended. Printed and written by the main process."""
+    state = loader_state(run.loader, run.dist) if gather else {"streams": run.loader.state()}
+    result.skipped = total_skips(state)
+    record = {"steps": result.step, "started_at_step": run.start, "resumes": run.resumes,
+              "skipped": result.skipped, **run.stepper.guard.report(),
+              "wall_s": round(time.perf_counter() - started, 1), "status": status}
+    if not gather and run.dist.world_size > 1:
+        record["skipped_counts_of_rank"] = run.dist.rank
+    if result.best:
+        record["best"] = result.best
+    log.summary(record)
+    if run.dist.is_main:
+        skipped = sum(result.skipped.values())
+        print(f"run summary: {record['steps']} steps (from step {run.start}; resumed {run.resumes} times), "
+              f"{skipped} samples skipped, {record['nonfinite_steps']} non-finite steps, {record['wall_s']} s: "
+              f"{status}", flush=True)
 
 
 def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) -> int:
@@ -230,7 +341,8 @@ def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) 
     losses, out = train_step(run, batch)
     step += 1
     log.count(batch["input_ids"].shape[0] * run.dist.world_size)
-    logged, saving = step % t.log_every == 0 or step == t.steps, t.checkpoint_every and step % t.checkpoint_every == 0
+    logged = step % t.log_every == 0 or step == t.steps
+    saving = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps  # the last: in _finish
     if logged or saving:  # host synchronisation on these steps only
         _check_finite(run, step)
     if logged:
@@ -240,6 +352,11 @@ def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) 
         extra = {"grad_norm": float(run.stepper.grad_norm), **run.stepper.guard.report()}
         log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"], extra)
     log.advance()
-    if saving:
+    improved = False
+    if t.eval_every and step % t.eval_every == 0 and step < t.steps:  # the last step's evaluation ends the run
+        _, improved = _evaluate(run, log, step)
+    if saving or improved:  # the best evaluation's step is checkpointed even between checkpoint steps
         result.checkpoint = _save(run, step)
+    if improved:
+        _mark_best(run, result.checkpoint)
     return step
