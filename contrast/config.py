@@ -524,17 +524,25 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 YAML_MAX_VALUES = 1_000_000  # a YAML file whose anchors and aliases expand to more values than this is refused
 
 
+def read_text(path: str | Path, what: str = "file") -> str:
+    """The text of a file a user wrote (a recipe, a task file, a captions file), which must be UTF-8 (a byte-order
+    mark is allowed); else a one-line :class:`ConfigError` naming the file, the first bad byte and the fix."""
+    p = Path(path).expanduser()
+    raw = p.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(f"{what} {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as "
+                          f"UTF-8, e.g. `iconv -f latin1 -t utf-8 {p.name} > fixed && mv fixed {p.name}`") from None
+
+
 def read_yaml(path: str | Path, what: str = "recipe") -> Any:
     """A YAML file's value, with plain (safe) types only: no code runs, the text must be UTF-8, and anchors/aliases
     may not expand to more than :data:`YAML_MAX_VALUES` values (nested aliases grow exponentially when a consumer
     walks them). Every problem is a :class:`ConfigError` naming the file."""
     p = Path(path)
-    try:
-        text = p.read_bytes().decode("utf-8-sig")  # a byte-order mark is allowed
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{what} {p} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}); "
-                          "save it as UTF-8") from e
-    loader = yaml.SafeLoader(text)
+    loader = yaml.SafeLoader(read_text(p, what))
     try:
         node = loader.get_single_node()
         if node is None:

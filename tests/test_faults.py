@@ -160,7 +160,7 @@ BOMB = "\n".join(["a: &a [x, x, x, x, x, x, x, x, x, x]"]
 
 @pytest.mark.parametrize("text, expected", [
     (BOMB.encode(), "expands to more than 1,000,000 values"),
-    (b"model:\n  kind: cl\xffip\n", "not UTF-8 text (byte 0xff at offset 17)"),
+    (b"model:\n  kind: cl\xffip\n", "not UTF-8 text (byte 0xff on line 2)"),
     (b"a: &a [1, *a]\n", "alias inside the value it names"),
     (b"train: !!python/object/apply:os.system [echo hi]\n", "not valid YAML"),
 ])

@@ -25,7 +25,7 @@ import datasets
 from datasets import Dataset, DatasetDict, Features, Value
 from datasets import Image as ImageFeature
 
-from contrast.config import DataConfig, ImageTowerConfig
+from contrast.config import ConfigError, DataConfig, ImageTowerConfig, read_text
 from contrast.data.units import TABLE_EXTS, TableUnit, TarUnit, expand_shards, table_rows
 from contrast.errors import UserError
 
@@ -73,13 +73,10 @@ def _generate(cfg: DataConfig, split: str, features: Features, image_size: int) 
 
 def _utf8(path: Path) -> str:
     """The text of a captions file, which must be UTF-8; else a one-line error naming the file and the fix."""
-    raw = path.read_bytes()
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise DataError(f"{path} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8, "
-                        f"e.g. `iconv -f latin1 -t utf-8 {path.name} > fixed && mv fixed {path.name}`") from None
+        return read_text(path, "captions file")
+    except ConfigError as e:
+        raise DataError(str(e)) from None
 
 
 def _read_captions(folder: Path) -> list[dict]:

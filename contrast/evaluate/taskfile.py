@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from contrast.config import ConfigError
+from contrast.config import read_text as config_read_text
 from contrast.config import read_yaml as config_read_yaml
 
 
@@ -26,24 +27,17 @@ class TaskFileError(ConfigError):
 
 
 def read_text(path: str | Path, what: str = "file") -> str:
-    """The text of ``path``, which must be UTF-8 (a byte-order mark is allowed); else a one-line error."""
-    p = Path(path).expanduser()
-    raw = p.read_bytes()
+    """The text of ``path``, which must be UTF-8 (see :func:`contrast.config.read_text`)."""
     try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw[: e.start].count(b"\n") + 1
-        raise TaskFileError(
-            f"{what} {p} is not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); save it as UTF-8, e.g. "
-            f"`iconv -f latin1 -t utf-8 {p.name} > fixed && mv fixed {p.name}`"
-        ) from None
+        return config_read_text(path, what)
+    except ConfigError as e:
+        raise TaskFileError(str(e)) from None
 
 
 def read_yaml(path: str | Path, what: str = "task file") -> Any:
     """A YAML document read safely (see :func:`contrast.config.read_yaml`: UTF-8, plain types only, a bound on how
     far anchors and aliases expand)."""
     p = Path(path).expanduser()
-    read_text(p, what)  # the encoding error with its line number
     try:
         return config_read_yaml(p, what)
     except ConfigError as e:
