@@ -103,3 +103,23 @@ def test_training_crop_decodes_jpegs_at_reduced_scale_with_the_same_crop():
         full = tf.pixels(load_image(data), random.Random(seed)).float()  # no plan: the box drawn on the full image
         assert small.size[0] <= 600  # decoded at half scale or less
         assert (fast - full).abs().mean() < 2.0, seed  # out of 255
+
+
+def test_a_saved_dataset_dict_with_split_folders_is_not_taken_for_shards(tmp_path):
+    """A save_to_disk folder has train/val/test subfolders too; only split folders of .tar shards are shard sources."""
+    import datasets
+    from PIL import Image
+
+    from contrast.config import DataConfig
+    from contrast.data.sources import DataError, open_rows
+
+    ds = datasets.Dataset.from_dict({"image": [Image.new("RGB", (8, 8), (i * 40, 0, 0)) for i in range(6)],
+                                     "caption": [f"red {i}" for i in range(6)]})
+    datasets.DatasetDict({"train": ds, "val": ds.select(range(2)), "test": ds.select(range(2))}).save_to_disk(
+        str(tmp_path / "saved"))
+    rows = open_rows(DataConfig(source=str(tmp_path / "saved")), "train", 8).rows
+    assert len(rows) == 6
+    (tmp_path / "shards" / "train").mkdir(parents=True)
+    (tmp_path / "shards" / "train" / "a.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="split folders of .tar shards but none named 'val'"):
+        open_rows(DataConfig(source=str(tmp_path / "shards")), "val", 8)

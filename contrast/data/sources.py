@@ -221,8 +221,10 @@ def _split_shards(spec: str | list[str], split: str) -> list[str] | None:
         sub = next((d for d in subs if d.is_dir() and any(d.glob("*.tar"))), None)
         if sub is not None:
             return expand_shards(str(sub))
+        if any(any((folder / s).glob("*.tar")) for s in SPLITS if (folder / s).is_dir()):
+            raise DataError(f"{folder} has split folders of .tar shards but none named '{split}'")
         if any((folder / s).is_dir() for s in SPLITS):
-            raise DataError(f"{folder} has split folders but none named '{split}' with .tar shards")
+            return None  # split folders of another kind (a save_to_disk DatasetDict, image folders)
     shards = expand_shards(spec)
     if shards is None:
         return None
