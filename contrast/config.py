@@ -211,6 +211,9 @@ class AugmentConfig:
     enabled: bool = True
     scale: tuple[float, float] = (0.9, 1.0)  # random resized crop: range of the crop's share of the image area
     ratio: tuple[float, float] = (0.75, 4 / 3)  # random resized crop: range of the crop's aspect ratio
+    # > 0: each image has only this many crops (a sample draws one of them), so a locked tower's feature_cache hits
+    # once every view has been seen; 0: a fresh crop for every sample
+    views: int = 0
 
 
 @dataclass
@@ -238,6 +241,7 @@ class DataConfig:
     max_image_pixels: int = 89_478_485  # larger images (decompression bombs) are skipped as too large
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     cache_dir: str | None = None
+    group_column: str | None = None  # a column whose equal values mark pairs alike (loss.positives: [group])
 
 
 @dataclass
@@ -254,6 +258,9 @@ class LossConfig:
     # the backward (loss memory linear in the batch; one matmul more); a smaller one whole. 0: never tile. The sigmoid
     # loss needs no recomputation and is always computed block by block (blocks of at most tile_size^2 when > 0)
     tile_size: int = 4096
+    # ITC / sigmoid: pairs of a batch that share a caption ("caption") or a data.group_column value ("group") are
+    # positives of each other (multi-positive InfoNCE targets, SigLIP label +1); []: only each image's own caption
+    positives: list[str] = field(default_factory=list)
 
 
 @dataclass

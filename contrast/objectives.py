@@ -69,6 +69,7 @@ def info_nce(
     gather: Gather | None = None,
     rank: int = 0,
     tile_size: int = 0,
+    pair_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Symmetric InfoNCE over L2-normalised features (B, E); ``logit_scale`` is the multiplier (already exp'd).
 
@@ -78,16 +79,62 @@ def info_nce(
     ``tile_size ** 2`` entries in tiles (memory linear in B; 0: always whole). Images may also come as several
     embeddings each (B, Q, E), BLIP-2's query outputs: a pair then scores the best of its Q similarities (Li et al.,
     BLIP-2, 2023; computed whole, by autograd).
+
+    ``pair_ids`` (B, K) int64 makes the targets multi-positive: pairs whose ids agree in any of the K columns (the
+    same caption, the same group) are positives of each other, and each row's (and column's) target is uniform over
+    its positives -- the cross-entropy against ``mask / mask.sum()`` of SupCon (Khosla et al., 2020) applied to
+    image-text pairs. Without duplicate ids it is the plain loss.
     """
     if image_emb.shape[0] != text_emb.shape[0] or image_emb.shape[-1] != text_emb.shape[-1] or text_emb.ndim != 2:
         raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
     if image_emb.ndim == 3:
+        if pair_ids is not None:
+            raise ValueError("loss.positives works with one embedding per image, not query embeddings (B, Q, E)")
         return _info_nce_queries(image_emb, text_emb, logit_scale, gather=gather, rank=rank)
     _check_tile_size(tile_size)
     all_txt = gather(text_emb) if gather is not None else text_emb  # (N, E)
+    ids = _checked_ids(pair_ids, image_emb.shape[0], gather)
     scale = _as_tensor(logit_scale, image_emb)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (image_emb, all_txt, scale))
-    return _InfoNCE.apply(image_emb, all_txt, scale, rank, gather, tile_size, _compute_dtype(image_emb), grads)
+    return _InfoNCE.apply(image_emb, all_txt, scale, rank, gather, tile_size, _compute_dtype(image_emb), grads, ids)
+
+
+def _checked_ids(pair_ids: torch.Tensor | None, batch: int, gather: Gather | None):
+    """(this rank's ids (B, K), every rank's ids (N, K)) or None: the gathered ids line up with gathered texts."""
+    if pair_ids is None:
+        return None
+    if pair_ids.ndim == 1:
+        pair_ids = pair_ids[:, None]
+    if pair_ids.ndim != 2 or pair_ids.shape[0] != batch or pair_ids.is_floating_point():
+        raise ValueError(f"pair_ids must be integer ids (B, K) for a batch of {batch}, got {tuple(pair_ids.shape)} "
+                         f"{pair_ids.dtype}")
+    return pair_ids, (gather(pair_ids) if gather is not None else pair_ids)
+
+
+class _Positives:
+    """Which pairs of a (B, N) logit matrix are positives -- those whose ids agree in some column, the matching pair
+    always -- and, added block by block, each row's and column's number of positives and sum of positive logits."""
+
+    def __init__(self, row_ids: torch.Tensor, col_ids: torch.Tensor, like: torch.Tensor):
+        self.row_ids, self.col_ids = row_ids, col_ids
+        opts = {"dtype": _wide(like[:0]).dtype, "device": like.device}
+        B, N = row_ids.shape[0], col_ids.shape[0]
+        self.row_n, self.row_sum = torch.zeros(B, **opts), torch.zeros(B, **opts)
+        self.col_n, self.col_sum = torch.zeros(N, **opts), torch.zeros(N, **opts)
+
+    def mask(self, rows: tuple[int, int], cols: tuple[int, int]) -> torch.Tensor:
+        """(r, c) bool: the positives among these rows and columns."""
+        (r0, r1), (c0, c1) = rows, cols
+        return (self.row_ids[r0:r1, None, :] == self.col_ids[None, c0:c1, :]).any(dim=-1)  # (r, c)
+
+    def add(self, rows: tuple[int, int], cols: tuple[int, int], logits: torch.Tensor) -> None:
+        (r0, r1), (c0, c1) = rows, cols
+        m = self.mask(rows, cols)
+        self.row_n[r0:r1] += m.sum(dim=1)
+        self.col_n[c0:c1] += m.sum(dim=0)
+        picked = torch.where(m, logits, 0.0)  # (r, c)
+        self.row_sum[r0:r1] += picked.sum(dim=1)
+        self.col_sum[c0:c1] += picked.sum(dim=0)
 
 
 def _info_nce_queries(image_emb, text_emb, logit_scale, *, gather: Gather | None, rank: int) -> torch.Tensor:
@@ -178,11 +225,15 @@ def _add_mm(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
         out += _wide(torch.mm(x, y))
 
 
-def _exp_block(a: torch.Tensor, b: torch.Tensor, scratch: list[torch.Tensor] | None = None):
+def _exp_block(a: torch.Tensor, b: torch.Tensor, scratch: list[torch.Tensor] | None = None,
+               on_logits: Callable[[torch.Tensor], None] | None = None):
     """A logit block ``a @ b.T`` (r, c) exponentiated twice: shifted by its row maxima and by its column maxima.
-    Returns (exp by rows, row maxima, exp by columns, column maxima), widened; in ``scratch`` buffers if given."""
+    Returns (exp by rows, row maxima, exp by columns, column maxima), widened; in ``scratch`` buffers if given.
+    ``on_logits`` sees the logits first."""
     g_out, col_out = _views(scratch, a.shape[0], b.shape[0])
     g = _mm(a, b, g_out)  # (r, c)
+    if on_logits is not None:
+        on_logits(g)
     row_max, col_max = g.amax(dim=1), g.amax(dim=0)
     by_col = torch.sub(g, col_max, out=col_out).exp_() if col_out is not None else torch.sub(g, col_max).exp_()
     by_row = g.sub_(row_max[:, None]).exp_()  # (r, c), in place
@@ -196,15 +247,16 @@ def _merge(run_max: torch.Tensor, run_sum: torch.Tensor, new_max: torch.Tensor, 
     run_max.copy_(top)
 
 
-def _lse_pass(a: torch.Tensor, b: torch.Tensor, blocks, keep: bool):
+def _lse_pass(a: torch.Tensor, b: torch.Tensor, blocks, keep: bool, pos: _Positives | None = None):
     """Row (B,) and column (N,) log-sum-exps of ``a @ b.T``, block by block; with ``keep``, each block's
-    exponentials as well (for the backward)."""
+    exponentials as well (for the backward); with ``pos``, its positives' counts and logit sums."""
     opts = {"dtype": _wide(a[:0]).dtype, "device": a.device}
     row_max, row_sum = torch.full((a.shape[0],), -math.inf, **opts), torch.zeros(a.shape[0], **opts)
     col_max, col_sum = torch.full((b.shape[0],), -math.inf, **opts), torch.zeros(b.shape[0], **opts)
     kept, scratch = [], None if keep else _scratch(blocks, a)
     for (r0, r1), (c0, c1) in blocks:
-        by_row, rmax, by_col, cmax = _exp_block(a[r0:r1], b[c0:c1], scratch)
+        hook = None if pos is None else functools.partial(pos.add, (r0, r1), (c0, c1))
+        by_row, rmax, by_col, cmax = _exp_block(a[r0:r1], b[c0:c1], scratch, hook)
         _merge(row_max[r0:r1], row_sum[r0:r1], rmax, by_row.sum(dim=1))
         _merge(col_max[c0:c1], col_sum[c0:c1], cmax, by_col.sum(dim=0))
         if keep:
@@ -222,21 +274,27 @@ class _InfoNCE(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, img, txt, scale, rank, gather, tile_size, dtype, grads):  # type: ignore[override]
+    def forward(ctx, img, txt, scale, rank, gather, tile_size, dtype, grads, ids):  # type: ignore[override]
         B, N = img.shape[0], txt.shape[0]
         if N % B or not 0 <= rank < N // B:
             raise ValueError(f"{N} gathered texts are not a whole number of batches of {B} with rank {rank} in it")
         blocks, keep = _blocks(B, N, tile_size)
         keep = keep and grads  # nothing to keep for a loss that will not be differentiated
+        own = slice(rank * B, (rank + 1) * B)
         with _no_autocast(img):
             a32 = _wide(img) * _wide(scale)  # (B, E): the scale rides on the smaller operand
-            row_lse, col_lse, kept = _lse_pass(a32.to(dtype), txt.to(dtype), blocks, keep)
-            if gather is not None:  # every rank's rows of each column
-                col_lse = torch.logsumexp(gather(col_lse[None]), dim=0)  # (W, N) -> (N,)
-            pos = (a32 * _wide(txt[rank * B : (rank + 1) * B])).sum(dim=1)  # (B,) positive logits
-            loss = (row_lse.sum() + col_lse[rank * B : (rank + 1) * B].sum() - 2 * pos.sum()) / (2 * B)
+            pos = None if ids is None else _Positives(ids[0], ids[1], a32)
+            row_lse, col_lse, kept = _lse_pass(a32.to(dtype), txt.to(dtype), blocks, keep, pos)
+            if pos is None:
+                if gather is not None:  # every rank's rows of each column
+                    col_lse = torch.logsumexp(gather(col_lse[None]), dim=0)  # (W, N) -> (N,)
+                target = 2 * (a32 * _wide(txt[own])).sum()  # the positive logits, rows and columns
+            else:
+                col_lse = _complete_columns(pos, col_lse, gather)
+                target = (pos.row_sum / pos.row_n).sum() + (pos.col_sum[own] / pos.col_n[own]).sum()
+            loss = (row_lse.sum() + col_lse[own].sum() - target) / (2 * B)
         ctx.save_for_backward(img, txt, scale, row_lse, col_lse)
-        ctx.meta, ctx.kept = (rank, gather, blocks, dtype), kept
+        ctx.meta, ctx.kept, ctx.pos = (rank, gather, blocks, dtype), kept, pos
         return loss
 
     @staticmethod
@@ -245,7 +303,7 @@ class _InfoNCE(torch.autograd.Function):
         img, txt, scale, row_lse, col_lse = ctx.saved_tensors
         rank, gather, blocks, dtype = ctx.meta
         kept, ctx.kept = ctx.kept, None  # kept blocks are consumed in place; a second backward recomputes them
-        B = img.shape[0]
+        pos, B = ctx.pos, img.shape[0]
         g = _wide(grad.detach()).reshape(1)
         g_col = (gather(g) if gather is not None else g).repeat_interleave(B) / (2 * B)  # (N,) owner's upstream
         with _no_autocast(img):
@@ -254,15 +312,30 @@ class _InfoNCE(torch.autograd.Function):
             d_a = torch.zeros_like(a32)  # dLoss/d(scale * img), (B, E)
             d_b = torch.zeros(txt.shape, dtype=a32.dtype, device=txt.device)  # dLoss/dtxt, (N, E)
             scratch = None if kept else _scratch(blocks, a32)
-            for k, ((r0, r1), (c0, c1)) in enumerate(blocks):
+            for k, (rows, cols) in enumerate(blocks):
+                (r0, r1), (c0, c1) = rows, cols
                 lse, given = (row_lse[r0:r1], col_lse[c0:c1]), kept[k] if kept else scratch
                 d = _grad_block(a[r0:r1], b[c0:c1], lse, given, g / (2 * B), g_col[c0:c1])
+                if pos is not None:  # the targets: each row's and column's positives share its weight
+                    m = pos.mask(rows, cols)
+                    d -= m * (g / (2 * B) / pos.row_n[r0:r1])[:, None] + m * (g_col[c0:c1] / pos.col_n[c0:c1])
                 d = d.to(dtype)  # (r, c) dLoss/dG
                 _add_mm(d_a[r0:r1], d, b[c0:c1])
                 _add_mm(d_b[c0:c1], d.t(), a[r0:r1])
-            d_a -= (g / B) * _wide(txt[rank * B : (rank + 1) * B])  # the positives: -(g / B) * G[i, rank * B + i]
-            d_b[rank * B : (rank + 1) * B] -= (g / B) * a32
-        return _scaled_grads(ctx, img, txt, scale, d_a, d_b) + (None, None, None, None, None)
+            if pos is None:  # the positives: -(g / B) * G[i, rank * B + i]
+                d_a -= (g / B) * _wide(txt[rank * B : (rank + 1) * B])
+                d_b[rank * B : (rank + 1) * B] -= (g / B) * a32
+        return _scaled_grads(ctx, img, txt, scale, d_a, d_b) + (None, None, None, None, None, None)
+
+
+def _complete_columns(pos: _Positives, col_lse: torch.Tensor, gather: Gather | None) -> torch.Tensor:
+    """Every rank's rows of each column: the columns' log-sum-exps, positive counts and positive logit sums (the
+    counts and sums completed in ``pos``, in place). Returns the columns' log-sum-exps (N,)."""
+    if gather is None:
+        return col_lse
+    parts = gather(torch.stack([col_lse, pos.col_n, pos.col_sum]))  # (3W, N), rank by rank
+    pos.col_n, pos.col_sum = parts[1::3].sum(dim=0), parts[2::3].sum(dim=0)
+    return torch.logsumexp(parts[0::3], dim=0)
 
 
 def _grad_block(a, b, lse, given: tuple | list, w_row: torch.Tensor, w_col: torch.Tensor) -> torch.Tensor:
@@ -360,14 +433,28 @@ def hard_negative_indices(
 def build_objective(loss_cfg, comm: Comm | None = None) -> Objective:
     """Map each positive weight of the loss config to its term. A new loss adds one entry to ``available``."""
     _check_tile_size(loss_cfg.tile_size)
+    multi = bool(check_positives(loss_cfg.positives))
     available: dict[str, Term] = {
-        "itc": functools.partial(itc_term, alpha=loss_cfg.distill_alpha, tile_size=loss_cfg.tile_size),
-        "sigmoid": functools.partial(sigmoid_term, tile_size=loss_cfg.tile_size),
+        "itc": functools.partial(itc_term, alpha=loss_cfg.distill_alpha, tile_size=loss_cfg.tile_size,
+                                 positives=multi),
+        "sigmoid": functools.partial(sigmoid_term, tile_size=loss_cfg.tile_size, positives=multi),
         "itm": itm_term,
         "lm": functools.partial(lm_term, label_smoothing=loss_cfg.lm_label_smoothing),
     }
     terms = {name: (float(getattr(loss_cfg, name)), fn) for name, fn in available.items() if getattr(loss_cfg, name) > 0}
     return Objective(terms, comm)
+
+
+POSITIVES = ("caption", "group")  # what else makes two pairs of a batch positives of each other (loss.positives)
+
+
+def check_positives(positives: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``loss.positives`` checked: a subset of :data:`POSITIVES`, in the order given."""
+    bad = [p for p in positives if p not in POSITIVES]
+    if bad:
+        raise ValueError(f"loss.positives may hold {' and '.join(POSITIVES)} (pairs sharing a caption, or a "
+                         f"data.group_column value, are positives), got {bad}")
+    return tuple(dict.fromkeys(positives))
 
 
 def _needs(out, part: str, term: str):
@@ -391,6 +478,7 @@ def sigmoid_loss(
     tile_size: int = 0,
     shift: Shift | None = None,
     world: int = 1,
+    pair_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """SigLIP's pairwise sigmoid loss (Zhai et al., "Sigmoid Loss for Language Image Pre-Training", 2023).
 
@@ -401,7 +489,8 @@ def sigmoid_loss(
     single-process loss on the concatenated batch -- the normalisation of open_clip's ``SigLipLoss``. With a ring
     ``shift`` (and ``world`` ranks) the texts travel around the ranks chunk by chunk, as in the paper, so a rank holds
     one (B, B) logit block and one chunk of texts at a time; else the ``gather``-ed texts are scored in blocks.
-    ``tile_size`` > 0 splits any block of more than ``tile_size ** 2`` pairs into tiles.
+    ``tile_size`` > 0 splits any block of more than ``tile_size ** 2`` pairs into tiles. ``pair_ids`` (B, K) int64
+    labels every pair whose ids agree in any column (the same caption, the same group) ``z = +1``.
     """
     if image_emb.shape != text_emb.shape:
         raise ValueError(f"image and text embeddings differ in shape: {tuple(image_emb.shape)} vs {tuple(text_emb.shape)}")
@@ -411,23 +500,38 @@ def sigmoid_loss(
     scale, bias = _as_tensor(logit_scale, image_emb), _as_tensor(logit_bias, image_emb)
     dtype = _compute_dtype(image_emb)
     if shift is not None and world > 1:
-        return _SigmoidRing.apply(image_emb, text_emb, scale, bias, shift, world, tile_size, dtype)
+        own_ids = None if pair_ids is None else _checked_ids(pair_ids, image_emb.shape[0], None)[0]
+        return _SigmoidRing.apply(image_emb, text_emb, scale, bias, shift, world, tile_size, dtype, own_ids)
     all_txt = gather(text_emb) if gather is not None else text_emb  # (N, E)
+    ids = _checked_ids(pair_ids, image_emb.shape[0], gather)
     grads = torch.is_grad_enabled() and any(t.requires_grad for t in (image_emb, all_txt, scale, bias))
-    return _Sigmoid.apply(image_emb, all_txt, scale, bias, rank, tile_size, dtype, grads)
+    return _Sigmoid.apply(image_emb, all_txt, scale, bias, rank, tile_size, dtype, grads, ids)
 
 
-def sigmoid_term(out, comm: Comm, tile_size: int) -> torch.Tensor:
-    """The sigmoid loss on a model output's embeddings, logit scale and logit bias."""
+def sigmoid_term(out, comm: Comm, tile_size: int, positives: bool = False) -> torch.Tensor:
+    """The sigmoid loss on a model output's embeddings, logit scale and logit bias (and pair ids, with
+    ``positives``)."""
     img = _needs(out, "image_emb", "sigmoid")
     return sigmoid_loss(img, out.text_emb, out.logit_scale, out.logit_bias, gather=comm.gather, rank=comm.rank,
-                        tile_size=tile_size, shift=comm.shift, world=comm.world)
+                        tile_size=tile_size, shift=comm.shift, world=comm.world,
+                        pair_ids=_pair_ids(out, "sigmoid") if positives else None)
 
 
-def _sigmoid_blocks(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, tile_size: int, grads: bool):
+def _pair_ids(out, term: str) -> torch.Tensor:
+    """The batch's pair ids, which ``loss.positives`` needs."""
+    ids = out.pair_ids  # the dual encoder passes the batch's through
+    if ids is None:
+        raise ValueError(f"loss.positives is set but this {term} batch carries no pair ids; it needs model.kind clip "
+                         "and batches from `contrast train` (or a 'pair_ids' entry), else set loss.positives: []")
+    return ids
+
+
+def _sigmoid_blocks(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, tile_size: int, grads: bool,
+                    pos: _Positives | None = None):
     """Over every pair of ``z = a @ b.T + bias`` (B, N), block by block: the sum of softplus(z) and, with ``grads``,
     the sums sigmoid(z) @ b (B, E), sigmoid(z).T @ a (N, E) and of sigmoid(z) -- the loss as if every pair were a
-    negative (softplus(z) = -log sigmoid(-z)) and its gradients with respect to ``a``, ``b`` and the bias."""
+    negative (softplus(z) = -log sigmoid(-z)) and its gradients with respect to ``a``, ``b`` and the bias. With
+    ``pos`` the positives it marks are taken as such (softplus(z) - z, and sigmoid(z) - 1)."""
     opts = {"dtype": _wide(a[:0]).dtype, "device": a.device}
     total, d_bias = torch.zeros((), **opts), torch.zeros((), **opts)
     d_a = torch.zeros(a.shape, **opts) if grads else None
@@ -442,8 +546,11 @@ def _sigmoid_blocks(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor, tile_s
         else:
             z = _mm(a[r0:r1], b[c0:c1], z_out).add_(bias)
         total += torch.ops.aten.softplus.out(z, 1, 20, out=softplus_out).sum()
+        m = None if pos is None else pos.mask((r0, r1), (c0, c1))  # (r, c)
+        if m is not None:
+            total -= torch.where(m, z, 0.0).sum()
         if grads:
-            p = z.sigmoid_()
+            p = z.sigmoid_() if m is None else z.sigmoid_().sub_(m.to(z.dtype))
             d_bias += p.sum()
             p = p.to(a.dtype)
             _add_mm(d_a[r0:r1], p, b[c0:c1])
@@ -463,14 +570,16 @@ class _Sigmoid(torch.autograd.Function):
     logits are at hand (three matmuls in all, none repeated), and the backward scales them."""
 
     @staticmethod
-    def forward(ctx, img, txt, scale, bias, rank, tile_size, dtype, grads):  # type: ignore[override]
+    def forward(ctx, img, txt, scale, bias, rank, tile_size, dtype, grads, ids):  # type: ignore[override]
         B = img.shape[0]
         own = slice(rank * B, (rank + 1) * B)
         with _no_autocast(img):
             a32 = _wide(img) * _wide(scale)  # (B, E)
-            total, d_a, d_b, d_bias = _sigmoid_blocks(a32.to(dtype), txt.to(dtype), bias, tile_size, grads)
-            total = total - _positives(a32, txt[own], bias).sum()
-            if grads:  # the positives' -1 in dLoss/dz
+            pos = None if ids is None else _Positives(ids[0], ids[1], a32)
+            total, d_a, d_b, d_bias = _sigmoid_blocks(a32.to(dtype), txt.to(dtype), bias, tile_size, grads, pos)
+            if pos is None:
+                total = total - _positives(a32, txt[own], bias).sum()
+            if grads and pos is None:  # the positives' -1 in dLoss/dz
                 d_a -= _wide(txt[own])
                 d_b[own] -= a32
                 d_bias -= B
@@ -488,7 +597,7 @@ class _Sigmoid(torch.autograd.Function):
         g = _wide(grad.detach()) / B
         d_img, d_txt, d_scale = _scaled_grads(ctx, img, txt, scale, d_a * g, d_b * g)
         d_bias = (d_bias * g).to(ctx.bias_dtype) if ctx.needs_input_grad[3] else None
-        return d_img, d_txt, d_scale, d_bias, None, None, None, None
+        return d_img, d_txt, d_scale, d_bias, None, None, None, None, None
 
 
 class _SigmoidRing(torch.autograd.Function):
@@ -500,17 +609,19 @@ class _SigmoidRing(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, img, txt, scale, bias, shift, world, tile_size, dtype):  # type: ignore[override]
+    def forward(ctx, img, txt, scale, bias, shift, world, tile_size, dtype, ids):  # type: ignore[override]
         with _no_autocast(img):
             a32 = _wide(img) * _wide(scale)  # (B, E)
-            a, held = a32.to(dtype), txt
-            total = -_positives(a32, txt, bias).sum()
+            a, held, held_ids = a32.to(dtype), txt, ids
+            total = -_positives(a32, txt, bias).sum() if ids is None else a32.new_zeros(())
             for k in range(world):
-                total += _sigmoid_blocks(a, held.to(dtype), bias, tile_size, grads=False)[0]
+                pos = None if ids is None else _Positives(ids, held_ids, a32)
+                total += _sigmoid_blocks(a, held.to(dtype), bias, tile_size, False, pos)[0]
                 if k < world - 1:
                     held = shift(held)  # now the texts of rank (rank - k - 1)
+                    held_ids = None if ids is None else shift(held_ids)
         ctx.save_for_backward(img, txt, scale, bias)
-        ctx.meta = (shift, world, tile_size, dtype)
+        ctx.meta, ctx.ids = (shift, world, tile_size, dtype), ids
         return total / img.shape[0]
 
     @staticmethod
@@ -518,22 +629,26 @@ class _SigmoidRing(torch.autograd.Function):
     def backward(ctx, grad):  # type: ignore[override]
         img, txt, scale, bias = ctx.saved_tensors
         shift, world, tile_size, dtype = ctx.meta
-        B = img.shape[0]
+        ids, B = ctx.ids, img.shape[0]
         g = _wide(grad.detach()) / B  # this rank's upstream gradient: it scales this rank's contributions only
         with _no_autocast(img):
             a32 = _wide(img) * _wide(scale)  # (B, E)
-            a, held = a32.to(dtype), _wide(txt)
-            # the positives' -1 in dLoss/dz, then each block's sigmoids
-            d_a, travelling, d_bias = -held, -g * a32, torch.full((), -float(B), dtype=a32.dtype, device=img.device)
+            a, held, held_ids = a32.to(dtype), _wide(txt), ids
+            # the positives' -1 in dLoss/dz (with ids: inside each block), then each block's sigmoids
+            k_pos = 1.0 if ids is None else 0.0
+            d_a, travelling = -k_pos * held, -k_pos * g * a32
+            d_bias = torch.full((), -k_pos * B, dtype=a32.dtype, device=img.device)
             for k in range(world):
-                _, da, db, dbias = _sigmoid_blocks(a, held.to(dtype), bias, tile_size, grads=True)
+                pos = None if ids is None else _Positives(ids, held_ids, a32)
+                _, da, db, dbias = _sigmoid_blocks(a, held.to(dtype), bias, tile_size, True, pos)
                 d_a, d_bias, travelling = d_a + da, d_bias + dbias, travelling + g * db
                 if k < world - 1:  # the chunk and its gradient so far move on together
                     held, travelling = shift(torch.cat([held, travelling])).split(B)
+                    held_ids = None if ids is None else shift(held_ids)
             d_b = shift(travelling)  # (B, E): every rank's weighted gradient for this rank's texts, home
         d_img, d_txt, d_scale = _scaled_grads(ctx, img, txt, scale, d_a * g, d_b)
         d_bias = (d_bias * g).to(bias.dtype) if ctx.needs_input_grad[3] else None
-        return d_img, d_txt, d_scale, d_bias, None, None, None, None
+        return d_img, d_txt, d_scale, d_bias, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------------------- BLIP
@@ -597,14 +712,15 @@ def lm_loss(
     return (sums / counts).mean()
 
 
-def itc_term(out, comm: Comm, alpha: float, tile_size: int) -> torch.Tensor:
-    """ITC: InfoNCE over the gathered batch, or its momentum-distilled form when the output carries teacher features
-    (BLIP with ``model.blip.momentum_distill``)."""
+def itc_term(out, comm: Comm, alpha: float, tile_size: int, positives: bool = False) -> torch.Tensor:
+    """ITC: InfoNCE over the gathered batch (multi-positive over the pair ids with ``positives``), or its
+    momentum-distilled form when the output carries teacher features (BLIP with ``model.blip.momentum_distill``)."""
     img = _needs(out, "image_emb", "itc")
     if out.teacher is not None:
         t = out.teacher
         return distilled_info_nce(img, out.text_emb, out.logit_scale, t.image_emb, t.text_emb, alpha, rank=comm.rank)
-    return info_nce(img, out.text_emb, out.logit_scale, gather=comm.gather, rank=comm.rank, tile_size=tile_size)
+    return info_nce(img, out.text_emb, out.logit_scale, gather=comm.gather, rank=comm.rank, tile_size=tile_size,
+                    pair_ids=_pair_ids(out, "itc") if positives else None)
 
 
 def itm_term(out, comm: Comm) -> torch.Tensor:

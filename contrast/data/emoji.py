@@ -10,6 +10,10 @@ test, a dataset card (``README.md``: each style's package, licence and attributi
 - ``image``: the emoji composited on white, RGB PNG;
 - ``caption``: the lower-cased Unicode name ("grinning face with smiling eyes"; flags read "flag of andorra"),
   with ", medium skin tone" etc. for a skin-tone variant; a name-less emoji falls back to its first short name;
+- ``captions``: several captions of the image, the name first, then the name in templates and with its keywords
+  (emoji-data's short names, its Unicode subgroup and group): "father christmas", "an emoji of father christmas",
+  "santa", "father christmas (person fantasy)", "father christmas, a people & body emoji"; training with
+  ``data.caption_column: captions`` draws one per sample;
 - ``category`` / ``subcategory``: the emoji's Unicode group;
 - ``emoji_id``: the base emoji's code points (e.g. ``1F385``), shared by its skin-tone variants;
 - ``unified``: this image's own code points (``1F385-1F3FB`` for a variant);
@@ -36,6 +40,7 @@ from pathlib import Path
 
 from datasets import Dataset, DatasetDict, DatasetInfo, Features, Value
 from datasets import Image as ImageFeature
+from datasets import Sequence as SequenceFeature
 from PIL import Image
 
 
@@ -96,6 +101,7 @@ FEATURES = Features(
     {
         "image": ImageFeature(),
         "caption": Value("string"),
+        "captions": SequenceFeature(Value("string")),
         "category": Value("string"),
         "subcategory": Value("string"),
         "emoji_id": Value("string"),
@@ -211,6 +217,29 @@ def variant_caption(base: str, tone_key: str) -> str:
     return base + ", " + ", ".join(unique)
 
 
+def keywords(entry: dict) -> list[str]:
+    """emoji-data's short names as words ("santa", "thumbs up"), in order, without repeats."""
+    shorts = entry.get("short_names") or [entry.get("short_name") or ""]
+    words = [n.replace("_", " ").replace("-", " ").strip().lower() for n in shorts]
+    return list(dict.fromkeys(w for w in words if w))
+
+
+def caption_variants(entry: dict, caption: str, tones: str = "") -> list[str]:
+    """The captions of one image: ``caption`` (the name, with ``tones`` for a skin-tone variant) first, then the name
+    in a template, each keyword that differs from the name, and the name with its Unicode subgroup and group."""
+    suffix = f", {tones}" if tones else ""
+    out = [caption, f"an emoji of {caption}"]
+    name = caption[: len(caption) - len(suffix)] if suffix else caption
+    out += [k + suffix for k in keywords(entry) if k != name]
+    sub = (entry.get("subcategory") or "").replace("-", " ").strip().lower()
+    if sub:
+        out.append(f"{caption} ({sub})")
+    category = (entry.get("category") or "").strip().lower()
+    if category:
+        out.append(f"{caption}, a {category} emoji")
+    return list(dict.fromkeys(out))
+
+
 def _png_on_white(path: Path) -> bytes:
     with Image.open(path) as im:
         rgba = im.convert("RGBA")
@@ -234,17 +263,19 @@ def iter_rows(package_dir: Path, skin_tones: str = "keep", style: str = DEFAULT_
     for entry in sorted(entries, key=lambda e: (e.get("sort_order", 0), e["unified"])):
         emoji_id = entry["unified"]
         caption = base_caption(entry)
-        items = [(entry, caption, emoji_id)]
+        items = [(entry, caption, emoji_id, "")]
         if skin_tones == "keep":
             for tone, var in sorted((entry.get("skin_variations") or {}).items()):
-                items.append((var, variant_caption(caption, tone), var.get("unified", f"{emoji_id}-{tone}")))
-        for item, text, unified in items:
+                text = variant_caption(caption, tone)
+                items.append((var, text, var.get("unified", f"{emoji_id}-{tone}"), text[len(caption) + 2 :]))
+        for item, text, unified, tones in items:
             path = images / item["image"]
             if not item.get(st.flag, True) or not path.is_file():
                 continue
             yield {
                 "image": {"bytes": _png_on_white(path), "path": None},
                 "caption": text,
+                "captions": caption_variants(entry, text, tones),
                 "category": entry.get("category") or "",
                 "subcategory": entry.get("subcategory") or "",
                 "emoji_id": emoji_id,
@@ -341,7 +372,7 @@ def fetch_emoji(
     styles = parse_styles(style)
     cache = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     out = output_dir(cache, styles, skin_tones)
-    if (out / "dataset_dict.json").is_file() and not force:
+    if (out / "dataset_dict.json").is_file() and not force and _current(out):
         return out
     dirs = {s: fetch_package(cache, npm=npm, style=s) for s in styles}
     ds = build_dataset(dirs, skin_tones)
@@ -350,6 +381,16 @@ def fetch_emoji(
     ds.save_to_disk(str(out))
     (out / "README.md").write_text(dataset_card(ds, dirs, skin_tones))
     return out
+
+
+def _current(folder: Path) -> bool:
+    """Whether a written dataset has every column of :data:`FEATURES` (older versions lack ``captions``; they are
+    rebuilt from the fetched packages)."""
+    info = folder / "train" / "dataset_info.json"
+    try:
+        return set(FEATURES) <= set(json.loads(info.read_text()).get("features", {}))
+    except (OSError, ValueError):
+        return False
 
 
 def load_emoji(path: str | Path, split: str) -> Dataset:

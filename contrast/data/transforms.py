@@ -7,6 +7,8 @@
   share drawn from ``augment.scale`` and its aspect ratio (log-uniform) from ``augment.ratio``, resized bicubic to
   S x S. The crop is drawn only from the given generator, so a sample's augmentation is a pure function of its
   seed (exact resume, replayed batches). No flips: captions name left and right.
+- ``data.augment.views: V`` > 0 limits each image to V crops (a sample draws one of them; see
+  :func:`contrast.data.collate.view_rng`), so a locked tower's feature cache hits once all have been seen.
 - ``model.image.resize: pad`` first pads the image to a square on white (centred), for art and icons whose edges
   matter; then either of the above.
 
@@ -42,6 +44,7 @@ class ImageTransform:
         self.augment = augment if augment is not None and augment.enabled else None
         if self.augment is not None:
             _check_augment(self.augment)
+        self.views = self.augment.views if self.augment is not None else 0  # crops per image (0: unlimited)
         self.decode_size = self._decode_size()
 
     def _decode_size(self) -> int:
@@ -137,6 +140,8 @@ def _check_augment(a: AugmentConfig) -> None:
     lo, hi = a.ratio
     if not 0 < lo <= hi:
         raise ConfigError(f"data.augment.ratio must satisfy 0 < min <= max (width / height), got {a.ratio}")
+    if a.views < 0:
+        raise ConfigError(f"data.augment.views must be 0 (a fresh crop per sample) or a number of crops, got {a.views}")
 
 
 def pad_square(img: Image.Image) -> Image.Image:

@@ -56,4 +56,5 @@ class DualEncoder(Model):
             text_emb=self.encode_text(batch["input_ids"]),
             logit_scale=self.scale(),
             logit_bias=self.logit_bias,
+            pair_ids=batch.get("pair_ids"),
         )

@@ -59,6 +59,7 @@ class ModelOutput:
     teacher: TeacherFeatures | None = None
     itm: ITMOutput | None = None
     lm: LMOutput | None = None
+    pair_ids: torch.Tensor | None = None  # (B, K) int64, passed through: pairs whose ids agree are positives
 
 
 class CapabilityError(UserError, NotImplementedError):

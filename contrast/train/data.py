@@ -18,7 +18,7 @@ import torch
 from contrast import distributed as D
 from contrast.config import Config, DataConfig
 from contrast.data.batches import StreamLoader, StreamSpec, rebased, skip_counts, split_state
-from contrast.data.collate import Collator, FeatureSamples, ImageSamples
+from contrast.data.collate import Collator, FeatureSamples, ImageSamples, pair_id_keys
 from contrast.data.sources import DataError, RowSource, open_rows
 from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
 from contrast.data.transforms import build_transform
@@ -99,8 +99,9 @@ def build_spec(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo, p
     else:
         sources, weights = _sources(cfg, split)
         exact = cfg.model.text.kind == "clip" and cfg.model.text.causal  # padding never reaches a real position
-        collate = Collator(TrimmedTokenizer(tokenizer) if exact else tokenizer)
-        prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels)
+        keys = pair_id_keys(cfg)  # loss.positives: the caption / group column hashed into pair_ids
+        collate = Collator(TrimmedTokenizer(tokenizer) if exact else tokenizer, keys)
+        prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels, keys)
     _check_size(sources, t.batch_size * dist.world_size, dist.world_size * per_rank)
     return StreamSpec(_stream_factory(sources, weights, cfg, dist), prepare, collate, t.batch_size, t.seed, dist.rank,
                       dist.world_size, per_rank, offset, cfg.data.strict)

@@ -132,7 +132,7 @@ def _cached_output(outs: list[ModelOutput]) -> tuple[ModelOutput, dict[str, torc
                               f"'{f.name}' (ITM, captioning or a momentum teacher); set train.accumulate: mean or "
                               "remove train.micro_batch_size")
         joined = values[0] if values[0].ndim == 0 else torch.cat(values)
-        leaves[f.name] = joined.detach().requires_grad_(True)
+        leaves[f.name] = joined.detach().requires_grad_(joined.is_floating_point())  # ids take no gradient
     return ModelOutput(**leaves), leaves
 
 
