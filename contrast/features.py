@@ -32,7 +32,7 @@ from contrast.data.decode import SampleReader, Skips, describe_cell
 from contrast.data.transforms import build_transform
 from contrast.errors import UserError
 from contrast.runs import FEATURES_TOWER as TOWER
-from contrast.runs import frozen_tower, read_weights, save_model_weights
+from contrast.runs import atomic_write_text, frozen_tower, read_weights, save_model_weights
 
 META = "meta.json"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,7 +99,7 @@ def extract(
         "image": asdict(image_cfg) if image_cfg is not None else meta.get("image"),
     })
     meta["splits"][split] = {"rows": len(shards.captions), "shards": shards.names, "skipped": reader.skips.as_dict()}
-    _atomic_text(out / META, json.dumps(meta, indent=2))
+    atomic_write_text(out / META, json.dumps(meta, indent=2))
     return meta
 
 
@@ -116,12 +116,6 @@ def _check_or_save_tower(tower: torch.nn.Module, out: Path) -> None:
     if saved.keys() != own.keys() or any(not torch.equal(saved[k], own[k]) for k in own):
         raise FeatureError(f"{out} holds features of another tower ({TOWER} differs from this one); extract into "
                            "another --out, or delete that directory first")
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def _usable_batches(dataset: Any, transform: Callable, reader: SampleReader, batch_size: int, start: int = 0
@@ -196,7 +190,7 @@ class _ShardWriter:
         save_file({"features": torch.cat(self.feats).contiguous(), "index": torch.tensor(self.rows, dtype=torch.long)},
                   str(tmp))
         tmp.replace(self.folder / name)
-        _atomic_text((self.folder / name).with_suffix(".json"), json.dumps({
+        atomic_write_text((self.folder / name).with_suffix(".json"), json.dumps({
             "captions": self.pending, "last_row": self.rows[-1], "resume_from": lo, "skipped_before": before,
             "width": self.width, "tokens": self.tokens, "identity": self.identity}))
         self.names.append(name)
@@ -207,7 +201,7 @@ class _ShardWriter:
     def close(self) -> None:
         if self.rows:
             self._flush(self.identity["rows"], self.reader.skips.as_dict())  # the end: nothing after it to compute
-        _atomic_text(self.folder / "captions.json", json.dumps(self.captions))
+        atomic_write_text(self.folder / "captions.json", json.dumps(self.captions))
 
 
 class FeatureShards(torch.utils.data.Dataset):

@@ -20,6 +20,7 @@ features directory (``model.blip2.features``) and a Hugging Face decoder (``sour
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,6 +43,21 @@ FEATURES_TOWER = "tower.safetensors"  # the frozen tower's weights inside a `con
 
 
 # --------------------------------------------------------------------------------------------------- layout
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``path`` under a temporary name, sync it and move it into place: a process killed at any moment leaves
+    the old file or the new one, never half of one."""
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
 
 
 def step_dir(run_dir: Path, step: int) -> Path:

@@ -13,19 +13,14 @@ import faiss
 import numpy as np
 
 from contrast.errors import UserError
+from contrast.runs import atomic_write_bytes
+
+__all__ = ["IndexStoreError", "atomic_write_bytes", "atomic_write_json", "atomic_save_npy", "atomic_write_index",
+           "read_json", "file_sha256"]
 
 
 class IndexStoreError(UserError, ValueError):
     """A missing, corrupt or mismatched index directory, or settings faiss cannot build."""
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

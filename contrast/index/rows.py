@@ -21,6 +21,7 @@ from contrast.data.collate import Rows
 from contrast.data.decode import BadSample, SampleReader, Skips, describe_cell, load_image
 from contrast.data.sources import load_source, open_rows
 from contrast.data.units import TarUnit
+from contrast.runs import atomic_write_text
 
 CHUNK = 64  # rows a worker decodes at a time
 SCALARS = ("string", "int32", "int64", "float32", "float64", "bool")
@@ -185,9 +186,7 @@ class Usable:
     def _mark(self, items: int, next_row: int) -> None:
         self.records = [*self.records[-2:], {"items": items, "row": next_row, "skipped": self.reader.skips.as_dict(),
                                               "first": dict(self.reader.skips.first)}]
-        tmp = self.out / (PROGRESS + ".tmp")
-        tmp.write_text(json.dumps(self.records))
-        tmp.replace(self.out / PROGRESS)
+        atomic_write_text(self.out / PROGRESS, json.dumps(self.records))
 
 
 def resume_point(out: Path, done: int, overwrite: bool) -> dict | None:

@@ -40,6 +40,7 @@ from contrast.errors import CheckpointError, unpickling_problem
 from contrast.runs import (
     SHARDED,
     WEIGHTS,
+    atomic_write_text,
     build,
     load_model_weights,
     resolve_checkpoint,
@@ -146,9 +147,7 @@ def _publish(tmp: Path, final: Path, keep: int) -> Path:
 
 def point(pointer: Path, target: Path) -> None:
     """Make the file ``pointer`` (latest, best) name the step directory ``target``, atomically."""
-    ptmp = pointer.with_name(f"{pointer.name}.tmp-{os.getpid()}")
-    ptmp.write_text(target.name + "\n")
-    os.replace(ptmp, pointer)
+    atomic_write_text(pointer, target.name + "\n")
 
 
 def _save_sharded(final: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: dict, keep: int
