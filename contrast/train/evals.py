@@ -33,17 +33,12 @@ class Evaluator:
     def __init__(self, cfg: Config, model: Model, device: torch.device):
         self.cfg, self.device = cfg, device
         self.tasks = [load_task(t) for t in cfg.eval.tasks]
-        wants = bool(self.tasks) or bool(cfg.eval.retrieval_split)
-        if wants and not model.supports("embed"):
+        if not model.supports("embed"):
             raise ConfigError(f"eval.tasks and eval.retrieval_split need a model that embeds images and texts; "
                               f"{type(model).__name__} (model.kind {cfg.model.kind}) does not: remove them")
         self.preprocess: Callable = build_transform(cfg.model.image)
         self.tokenizer: Callable = build_tokenizer(cfg.model.text)
         self.pairs = self._retrieval_pairs() if cfg.eval.retrieval_split else None
-
-    @property
-    def enabled(self) -> bool:
-        return bool(self.tasks) or self.pairs is not None
 
     def _retrieval_pairs(self) -> Any:
         cfg = self.cfg

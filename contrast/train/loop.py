@@ -177,8 +177,8 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
 def _eval_setup(run: Run) -> None:
     """The eval tasks and the tracked metric, opened before the first step so a bad task file stops the run now."""
     cfg = run.cfg
-    evaluator = Evaluator(cfg, run.model, run.device)
-    run.evaluator = evaluator if evaluator.enabled else None
+    if cfg.eval.tasks or cfg.eval.retrieval_split:
+        run.evaluator = Evaluator(cfg, run.model, run.device)
     if cfg.train.eval_every and run.evaluator is None:
         raise ConfigError("train.eval_every needs something to evaluate: set eval.tasks (task files) and/or "
                           "eval.retrieval_split (e.g. val)")
