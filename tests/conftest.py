@@ -73,3 +73,14 @@ def trained_run(tmp_path_factory, data_cache):
     run = tmp_path_factory.mktemp("trained") / "run"
     train(cfg, run, progress=False)
     return run
+
+
+@pytest.fixture(scope="module")
+def one_faiss_thread():
+    """faiss on one thread for a test module (index builds and searches whose results depend on threading)."""
+    import faiss
+
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    yield
+    faiss.omp_set_num_threads(before)

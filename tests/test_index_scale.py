@@ -29,12 +29,7 @@ from contrast.index.factory import GIB, OPTIONS
 REPO = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_faiss_thread():
-    before = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    yield
-    faiss.omp_set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_faiss_thread")  # faiss results depend on threading
 
 
 def unit(x: np.ndarray) -> np.ndarray:
