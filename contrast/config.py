@@ -319,6 +319,11 @@ class TrainConfig:
     nonfinite: str = "stop"  # a step whose loss or gradients are NaN/inf: stop | skip (not applied, counted)
     max_nonfinite: int = 10  # nonfinite skip: stop after this many consecutive skipped steps
     seed: int = 0
+    # none | cca: before the first step the projections become the ridge-regularised CCA of the towers' pooled
+    # features on the first head_init_batches training batches (kind clip; with steps 0 that is the whole training)
+    head_init: str = "none"
+    head_init_batches: int = 30
+    head_init_ridge: float = 1.0  # added to each covariance's diagonal, as a share of its mean eigenvalue
     checkpoint_every: int = 500
     keep_checkpoints: int = 2
     log_every: int = 10

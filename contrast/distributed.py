@@ -113,6 +113,13 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return y / dist.get_world_size()
 
 
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    """``x`` summed over every rank, in place (itself in one process)."""
+    if is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.SUM)
+    return x
+
+
 def any_rank(flag: torch.Tensor) -> torch.Tensor:
     """A 0-dim bool tensor: ``flag`` set on any rank (an all-reduce, no host synchronisation). Itself in one process."""
     if not is_initialized() or dist.get_world_size() == 1:

@@ -172,6 +172,8 @@ def test_shapes_and_pooling_match_references(case, bert_dir):
         assert mask.dtype == torch.bool and torch.equal(mask, ref_mask)
     torch.testing.assert_close(pooled, ref_pooled, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(emb, ref_pooled @ tower.proj.weight.t(), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():
+        torch.testing.assert_close(tower.pooled(x), ref_pooled, atol=1e-5, rtol=1e-5)  # before the projection
 
 
 def test_pool_without_a_mask(bert_dir):

@@ -25,7 +25,8 @@ class Tower(Protocol):
     - ``token_mask(x) -> (B, N) bool | None``: True at real tokens; None when all are real (images).
     - ``pool(tokens, mask=None) -> (B, D)``: the tower's pooling (image: its timm pooling; CLIP text: the output at
       the last real token, the end-of-text token; HF text: the mean over real tokens).
-    - ``embed(x) -> (B, E)``: ``proj(pool(forward_tokens(x), token_mask(x)))``, through the feature cache if any.
+    - ``pooled(x) -> (B, D)``: ``pool(forward_tokens(x), token_mask(x))``, through the feature cache if any.
+    - ``embed(x) -> (B, E)``: ``proj(pooled(x))``.
     - ``lock(unlocked_groups=0, freeze_norm_stats=True)``: freeze all but the last ``unlocked_groups`` groups (timm
       parameter groups / transformer layers); the projection ``proj`` stays trainable; with ``freeze_norm_stats`` the
       frozen part keeps its normalisation statistics and has no dropout in ``train()``. Out of range: ValueError.
@@ -45,6 +46,8 @@ class Tower(Protocol):
     def token_mask(self, x: torch.Tensor) -> torch.Tensor | None: ...
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor: ...
+
+    def pooled(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def embed(self, x: torch.Tensor) -> torch.Tensor: ...
 

@@ -89,7 +89,8 @@ class HFTextTower(nn.Module):
         weights = mask.unsqueeze(-1).to(tokens.dtype)  # (B, T, 1)
         return (tokens * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1e-9)  # (B, D)
 
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features before the projection, through the feature cache if any."""
         if self.feature_cache is not None:  # a fully locked encoder: reuse pooled features of seen texts
             check_frozen(self.feature_cache, "model.text")
 
@@ -99,8 +100,11 @@ class HFTextTower(nn.Module):
 
             mask = self.token_mask(input_ids)
             rows = [ids[m] for ids, m in zip(input_ids, mask)]  # the real tokens only: padding-independent
-            return self.proj(self.feature_cache(rows, compute))
-        return self.proj(self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids)))
+            return self.feature_cache(rows, compute)
+        return self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids))
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(input_ids))
 
     def forward_intermediates(self, input_ids: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
         """Outputs of the chosen layers, each (B, T, D), in layer order (an int n: the last n; -1: the last)."""

@@ -152,12 +152,15 @@ class ImageTower(nn.Module):
             return self.backbone.forward_head(tokens, pre_logits=True)
         return tokens.mean(dim=1)  # global average pooling of a CNN map
 
-    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+    def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features before the projection, through the feature cache if any."""
         if self.feature_cache is not None:  # a fully locked backbone: reuse pooled features of seen images
             check_frozen(self.feature_cache, "model.image")
-            feats = self.feature_cache(list(pixels), lambda idx: self.pool(self.forward_tokens(pixels[idx])))
-            return self.proj(feats)
-        return self.proj(self.pool(self.forward_tokens(pixels)))
+            return self.feature_cache(list(pixels), lambda idx: self.pool(self.forward_tokens(pixels[idx])))
+        return self.pool(self.forward_tokens(pixels))
+
+    def embed(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.pooled(pixels))
 
     @property
     def num_blocks(self) -> int:

@@ -65,8 +65,12 @@ class TextTower(TokenTransformer):
         last = (mask.long() * positions).argmax(dim=-1)  # (B,), the largest True position
         return tokens[torch.arange(B, device=tokens.device), last]  # (B, D)
 
+    def pooled(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """(B, D) pooled features before the projection."""
+        return self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids))
+
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.proj(self.pool(self.forward_tokens(input_ids), self.token_mask(input_ids)))
+        return self.proj(self.pooled(input_ids))
 
     def forward_intermediates(self, input_ids: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
         """Raw outputs of the chosen blocks (before ln_final), each (B, T, D), in block order."""

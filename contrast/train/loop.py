@@ -31,6 +31,7 @@ from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, total_skips
 from contrast.train.evals import Best, Evaluator
 from contrast.train.faults import SigtermStops, exit_when_lost, explain
+from contrast.train.heads import check_head_init, init_heads
 from contrast.train.host import keep_freed_memory
 from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
@@ -109,9 +110,14 @@ def _prepare_run_dir(cfg: Config, run_dir: Path, resume: str | None, main: bool)
     save_config(cfg, run_dir / "config.yaml")
 
 
+def _fresh_start(run_dir: Path, resume: str | None) -> bool:
+    """True when the run starts from step 0: no --resume, or --resume latest before any checkpoint was written."""
+    return not resume or (resume == "latest" and not (run_dir / CHECKPOINTS / "latest").is_file())
+
+
 def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
     """Load weights and training state; returns the step and the saved data cursors (None for older checkpoints)."""
-    if resume == "latest" and not (run.run_dir / CHECKPOINTS / "latest").is_file():
+    if _fresh_start(run.run_dir, resume):
         run.resumes = 1
         if run.dist.is_main:
             print(f"{run.run_dir} holds no checkpoint yet (stopped before its first one): starting from step 0")
@@ -151,6 +157,10 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(cfg.model.text)
+    if _fresh_start(run_dir, resume):  # a resumed run has its heads in its checkpoint
+        init_heads(cfg, model, tokenizer, device, dist_info, to_device)
+    else:
+        check_head_init(cfg, model)
     comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank, dist_info.world_size,
                 D.ring_shift)
     model.set_comm(comm)  # a forward that needs the global batch (BLIP's hard negatives) gets it like the loss
