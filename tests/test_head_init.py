@@ -22,9 +22,9 @@ from contrast import runs as R
 from contrast.config import ConfigError, new_config
 from contrast.models import build_model
 from contrast.tokenizer import build_tokenizer
-from contrast.train.data import build_loader
+from contrast.train.data import build_loader, to_device
 from contrast.train.heads import CrossMoments, cca_weights, check_head_init, init_heads
-from contrast.train.loop import to_device, train
+from contrast.train.loop import train
 
 
 def _paired(n: int = 3000, dx: int = 12, dy: int = 8, shared: int = 3, seed: int = 0):
@@ -138,7 +138,7 @@ def test_init_leaves_the_generators_and_a_resumed_run_keeps_its_heads(tmp_path, 
     random.seed(5)
     torch.manual_seed(5)
     states = random.getstate(), torch.random.get_rng_state()
-    init_heads(cfg, model, build_tokenizer(cfg.model.text), torch.device("cpu"), D.DistInfo(), to_device)
+    init_heads(cfg, model, build_tokenizer(cfg.model.text), torch.device("cpu"), D.DistInfo())
     assert random.getstate() == states[0] and torch.equal(torch.random.get_rng_state(), states[1])
 
     import contrast.train.loop as loop

@@ -21,7 +21,7 @@ from contrast.data.batches import StreamLoader, StreamSpec, rebased, skip_counts
 from contrast.data.collate import Collator, FeatureSamples, ImageSamples, pair_id_keys
 from contrast.data.sources import DataError, RowSource, open_rows
 from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
-from contrast.data.transforms import build_transform
+from contrast.data.transforms import build_transform, normalise_batch
 from contrast.features import build_feature_data
 from contrast.tokenizer import TrimmedTokenizer
 
@@ -141,3 +141,12 @@ def loader_state(loader: StreamLoader, dist: D.DistInfo) -> dict:
 def total_skips(state: dict) -> dict[str, int]:
     _, skips = split_state(state["streams"])
     return skip_counts(torch.tensor(skips).sum(0).tolist())
+
+
+def to_device(batch: dict, device: torch.device, image_cfg) -> dict:
+    """The batch on ``device``; uint8 pixels (as the loader sends them) are normalised there."""
+    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if "pixels" in batch and batch["pixels"].dtype == torch.uint8:
+        mean = torch.tensor(image_cfg.mean).view(-1, 1, 1)
+        batch["pixels"] = normalise_batch(batch["pixels"], mean, torch.tensor(image_cfg.std).view(-1, 1, 1))
+    return batch

@@ -27,7 +27,7 @@ import torch
 from contrast import distributed as D
 from contrast.config import Config, ConfigError
 from contrast.models import DualEncoder
-from contrast.train.data import build_loader
+from contrast.train.data import build_loader, to_device
 
 HEAD_INITS = ("none", "cca")
 
@@ -106,8 +106,8 @@ def feature_moments(model: DualEncoder, batches: Iterable[dict], device: torch.d
     return m.all_reduce()
 
 
-def init_heads(cfg: Config, model: DualEncoder, tokenizer, device: torch.device, dist_info: D.DistInfo,
-               to_device) -> dict | None:
+def init_heads(cfg: Config, model: DualEncoder, tokenizer, device: torch.device, dist_info: D.DistInfo
+               ) -> dict | None:
     """Set the projections of ``model`` by ``train.head_init`` from the first training batches of this rank; the
     random generators are left as they were, so the run's batches and draws are those of a run without it."""
     check_head_init(cfg, model)

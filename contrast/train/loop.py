@@ -20,7 +20,6 @@ from torch import nn
 from contrast import distributed as D
 from contrast.config import Config, ConfigError, save_config, to_dict
 from contrast.data.batches import StreamLoader
-from contrast.data.transforms import normalise_batch
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
@@ -28,7 +27,7 @@ from contrast.runs import CHECKPOINTS, build, resolve_checkpoint, step_dir
 from contrast.tokenizer import build_tokenizer
 from contrast.train import checkpoint as C
 from contrast.train import fsdp as F
-from contrast.train.data import build_loader, loader_state, total_skips
+from contrast.train.data import build_loader, loader_state, to_device, total_skips
 from contrast.train.evals import Best, Evaluator
 from contrast.train.faults import SigtermStops, exit_when_lost, explain
 from contrast.train.heads import check_head_init, init_heads
@@ -158,7 +157,7 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
         model.set_grad_checkpointing(True)
     tokenizer = build_tokenizer(cfg.model.text)
     if _fresh_start(run_dir, resume):  # a resumed run has its heads in its checkpoint
-        init_heads(cfg, model, tokenizer, device, dist_info, to_device)
+        init_heads(cfg, model, tokenizer, device, dist_info)
     else:
         check_head_init(cfg, model)
     comm = Comm(D.gather_with_grad if dist_info.world_size > 1 else None, dist_info.rank, dist_info.world_size,
@@ -205,15 +204,6 @@ def train_step(run: Run, batch: dict[str, torch.Tensor]) -> tuple[LossOutput, Mo
     """Forward and backward (whole or in micro-batches), clip, optimizer and scheduler step on one batch; a step
     whose loss or gradients are not finite is not applied (see :class:`contrast.train.step.NonFiniteGuard`)."""
     return run.stepper(to_device(batch, run.device, run.cfg.model.image))
-
-
-def to_device(batch: dict, device: torch.device, image_cfg) -> dict:
-    """The batch on ``device``; uint8 pixels (as the loader sends them) are normalised there."""
-    batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if "pixels" in batch and batch["pixels"].dtype == torch.uint8:
-        mean = torch.tensor(image_cfg.mean).view(-1, 1, 1)
-        batch["pixels"] = normalise_batch(batch["pixels"], mean, torch.tensor(image_cfg.std).view(-1, 1, 1))
-    return batch
 
 
 def _check_finite(run: Run, step: int) -> None:
