@@ -183,3 +183,19 @@ def test_head_init_config_errors(data_cache):
     blip.train.head_init = "cca"
     with pytest.raises(ConfigError, match="model.kind blip has other heads"):
         check_head_init(blip, torch.nn.Linear(1, 1))
+
+
+def test_command_line_closed_form_run_and_a_bad_key(tmp_path, data_cache, capsys):
+    from contrast.cli import main
+    from contrast.config import save_config
+
+    recipe = tmp_path / "lit.yaml"
+    save_config(_cca_config(data_cache), recipe)
+    closed = ["--set", "train.steps=0", "--set", "train.head_init_batches=2"]
+    assert main(["train", str(recipe), "--out", str(tmp_path / "run"), "--no-progress", *closed]) == 0
+    out = capsys.readouterr().out
+    assert "projections from 32 training pairs" in out and "no training step taken" in out and "nan" not in out
+    bad = ["--set", "train.head_init=pca"]
+    assert main(["train", str(recipe), "--out", str(tmp_path / "bad"), "--no-progress", *bad]) == 2
+    err = capsys.readouterr().err
+    assert "train.head_init must be one of none, cca" in err and "Traceback" not in err

@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from contrast.config import load_recipe
@@ -51,7 +52,10 @@ def _train(args: argparse.Namespace) -> int:
     result = train(cfg, out, resume=args.resume, progress=not args.no_progress)
     if not result.main:  # the process group is gone by now: the run says which process reports
         return 0
-    print(f"\ntrained {result.step} steps; final loss {result.last_loss:.4f}")
+    if math.isfinite(result.last_loss):
+        print(f"\ntrained {result.step} steps; final loss {result.last_loss:.4f}")
+    else:  # no step taken here: train.steps 0 (closed-form heads), or a run resumed at its last step
+        print(f"\nno training step taken in this call (the run is at step {result.step})")
     if result.skipped:
         print("skipped samples: " + ", ".join(f"{n} {cause.replace('_', ' ')}" for cause, n in result.skipped.items()))
     if result.metrics:
