@@ -12,6 +12,24 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+class StoppedAfterCheckpoint(Exception):
+    """Raised by :func:`stop_after_first_checkpoint` right after a run's first checkpoint is written."""
+
+
+def stop_after_first_checkpoint(monkeypatch) -> None:
+    """Make the training loop stop (raise StoppedAfterCheckpoint) once its first checkpoint is on disk: a run cut
+    short at that point of its own schedule, to be resumed."""
+    import contrast.train.loop as loop
+
+    save = loop.C.save_checkpoint
+
+    def save_then_stop(*a, **k):
+        save(*a, **k)
+        raise StoppedAfterCheckpoint
+
+    monkeypatch.setattr(loop.C, "save_checkpoint", save_then_stop)
+
+
 def tiny_config(tmp_cache=None, **train):
     from contrast.config import Config
 

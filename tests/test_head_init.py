@@ -14,7 +14,7 @@ import scipy.linalg
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import tiny_config
+from conftest import StoppedAfterCheckpoint, stop_after_first_checkpoint, tiny_config
 from safetensors.torch import load_file
 
 from contrast import distributed as D
@@ -130,7 +130,7 @@ def test_steps_zero_run_holds_the_cca_projections(tmp_path, data_cache, capsys):
         torch.testing.assert_close(weights[name].norm(), start.state_dict()[name].norm(), rtol=1e-5, atol=0)
 
 
-def test_init_leaves_the_generators_and_a_resumed_run_keeps_its_heads(tmp_path, data_cache):
+def test_init_leaves_the_generators_and_a_resumed_run_keeps_its_heads(tmp_path, data_cache, monkeypatch):
     """The init draws nothing from the global generators (the run's batches and dropout are those of a run without
     it); a resumed run takes its heads from the checkpoint and ends where the uninterrupted one does."""
     cfg = _cca_config(data_cache)
@@ -141,22 +141,12 @@ def test_init_leaves_the_generators_and_a_resumed_run_keeps_its_heads(tmp_path, 
     init_heads(cfg, model, build_tokenizer(cfg.model.text), torch.device("cpu"), D.DistInfo())
     assert random.getstate() == states[0] and torch.equal(torch.random.get_rng_state(), states[1])
 
-    import contrast.train.loop as loop
-
     whole = train(_cca_config(data_cache, steps=4), tmp_path / "whole", progress=False)
     cfg = _cca_config(data_cache, steps=4, checkpoint_every=2)
-    save = loop.C.save_checkpoint
-
-    def killed_after_first_save(*a, **k):
-        save(*a, **k)
-        raise KeyboardInterrupt
-
-    loop.C.save_checkpoint = killed_after_first_save
-    try:
-        with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m:
+        stop_after_first_checkpoint(m)
+        with pytest.raises(StoppedAfterCheckpoint):
             train(cfg, tmp_path / "cut", progress=False)
-    finally:
-        loop.C.save_checkpoint = save
     resumed = train(cfg, tmp_path / "cut", resume="latest", progress=False)
     assert resumed.last_loss == pytest.approx(whole.last_loss, rel=1e-5)
     a = load_file(str(R.resolve(whole.run_dir) / R.WEIGHTS))

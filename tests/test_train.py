@@ -2,7 +2,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_config
+from conftest import StoppedAfterCheckpoint, stop_after_first_checkpoint, tiny_config
 from PIL import Image
 
 from contrast import runs as R
@@ -81,28 +81,15 @@ def test_checkpoint_round_trip_and_foreign_checkpoint(tmp_path, data_cache):
     assert "different model config" in str(e.value) and "text.token_embedding.weight" in str(e.value)
 
 
-def test_resumed_run_logs_the_same_losses(tmp_path, data_cache):
+def test_resumed_run_logs_the_same_losses(tmp_path, data_cache, monkeypatch):
     full = tiny_config(data_cache, steps=8, checkpoint_every=4)
     train(full, tmp_path / "full", progress=False)
     part = tiny_config(data_cache, steps=8, checkpoint_every=4)
-    # stop after step 4 by training a 4-step prefix of the same 8-step schedule: simulate with a crash
-    class Stop(Exception):
-        pass
-
-    import contrast.train.loop as loop
-
-    original = loop.C.save_checkpoint
-
-    def crash_after_first_save(*a, **k):
-        original(*a, **k)
-        raise Stop()
-
-    loop.C.save_checkpoint = crash_after_first_save
-    try:
-        with pytest.raises(Stop):
+    # stop after step 4 of the same 8-step schedule, as a crash would
+    with monkeypatch.context() as m:
+        stop_after_first_checkpoint(m)
+        with pytest.raises(StoppedAfterCheckpoint):
             train(part, tmp_path / "part", progress=False)
-    finally:
-        loop.C.save_checkpoint = original
     assert R.resolve(tmp_path / "part").name == "step_00000004"
     train(part, tmp_path / "part", resume="latest", progress=False)
     a, b = losses_of(tmp_path / "full"), losses_of(tmp_path / "part")
