@@ -8,7 +8,9 @@ silently wrong directory behind.
   ``pretrained_cfg`` with mean / std / input size). Load with ``timm.create_model("local-dir:DIR")`` or
   ``timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=DIR/model.safetensors), **model_args)``.
   The backbone is saved without a classifier (``model(x)`` gives pooled features); our projection to the shared
-  embedding is written beside as ``projection.safetensors`` (``embed = pooled @ weight.T``).
+  embedding is written beside as ``projection.safetensors`` (``embed = pooled @ weight.T``). transformers loads the
+  same directory with ``AutoModel.from_pretrained(DIR)`` (a ``TimmWrapperModel``, its image processor with
+  ``AutoImageProcessor``): the Hugging Face route for towers that are neither CLIP- nor SigLIP-shaped (CNNs).
 - ``hf``: a ``CLIPVisionModelWithProjection`` directory (``config.json`` + ``model.safetensors`` +
   ``preprocessor_config.json``) that ``CLIPVisionModel.from_pretrained`` also loads (LLaVA's vision tower);
   a ViT without class token and with an attention-pool head goes to ``SiglipVisionModel`` instead.
@@ -22,6 +24,7 @@ export also states the steps in ``contrast_preprocess.json`` (with ``resize: pad
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,7 +132,9 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
     E = 0
     save_file({"weight": tower.proj.weight.detach().contiguous()}, str(out / "projection.safetensors"))
     save_file({k: v.contiguous() for k, v in backbone.state_dict().items()}, str(out / "model.safetensors"))
-    model_args = {**tower.timm_kwargs, "num_classes": E}  # img_size included: timm builds the same input size
+    # img_size included: timm builds the same input size. num_classes is stated once, at the top level (timm reads it
+    # there; transformers' TimmWrapperModel passes its own num_classes=0 beside model_args and refuses a second one)
+    model_args = {k: v for k, v in tower.timm_kwargs.items() if k != "num_classes"}
     config = {
         "architecture": tower.cfg.name,
         "num_classes": E,
@@ -152,7 +157,25 @@ def export_timm(tower: ImageTower, out: str | Path) -> ExportReport:
             _check(report, "pooled", tower.pool(tokens), loaded(x))
         w = load_file(str(out / "projection.safetensors"))["weight"]
         _check(report, "image_embeds", tower.embed(x), tower.pool(feats) @ w.t())
+    _check_timm_wrapper(report, tower, x, w)
     return report
+
+
+def _check_timm_wrapper(report: ExportReport, tower: ImageTower, x: torch.Tensor, w: torch.Tensor) -> None:
+    """The timm export is also the Hugging Face route for every tower (CNNs included): transformers loads it with
+    ``AutoModel.from_pretrained(DIR)`` as a ``TimmWrapperModel``. Checked where transformers is installed."""
+    if importlib.util.find_spec("transformers") is None:
+        return
+    from transformers import AutoModel
+
+    wrapped = AutoModel.from_pretrained(str(report.out)).eval()
+    with torch.no_grad():
+        o = wrapped(pixel_values=x)
+        hidden = o.last_hidden_state
+        if hidden.ndim == 4:
+            hidden = hidden.flatten(2).transpose(1, 2)  # (B, H*W, C)
+        _check(report, "transformers_last_hidden_state", tower.forward_tokens(x), hidden)
+        _check(report, "transformers_image_embeds", tower.embed(x), tower.pool(hidden) @ w.t())
 
 
 # --------------------------------------------------------------------------------------------------- Hugging Face
@@ -210,8 +233,9 @@ def export_hf(tower: ImageTower, out: str | Path) -> ExportReport:
         return _export_hf_siglip(tower, Path(out))
     raise ExportError(
         f"the image tower '{tower.cfg.name}' has no Hugging Face equivalent: not CLIPVisionModel ({'; '.join(clip_p)}); "
-        f"not SiglipVisionModel ({'; '.join(sig_p)}). Formats that fit this tower: "
-        + ", ".join(f for f in fitting_formats(tower) if f != "hf")
+        f"not SiglipVisionModel ({'; '.join(sig_p)}). Its Hugging Face route is the timm export: "
+        "contrast export --format timm, then transformers.AutoModel.from_pretrained(DIR) loads it (TimmWrapperModel). "
+        "Formats that fit this tower: " + ", ".join(f for f in fitting_formats(tower) if f != "hf")
     )
 
 
