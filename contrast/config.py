@@ -35,7 +35,7 @@ class ImageTowerConfig:
     name: str = "vit_tiny_patch16_224"
     kwargs: dict[str, Any] = field(default_factory=dict)  # passed to timm.create_model (img_size, depth, ...)
     image_size: int = 32
-    pool: str = "default"  # default (the timm model's own pooling) | avg | token
+    pool: str = "default"  # default (the timm model's own pooling) | avg | token | head (a CNN's timm head on its map)
     pos_embed: str = "default"  # default (the timm model's own) | sincos (a ViT's table: fixed 2-D sin-cos, MAE-style)
     weights: str | None = None  # a local weights file, converted at load time if it is in a foreign layout
     mean: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)
@@ -45,6 +45,7 @@ class ImageTowerConfig:
     feature_cache: int = 0  # fully locked tower: memoise pooled features of up to this many images (0: off)
     grad_checkpointing: bool = False
     resize: str = "crop"  # crop (short side to image_size, centre crop) | pad (pad to a square on white, then resize)
+    proj_bias: bool = False  # a bias on the projection (imported heads that have one: EVA via open_clip, RN50's c_proj)
 
 
 @dataclass
@@ -59,8 +60,13 @@ class TextTowerConfig:
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
-    act: str = "gelu"  # gelu | quick_gelu (the original OpenAI CLIP models)
+    act: str = "gelu"  # gelu | quick_gelu (the original OpenAI CLIP models) | gelu_tanh (SigLIP)
     causal: bool = True
+    pool: str = "eot"  # kind clip: eot (the highest id, open_clip BPE) | eos (the first eos_token_id) | last (SigLIP)
+    eos_token_id: int | None = None  # pool eos: the end-of-text id of the tokenizer
+    tokenizer: str | None = None  # kind clip: a local Hugging Face tokenizer folder (or package:NAME) instead of BPE
+    proj_bias: bool = False  # a bias on the projection (SigLIP's text head)
+    norm_eps: float = 1e-5  # the LayerNorms' eps (SigLIP: 1e-6)
     locked: bool = False
     unlocked_groups: int = 0  # with locked: leave the last n layers (and the final norm) trainable
     feature_cache: int = 0  # kind hf, fully locked: memoise pooled features of up to this many texts (0: off)

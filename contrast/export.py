@@ -33,17 +33,15 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from contrast.config import Config, save_config
 from contrast.errors import UserError
-from contrast.models import DualEncoder, build_model
-from contrast.runs import WEIGHTS, load_model, save_model_weights, step_dir
+from contrast.import_checkpoints import import_checkpoint  # re-exported: `contrast import` lives there
+from contrast.models import DualEncoder
+from contrast.runs import load_model
 from contrast.towers import ImageTower, TextTower
 from contrast.towers.convert import (
     ConversionError,
     clip_layout_problems,
     hf_clip_problems,
-    import_clip,
-    load_foreign_state_dict,
     open_clip_model_cfg,
     siglip_problems,
     vit_to_hf_clip,
@@ -370,45 +368,6 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Expo
                 "tower_width": tower.width, "decoder_width": model.width, "decoder_heads": b.decoder.heads}
         (Path(out) / "bridge.json").write_text(json.dumps(meta, indent=2))
     return report
-
-
-def import_checkpoint(
-    weights: str | Path,
-    out: str | Path,
-    *,
-    open_clip_config: str | Path | None = None,
-    quick_gelu: bool | None = None,
-) -> Path:
-    """Convert an open_clip / OpenAI CLIP checkpoint into a run directory that ``contrast.load`` and training use.
-
-    ``open_clip_config``: open_clip's model config JSON (a ``model_cfg`` file or ``open_clip_config.json``);
-    without it the OpenAI conventions apply (64-wide heads, QuickGELU unless ``quick_gelu`` says otherwise).
-    """
-
-    oc_cfg, mean, std = None, None, None
-    if open_clip_config is not None:
-        raw = json.loads(Path(open_clip_config).read_text())
-        oc_cfg = raw.get("model_cfg", raw)
-        pre = raw.get("preprocess_cfg", {})
-        mean, std = pre.get("mean"), pre.get("std")
-    if quick_gelu is None:
-        quick_gelu = bool(oc_cfg.get("quick_gelu", False)) if oc_cfg is not None else True
-    sd = load_foreign_state_dict(str(weights))
-    ours, mcfg = import_clip(sd, quick_gelu=quick_gelu, open_clip_cfg=oc_cfg, mean=mean, std=std)
-    model = build_model(mcfg)
-    missing, unexpected = model.load_state_dict(ours, strict=False)
-    if unexpected or missing:
-        raise ConversionError(f"converted CLIP does not fit the dual encoder: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    out = Path(out)
-    cfg = Config(model=mcfg)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    step = step_dir(out, 0)
-    step.mkdir(parents=True, exist_ok=True)
-    save_model_weights(model, step / WEIGHTS)
-    (out / "checkpoints" / "latest").write_text(step.name + "\n")
-    return out
 
 
 __all__ = [

@@ -38,11 +38,12 @@ class HFTokenizer:
     Batches are padded to their longest text with the tokenizer's pad id and truncated at ``context_length``.
     """
 
-    def __init__(self, path: str, context_length: int = 64):
+    def __init__(self, path: str, context_length: int = 64, pad_to_context: bool = False):
         from transformers import AutoTokenizer
 
         self.path = path
         self.context_length = context_length
+        self.padding = "max_length" if pad_to_context else "longest"  # max_length: SigLIP pools the last position
         self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.pad_token_id = int(self._tok.pad_token_id if self._tok.pad_token_id is not None else 0)
         self.vocab_size = len(self._tok)
@@ -51,7 +52,7 @@ class HFTokenizer:
         if isinstance(texts, str):
             texts = [texts]
         enc = self._tok(
-            list(texts), padding="longest", truncation=True, max_length=self.context_length, return_tensors="pt"
+            list(texts), padding=self.padding, truncation=True, max_length=self.context_length, return_tensors="pt"
         )
         return enc["input_ids"]
 
@@ -93,4 +94,9 @@ def build_tokenizer(text_cfg):
     """The tokenizer a text tower config asks for (``model.text.kind``: clip -> BPE, hf -> the model's own)."""
     if text_cfg.kind == "hf":
         return build_hf_tokenizer(text_cfg)
+    if text_cfg.tokenizer:  # an imported tower's own tokenizer (HF CLIP, SigLIP's sentencepiece / Gemma)
+        from contrast.towers.adapters import resolve_path
+
+        path = str(resolve_path(text_cfg.tokenizer, want="hf"))
+        return HFTokenizer(path, text_cfg.context_length, pad_to_context=text_cfg.pool == "last")
     return ClipTokenizer(text_cfg.context_length)

@@ -20,6 +20,7 @@ FLOORS = {
     "models": 2,
     "runs": 3,
     "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4,
+    "import_checkpoints": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }
 FLOOR_NAMES = ["base", "parts", "models", "runs", "drivers", "cli"]

@@ -299,6 +299,8 @@ def _act_name(m: nn.Module) -> str | None:
         return "gelu" if m.approximate == "none" else "gelu_pytorch_tanh"
     if isinstance(m, QuickGELU) or type(m).__name__ == "QuickGELU":
         return "quick_gelu"
+    if type(m).__name__ == "GELUTanh":  # timm's act_layer "gelu_tanh" (SigLIP)
+        return "gelu_pytorch_tanh"
     return None
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -108,11 +109,13 @@ class ImageTower(nn.Module):
             from contrast.towers.adapters import load_backbone_weights
 
             load_backbone_weights(self.backbone, cfg.weights)
-        if cfg.pool not in ("default", "avg", "token"):
-            raise ValueError(f"model.image.pool must be default, avg or token, got '{cfg.pool}'")
+        if cfg.pool not in ("default", "avg", "token", "head"):
+            raise ValueError(f"model.image.pool must be default, avg, token or head, got '{cfg.pool}'")
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
-        self.proj = nn.Linear(self.width, embed_dim, bias=False)
+        self.proj = nn.Linear(self.width, embed_dim, bias=cfg.proj_bias)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
         self.feature_cache = attach_cache(self, cfg.feature_cache, lambda: list(self.backbone.parameters()))
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
@@ -150,7 +153,18 @@ class ImageTower(nn.Module):
             return tokens[:, 0]
         if self.is_sequence:
             return self.backbone.forward_head(tokens, pre_logits=True)
+        if self.cfg.pool == "head":  # a CNN's own head (ConvNeXt's norm, an attention pool) on the square map
+            return self.backbone.forward_head(self._feature_map(tokens), pre_logits=True)
         return tokens.mean(dim=1)  # global average pooling of a CNN map
+
+    def _feature_map(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, H*W, C) tokens of a CNN back to the square map its head takes (NCHW, or NHWC for Swin-like nets)."""
+        B, N, C = tokens.shape
+        side = math.isqrt(N)
+        if side * side != N:
+            raise ValueError(f"model.image.pool head needs a square feature map, got {N} positions")
+        grid = tokens.reshape(B, side, side, C)  # (B, H, W, C)
+        return grid if getattr(self.backbone, "output_fmt", "NCHW") == "NHWC" else grid.permute(0, 3, 1, 2)
 
     def pooled(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, D) pooled features before the projection, through the feature cache if any."""

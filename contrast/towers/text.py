@@ -14,6 +14,8 @@ from contrast.config import TextTowerConfig
 from contrast.layers import TokenTransformer, activation, layer_indices
 from contrast.tokenizer import text_padding_mask
 
+TEXT_POOLS = ("eot", "eos", "last")
+
 
 class TextTower(TokenTransformer):
     """:class:`TokenTransformer` + a bias-free projection; a :class:`~contrast.towers.Tower` over BPE token ids.
@@ -35,9 +37,17 @@ class TextTower(TokenTransformer):
             causal=cfg.causal,
         )
         self.cfg = cfg
-        self.proj = nn.Linear(cfg.width, embed_dim, bias=False)
+        if cfg.pool not in TEXT_POOLS or (cfg.pool == "eos" and cfg.eos_token_id is None):
+            raise ValueError(f"model.text.pool must be one of {', '.join(TEXT_POOLS)} (eos needs model.text.eos_token_id), "
+                             f"got '{cfg.pool}'")
+        for m in self.modules():  # imported towers keep their LayerNorm eps (SigLIP: 1e-6)
+            if isinstance(m, nn.LayerNorm):
+                m.eps = cfg.norm_eps
+        self.proj = nn.Linear(cfg.width, embed_dim, bias=cfg.proj_bias)
         self.init_clip_()
         nn.init.normal_(self.proj.weight, std=cfg.width**-0.5)
+        if self.proj.bias is not None:
+            nn.init.zeros_(self.proj.bias)
         if cfg.grad_checkpointing:
             self.set_grad_checkpointing(True)
 
@@ -53,7 +63,15 @@ class TextTower(TokenTransformer):
         return self(input_ids)[0]  # (B, T, D)
 
     def token_mask(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """(B, T) True up to and including the end-of-text token, which has the highest id of the vocabulary."""
+        """(B, T) True up to the token the tower pools: by ``model.text.pool``, the end-of-text token (eot: the highest
+        id of the vocabulary; eos: the first ``eos_token_id``), or every position (last: SigLIP's fixed-length ids)."""
+        if self.cfg.pool == "last":
+            return torch.ones_like(input_ids, dtype=torch.bool)  # (B, T)
+        if self.cfg.pool == "eos":
+            T = input_ids.shape[1]
+            is_eos = input_ids == self.cfg.eos_token_id  # (B, T)
+            first = torch.where(is_eos.any(dim=1), is_eos.int().argmax(dim=1), T - 1)  # (B,), none: the last position
+            return torch.arange(T, device=input_ids.device)[None, :] <= first[:, None]  # (B, T)
         return text_padding_mask(input_ids)
 
     def pool(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

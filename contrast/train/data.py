@@ -98,7 +98,7 @@ def build_spec(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo, p
         sources, weights, prepare = [RowSource(str(cfg.model.features_dir), rows=rows)], [1.0], FeatureSamples()
     else:
         sources, weights = _sources(cfg, split)
-        exact = cfg.model.text.kind == "clip" and cfg.model.text.causal  # padding never reaches a real position
+        exact = cfg.model.text.kind == "clip" and cfg.model.text.causal and not cfg.model.text.tokenizer  # BPE only
         keys = pair_id_keys(cfg)  # loss.positives: the caption / group column hashed into pair_ids
         collate = Collator(TrimmedTokenizer(tokenizer) if exact else tokenizer, keys)
         prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels, keys)
