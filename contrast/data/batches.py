@@ -4,7 +4,8 @@ Every rank reads ``streams_per_rank`` streams (one per DataLoader worker, or one
 workers); the batch of step ``s`` comes from local stream ``s mod streams_per_rank``. A worker decodes, transforms and
 collates whole batches: a sample that cannot be read is replaced by the next good one from the same stream, so every
 batch is full on every rank. Each batch carries its stream's cursor and skip counts; :class:`StreamLoader` keeps the
-latest of each, which is what a checkpoint stores.
+latest of each, which is what a checkpoint stores, with the spec's plans (what a change of layout left of the
+epochs in progress: see :mod:`contrast.data.stream`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from contrast.data.decode import CAUSES, BadSample, SampleReader, Skips, describe_cell
 from contrast.data.sources import DataError
-from contrast.data.stream import Stream, mix, next_good
+from contrast.data.stream import Plans, Stream, mix, next_good
 from contrast.errors import UserError
 
 BAD_RUN_LIMIT = 10_000  # this many unreadable samples in a row means the source itself is broken
@@ -27,7 +28,7 @@ BAD_RUN_LIMIT = 10_000  # this many unreadable samples in a row means the source
 class StreamSpec:
     """How a rank's streams are made and turned into batches (handed to each DataLoader worker)."""
 
-    make_stream: Callable[[int, int], Stream]  # (global stream index g, number of streams S) -> stream
+    make_stream: Callable[[int, int, Plans | None], Stream]  # (global stream index g, streams S, plans) -> stream
     prepare: Callable[[dict, random.Random], dict]  # an undecoded row -> a sample; raises BadSample
     collate: Callable[[list[dict]], dict]
     batch_size: int
@@ -37,6 +38,7 @@ class StreamSpec:
     per_rank: int = 1
     offset: int = 0  # the first batch of this loader belongs to step offset: local stream offset mod per_rank
     strict: bool = False
+    plans: Plans | None = None  # shared by all streams: set from a checkpoint, or by :func:`rebased`
 
     @property
     def n_streams(self) -> int:
@@ -47,10 +49,13 @@ class StreamSpec:
         ``k x per_rank + local`` of rank ``g mod world``."""
         return local * self.world + self.rank
 
+    def stream(self, local: int) -> Stream:
+        return self.make_stream(self.global_index(local), self.n_streams, self.plans)
+
 
 def fresh_state(spec: StreamSpec, local: int) -> list[int]:
     """The cursor of a stream that has not started: ``[samples made, *the stream's own state]``."""
-    return [0, *spec.make_stream(spec.global_index(local), spec.n_streams).state()]
+    return [0, *spec.stream(local).state()]
 
 
 class StreamBatches(torch.utils.data.IterableDataset):
@@ -69,7 +74,7 @@ class StreamBatches(torch.utils.data.IterableDataset):
 
 
 def _batches(spec: StreamSpec, local: int, cursor: list[int], skips: list[int]) -> Iterator[dict]:
-    stream = spec.make_stream(spec.global_index(local), spec.n_streams)
+    stream = spec.stream(local)
     stream.restore(cursor[1:])
     made = int(cursor[0])
     reader = SampleReader(strict=spec.strict, skips=Skips(dict(zip(CAUSES, skips))))
@@ -142,11 +147,25 @@ def split_state(rows: torch.Tensor) -> tuple[list[list[int]], list[list[int]]]:
     return cursors, skips
 
 
-def rebased(spec: StreamSpec, saved: list[list[int]], start_step: int) -> list[list[int]]:
-    """Cursors for this layout's streams from another layout's (see each stream's ``rebase``)."""
+def by_stream(saved: list[list[int]], world: int, per_rank: int) -> list[list[int]]:
+    """Saved cursors (rank-major, as ranks gather them) in global stream order ``g = local x world + rank``, without
+    their sample counts."""
+    if len(saved) != world * per_rank:
+        raise ValueError(f"{len(saved)} saved cursors for a layout of {world} x {per_rank} streams")
+    return [saved[(g % world) * per_rank + g // world][1:] for g in range(world * per_rank)]
+
+
+def rebased(spec: StreamSpec, saved: list[list[int]], layout: tuple[int, int], plans: Plans | None,
+            start_step: int) -> list[list[int]]:
+    """Cursors for this layout's streams from the cursors ``saved`` under ``layout`` (processes, streams per
+    process) with its ``plans``: sets ``spec.plans`` to what those streams left of their epochs (shard sources), then
+    positions each stream (see each stream's ``remaining`` and ``rebase``)."""
+    world, per_rank = layout
+    states = by_stream(saved, world, per_rank)
+    spec.plans = spec.make_stream(0, world * per_rank, plans).remaining(states)
     out = []
     for local in range(spec.per_rank):
-        stream = spec.make_stream(spec.global_index(local), spec.n_streams)
-        stream.rebase([c[1:] for c in saved], start_step)
+        stream = spec.stream(local)
+        stream.rebase(states, start_step)
         out.append([0, *stream.state()])
     return out

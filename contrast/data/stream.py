@@ -8,18 +8,27 @@ one rank. Each stream is an endless sequence of rows that moves through the epoc
   whatever ``n``); the streams take its positions in blocks of one rank's batch (:class:`MapStream`), so the global
   batch of a step does not depend on the number of processes or workers;
 - a shard source (webdataset tars, parquet/arrow files) is a list of units (a shard, or a row range of one); every
-  epoch permutes the units, stream ``g`` takes units ``g, g + S, ...`` and shuffles each unit's rows through a seeded
-  buffer; a unit is cut into slices when there are fewer units than streams;
+  epoch permutes the units (a function of (seed, epoch) shared by all streams), stream ``g`` takes units
+  ``g, g + S, ...`` and shuffles each unit's rows through a buffer seeded by (seed, epoch, unit); a unit is cut into
+  slices when there are fewer units than streams;
 - a mixture draws the source of every slot from its weights with a generator seeded by (seed, stream, slot).
 
 A stream's state (its cursor) is a short list of integers; restoring it continues exactly where it stopped (a shard
 stream re-reads at most the rows of the current unit to refill its shuffle buffer, without decoding them).
+
+Under another layout (another ``S``), a shard stream continues exactly too: the old streams' cursors say which units
+of each epoch in progress are finished and how many rows of each current unit were taken; what is left (whole units,
+and the rest of the partial ones from their saved offsets) is a :class:`Plan` per epoch, dealt to the new streams by
+index. A unit's rows come out of its buffer in an order fixed by (seed, epoch, unit), so the rest of a partial unit is
+its replay with the first rows dropped: no row is repeated or lost. Plans hold two integers per unit left
+(``O(units)``, never ``O(rows)``) and are shared by all streams; the cursors stay three integers per stream.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 _MASK64 = (1 << 64) - 1
@@ -65,18 +74,23 @@ class Permutation:
         return x
 
 
+Plans = list  # per source of a stream: {epoch: Plan} (a shard source after a change of layout) or None
+
+
 class Stream(Protocol):
     """An endless row source with a resumable integer state."""
 
-    def key(self) -> int: ...  # the identity of the next slot (seeds its augmentation)
-
     def next(self) -> dict: ...
+
+    def key(self) -> int: ...  # the identity of the slot ``next`` just filled (seeds its augmentation)
 
     def replace(self, row: dict, attempt: int) -> dict: ...  # a row for the slot whose ``row`` was unreadable
 
     def state(self) -> list[int]: ...
 
     def restore(self, state: list[int]) -> None: ...
+
+    def remaining(self, states: list[list[int]]) -> Plans: ...  # what ``states`` (this layout's) left, per source
 
     def rebase(self, states: list[list[int]], start_step: int | None) -> None: ...
 
@@ -105,7 +119,7 @@ class MapStream:
         return (k * self.S + self.g) * self.block + i
 
     def key(self) -> int:
-        return self._position(self.taken)
+        return self._position(self.taken - 1)
 
     def _row(self, p: int) -> dict:
         e, pos = divmod(p, self.epoch_len)
@@ -128,6 +142,9 @@ class MapStream:
 
     def restore(self, state: list[int]) -> None:
         self.taken = int(state[0])
+
+    def remaining(self, states: list[list[int]]) -> Plans:
+        return [None]  # a map stream needs no plan: its order is a function of the global batch (see rebase)
 
     def rebase(self, states: list[list[int]], start_step: int | None) -> None:
         """Position this stream for another layout's saved ``states``: exactly at ``start_step`` when its blocks are
@@ -166,58 +183,109 @@ def shuffled(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[di
     yield from buf
 
 
-class ShardStream:
-    """Stream ``g`` of ``S`` over a list of units: units ``g + kS`` of each epoch's unit permutation, each unit's rows
-    through a seeded shuffle buffer. State: ``[epoch, k, rows emitted from the current unit]``."""
+@dataclass
+class Plan:
+    """What is left of one epoch of a shard source after a change of layout, in the epoch's unit order: ``items``
+    are (position in the epoch's unit permutation, rows of that unit already taken); stream ``g`` of ``S`` reads
+    items ``g, g + S, ...``. ``parts``: the slices per unit the epoch was cut into when it began."""
 
-    def __init__(self, units: list[Unit], seed: int, g: int, S: int, buffer: int):
+    parts: int
+    items: list[tuple[int, int]]
+
+
+class ShardStream:
+    """Stream ``g`` of ``S`` over a list of units: units ``g + kS`` of each epoch's unit permutation (or, for an epoch
+    with a :class:`Plan`, its items ``g + kS``), each unit's rows through a seeded shuffle buffer.
+    State: ``[epoch, k, rows taken from the current unit]``."""
+
+    def __init__(self, units: list[Unit], seed: int, g: int, S: int, buffer: int,
+                 plans: dict[int, Plan] | None = None):
         if not units:
             raise ValueError("a shard source needs at least one shard")
         self.parts = -(-S // len(units))  # slices per unit, so that every stream has a unit to read
         self.units, self.seed, self.g, self.S, self.buffer = units, seed, g, S, max(1, buffer)
-        self.epoch, self.k, self.emitted, self.count = 0, 0, 0, 0
+        self.plans = plans or {}
+        self.epoch, self.k, self.emitted = 0, 0, 0
         self._rows: Iterator[dict] | None = None
+        self._at = (0, 0, 0, 0)  # (epoch, parts, unit, first row) of the open unit
+
+    def _item(self, epoch: int, k: int) -> tuple[int, int, int] | None:
+        """(parts, position in the epoch's unit permutation, rows to drop) of this stream's k-th unit of ``epoch``."""
+        j = self.g + k * self.S
+        plan = self.plans.get(epoch)
+        if plan is not None:
+            return (plan.parts, *plan.items[j]) if j < len(plan.items) else None
+        return (self.parts, j, 0) if j < len(self.units) * self.parts else None
 
     def _open(self) -> Iterator[dict]:
-        n_units = len(self.units) * self.parts
-        pos = self.g + self.k * self.S
-        if pos >= n_units:
-            self.epoch, self.k = self.epoch + 1, 0
-            pos = self.g
-        u = Permutation(n_units, mix(self.seed, self.epoch))(pos)
-        unit, part = self.units[u // self.parts], u % self.parts
-        rows = shuffled(unit.rows(part, self.parts), self.buffer, random.Random(mix(self.seed, self.epoch, u)))
-        for _ in range(self.emitted):  # resuming inside the unit: replay its buffer without decoding
+        while (item := self._item(self.epoch, self.k)) is None:  # ends: an epoch without a plan has a unit for g
+            self.epoch, self.k, self.emitted = self.epoch + 1, 0, 0
+        parts, pos, first = item
+        u = Permutation(len(self.units) * parts, mix(self.seed, self.epoch))(pos)
+        unit = self.units[u // parts]
+        rows = shuffled(unit.rows(u % parts, parts), self.buffer, random.Random(mix(self.seed, self.epoch, u)))
+        for _ in range(first + self.emitted):  # rows taken before (a resume, a partial unit): replayed, not decoded
             next(rows, None)
+        self._at = (self.epoch, parts, u, first)
         return rows
 
     def next(self) -> dict:
-        for _ in range(len(self.units) * self.parts + 1):  # an empty unit moves on; all empty is an error
+        limit = len(self.units) * self.parts + sum(len(p.items) for p in self.plans.values()) + 1
+        for _ in range(limit):  # an empty unit moves on; all empty is an error
             if self._rows is None:
                 self._rows = self._open()
             row = next(self._rows, None)
             if row is not None:
                 self.emitted += 1
-                self.count += 1
+                row["__epoch__"] = self._at[0]
                 return row
             self._rows, self.k, self.emitted = None, self.k + 1, 0
         raise ValueError("every shard of the source is empty")
 
     def key(self) -> int:
-        return mix(self.g, self.count)
+        epoch, parts, u, first = self._at  # the row's identity, whichever stream reads it
+        return mix(0x5A4D, epoch, parts, u, first + self.emitted - 1)
 
     def replace(self, row: dict, attempt: int) -> dict:
         return self.next()  # the next row of the same stream
 
     def state(self) -> list[int]:
-        return [self.epoch, self.k, self.emitted, self.count]
+        return [self.epoch, self.k, self.emitted]
 
     def restore(self, state: list[int]) -> None:
-        self.epoch, self.k, self.emitted, self.count = (int(x) for x in state[:4])
+        self.epoch, self.k, self.emitted = (int(x) for x in state[:3])
         self._rows = None
 
+    def _epoch_items(self, epoch: int) -> tuple[int, list[tuple[int, int]]]:
+        plan = self.plans.get(epoch)
+        if plan is not None:
+            return plan.parts, plan.items
+        return self.parts, [(p, 0) for p in range(len(self.units) * self.parts)]
+
+    def remaining(self, states: list[list[int]]) -> Plans:
+        """The plans that finish every epoch ``states`` (one per stream of this stream's layout, by stream index)
+        were in, and the later epochs this layout's plans cover (begun under an earlier layout): each unit no stream
+        finished, from the rows its stream had taken."""
+        if len(states) != self.S:
+            raise ValueError(f"{len(states)} saved cursors for a layout of {self.S} streams")
+        cur = [(int(s[0]), int(s[1]), int(s[2])) for s in states]
+        plans = {}
+        for e in range(min(c[0] for c in cur), max([c[0] for c in cur] + list(self.plans)) + 1):
+            parts, items = self._epoch_items(e)
+            left = []
+            for j, (pos, first) in enumerate(items):
+                epoch, k, taken = cur[j % self.S]
+                i = j // self.S  # item j is the i-th of stream j mod S
+                if epoch > e or (epoch == e and i < k):
+                    continue  # finished
+                left.append((pos, first + taken) if (epoch == e and i == k) else (pos, first))
+            plans[e] = Plan(parts, left)
+        return [plans]
+
     def rebase(self, states: list[list[int]], start_step: int | None) -> None:
-        self.restore([min(int(s[0]) for s in states), 0, 0, 0])
+        """Start at the earliest epoch ``states`` were in: exactly what they left of it when this stream's plans are
+        their :meth:`remaining`, the whole epoch again without plans."""
+        self.restore([min(int(s[0]) for s in states), 0, 0])
 
 
 class MixStream:
@@ -228,7 +296,7 @@ class MixStream:
         total = float(sum(weights))
         if len(streams) != len(weights) or total <= 0 or min(weights) < 0:
             raise ValueError("a mixture needs one non-negative weight per source, not all zero")
-        self.streams, self.seed, self.g, self.slot = streams, seed, g, 0
+        self.streams, self.seed, self.g, self.slot, self.last = streams, seed, g, 0, 0
         acc, self.bounds = 0.0, []
         for w in weights:
             acc += w / total
@@ -240,10 +308,10 @@ class MixStream:
         return next((i for i, b in enumerate(self.bounds) if u < b), len(self.bounds) - 1)
 
     def key(self) -> int:
-        return mix(self.g, self.slot)
+        return mix(0x317, self.last, self.streams[self.last].key())  # the row's identity in its source
 
     def next(self) -> dict:
-        i = self.choose()
+        i = self.last = self.choose()
         self.slot += 1
         return {**self.streams[i].next(), "__source__": i}
 
@@ -266,19 +334,52 @@ class MixStream:
         for s, part in zip(self.streams, self._split(state)):
             s.restore(part)
 
+    def remaining(self, states: list[list[int]]) -> Plans:
+        parts = [self._split(st) for st in states]
+        return [p for i, s in enumerate(self.streams) for p in s.remaining([st[i] for st in parts])]
+
     def rebase(self, states: list[list[int]], start_step: int | None) -> None:
-        self.slot = 0
+        """Each source's stream rebases on its own cursors; the draws go on from slots no saved stream reached, so
+        the sources keep their shares and no draw is reused."""
+        self.slot = max(int(st[0]) for st in states)
         parts = [self._split(st) for st in states]
         for i, s in enumerate(self.streams):
             s.rebase([p[i] for p in parts], None)
+
+
+def encode_plans(plans: Plans | None) -> list[int]:
+    """Plans as a flat list of integers, for a checkpoint: ``[source, epoch, parts, n, pos_1, first_1, ...]`` per
+    planned epoch."""
+    out: list[int] = []
+    for i, per_epoch in enumerate(plans or []):
+        for e, plan in sorted((per_epoch or {}).items()):
+            out += [i, e, plan.parts, len(plan.items)]
+            out += [x for item in plan.items for x in item]
+    return out
+
+
+def decode_plans(flat: list[int]) -> Plans:
+    """Inverse of :func:`encode_plans` (None for a source without plans; sources after the last planned one are left
+    out)."""
+    plans: list[dict[int, Plan] | None] = []
+    at = 0
+    while at < len(flat):
+        i, e, parts, n = (int(x) for x in flat[at : at + 4])
+        body = flat[at + 4 : at + 4 + 2 * n]
+        if len(body) != 2 * n:
+            raise ValueError("the saved data plans are cut short")
+        plans += [None] * (i + 1 - len(plans))
+        plans[i] = {**(plans[i] or {}), e: Plan(parts, [(int(body[2 * j]), int(body[2 * j + 1])) for j in range(n)])}
+        at += 4 + 2 * n
+    return plans
 
 
 def next_good(stream: Stream, prepare: Callable[[dict, int], Any], on_bad: Callable[[dict, Exception], None],
               bad_exc: type[Exception], limit: int) -> Any:
     """Fill the next slot of ``stream``: ``prepare(row, slot key)``; a row it rejects (``bad_exc``) is reported to
     ``on_bad`` and replaced as the stream replaces rows (a mixture keeps the slot's source)."""
-    key = stream.key()
     row = stream.next()
+    key = stream.key()
     for attempt in range(limit):
         try:
             return prepare(row, key)

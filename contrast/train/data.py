@@ -2,10 +2,11 @@
 workers, with the cursor a checkpoint stores to resume mid-epoch exactly.
 
 Data order is a pure function of (seed, epoch, position): see :mod:`contrast.data.stream`. Resuming with the same
-world size and worker count continues every stream where it stopped. For a map source (random access) the order
-depends only on the global batch size, so another number of processes or workers with the same global batch also
-continues exactly; shard streams and mixtures under another layout restart the earliest epoch the saved streams were
-in (samples of that epoch seen before the stop are seen again).
+world size and worker count continues every stream where it stopped. Under another number of processes or workers:
+a map source (random access), whose order depends only on the global batch size, continues exactly with the same
+global batch (and restarts the epoch it had reached with another); a shard source, alone or in a mixture, continues
+exactly whatever the new layout and batch size: the units and rows the old streams had not taken are dealt to the
+new streams, and each is read once. A map source inside a mixture restarts the epoch it had reached.
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ from contrast.config import Config, DataConfig
 from contrast.data.batches import StreamLoader, StreamSpec, rebased, skip_counts, split_state
 from contrast.data.collate import Collator, FeatureSamples, ImageSamples, pair_id_keys
 from contrast.data.sources import DataError, RowSource, open_rows
-from contrast.data.stream import MapStream, MixStream, ShardStream, Stream
+from contrast.data.stream import MapStream, MixStream, Plans, ShardStream, Stream, decode_plans, encode_plans
 from contrast.data.transforms import build_transform, normalise_batch
+from contrast.errors import CheckpointError
 from contrast.features import build_feature_data
 from contrast.tokenizer import TrimmedTokenizer
 
@@ -41,20 +43,20 @@ def num_workers(cfg: DataConfig, world_local: int = 1) -> int:
 
 
 def _stream_factory(sources: list[RowSource], weights: list[float], cfg: Config, dist: D.DistInfo
-                    ) -> Callable[[int, int], Stream]:
+                    ) -> Callable[[int, int, Plans | None], Stream]:
     seed, buffer, block = cfg.train.seed, cfg.data.shuffle_buffer, cfg.train.batch_size
     global_batch = block * dist.world_size
 
-    def one(src: RowSource, i: int, g: int, S: int) -> Stream:
+    def one(src: RowSource, i: int, g: int, S: int, plans: Plans | None) -> Stream:
         s = mix_seed(seed, i)
         if src.units is not None:
-            return ShardStream(src.units, s, g, S, buffer)
+            return ShardStream(src.units, s, g, S, buffer, plans[i] if plans and i < len(plans) else None)
         return MapStream(src.rows, s, g, S, block, global_batch)
 
-    def make(g: int, S: int) -> Stream:
+    def make(g: int, S: int, plans: Plans | None = None) -> Stream:
         if len(sources) > 1:
-            return MixStream([one(src, i, g, S) for i, src in enumerate(sources)], weights, seed, g)
-        stream = one(sources[0], 0, g, S)
+            return MixStream([one(src, i, g, S, plans) for i, src in enumerate(sources)], weights, seed, g)
+        stream = one(sources[0], 0, g, S, plans)
         if isinstance(stream, MapStream):  # its blocks are this rank's batches of steps k x per_rank + local
             stream.steps = (S // dist.world_size, g // dist.world_size)
         return stream
@@ -112,30 +114,48 @@ def build_loader(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo 
     """This rank's endless stream of training batches; ``state`` is what :func:`loader_state` saved."""
     dist = dist or D.DistInfo()
     workers = num_workers(cfg.data, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-    per_rank = max(1, workers)
-    spec = build_spec(cfg, tokenizer, split, dist, per_rank, offset=start_step % per_rank)
-    cursors = skips = None
-    if state is not None:
-        saved_c, saved_s = split_state(state["streams"])
-        if list(state["layout"]) == [dist.world_size, per_rank]:
-            mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)
-            cursors, skips = saved_c[mine], saved_s[mine]
-        else:
-            cursors = rebased(spec, saved_c, start_step)
-            totals = torch.tensor(saved_s).sum(0).tolist()
-            skips = [totals if (dist.rank == 0 and i == 0) else [0] * len(totals) for i in range(per_rank)]
-            if dist.is_main:
-                print(f"the checkpoint's data layout was {state['layout'][0]} processes x {state['layout'][1]} "
-                      f"streams, this run's is {dist.world_size} x {per_rank}: the data order continues at this step "
-                      "(map sources: exactly, with the same global batch) or restarts the epoch it had reached (shards)")
+    spec = build_spec(cfg, tokenizer, split, dist, max(1, workers), offset=start_step % max(1, workers))
+    cursors, skips = resume_streams(spec, dist, start_step, state)
     return StreamLoader(spec, workers, cursors, skips, pin_memory=torch.cuda.is_available())
 
 
+def resume_streams(spec: StreamSpec, dist: D.DistInfo, start_step: int, state: dict | None
+                   ) -> tuple[list[list[int]] | None, list[list[int]] | None]:
+    """This rank's stream cursors and skip counts from a checkpoint's data ``state`` (None: a fresh start), for
+    the layout of ``spec``; sets ``spec.plans`` (from the checkpoint, or dealt anew for another layout)."""
+    if state is None:
+        return None, None
+    saved_c, saved_s = split_state(state["streams"])
+    layout = (int(state["layout"][0]), int(state["layout"][1]))
+    width = len(spec.stream(0).state()) + 1
+    if any(len(c) != width for c in saved_c):
+        raise CheckpointError(f"the checkpoint's data cursors hold {len(saved_c[0])} integers per stream where this "
+                              f"run's data needs {width}: it was written for other data sources (data.source / "
+                              "data.mixture) or by an older version; resume with the sources and version it was "
+                              "written with")
+    plans = decode_plans(torch.as_tensor(state.get("plans", []), dtype=torch.long).tolist())
+    if layout == (dist.world_size, spec.per_rank):
+        spec.plans = plans
+        mine = slice(dist.rank * spec.per_rank, (dist.rank + 1) * spec.per_rank)
+        return saved_c[mine], saved_s[mine]
+    cursors = rebased(spec, saved_c, layout, plans, start_step)
+    totals = torch.tensor(saved_s).sum(0).tolist()
+    skips = [totals if (dist.rank == 0 and i == 0) else [0] * len(totals) for i in range(spec.per_rank)]
+    if dist.is_main:
+        print(f"the checkpoint's data layout was {layout[0]} processes x {layout[1]} streams, this run's is "
+              f"{dist.world_size} x {spec.per_rank}: the data order continues at this step (shard sources, alone or "
+              "in a mixture: exactly, each remaining sample once; map sources: exactly with the same global batch, "
+              "else from the start of the epoch they had reached)")
+    return cursors, skips
+
+
 def loader_state(loader: StreamLoader, dist: D.DistInfo) -> dict:
-    """Every rank's stream cursors (a collective: all ranks call it), as a checkpoint stores them."""
+    """Every rank's stream cursors (a collective: all ranks call it) and the plans they share, as a checkpoint stores
+    them."""
     local = loader.state()
     rows = D.gather_with_grad(local) if dist.world_size > 1 else local
-    return {"layout": [dist.world_size, loader.spec.per_rank], "streams": rows}
+    return {"layout": [dist.world_size, loader.spec.per_rank], "streams": rows,
+            "plans": torch.tensor(encode_plans(loader.spec.plans), dtype=torch.long)}
 
 
 def total_skips(state: dict) -> dict[str, int]:
