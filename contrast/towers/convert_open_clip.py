@@ -141,9 +141,9 @@ def _resnet_key(k: str) -> str:
     if parts[0].startswith("layer"):
         stage, block = int(parts[0][5:]) - 1, parts[1]
         mod, rest = parts[2], ".".join(parts[3:])
-        if mod == "downsample":  # (avgpool, conv, bn): indices 1 and 2 hold tensors
+        if mod == "downsample":  # (avgpool '-1', conv '0', bn '1')
             sub, rest = rest.split(".", 1)
-            return f"stages.{stage}.{block}.shortcut.conv.{'conv' if sub == '1' else 'bn'}.{rest}"
+            return f"stages.{stage}.{block}.shortcut.conv.{'conv' if sub == '0' else 'bn'}.{rest}"
         names = {"1": "conv1_1x1", "2": "conv2_kxk", "3": "conv3_1x1"}
         return f"stages.{stage}.{block}.{names[mod[-1]]}.{'conv' if mod.startswith('conv') else 'bn'}.{rest}"
     raise ConversionError(f"unexpected ModifiedResNet tensor 'visual.{k}'")
