@@ -149,3 +149,19 @@ def test_refusals_name_the_part(tmp_path):
     (bert / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ConversionError, match="model_type 'bert' is not an image-text dual encoder"):
         import_checkpoint(bert, tmp_path / "run2")
+
+
+def test_cli_import_lists_what_it_reads_and_imports_a_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["import", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for family in ("CLIPModel", "SiglipModel", "Siglip2Model", "open_clip", "ConvNeXt", "EVA", "RN50", "OpenAI"):
+        assert family in help_text
+    folder, hf = _folder(tmp_path, "siglip")
+    assert cli_main(["import", "--weights", str(folder), "--out", str(tmp_path / "run")]) == 0
+    ours, _, tokenizer = load(tmp_path / "run")
+    ids = tokenizer(["a star"])
+    assert ids.shape == (1, CTX)  # SigLIP pads to its context: it pools the last position
+    with torch.no_grad():
+        assert max_diff(ours.encode_text(ids, normalize=False), _features(hf.get_text_features(input_ids=ids))) < 1e-5
+    assert cli_main(["import", "--weights", str(tmp_path / "missing"), "--out", str(tmp_path / "r2")]) == 2

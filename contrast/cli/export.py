@@ -6,6 +6,7 @@ import argparse
 
 from contrast.errors import UserError
 from contrast.export import FORMATS, ExportError, export_checkpoint, import_checkpoint
+from contrast.import_checkpoints import READS
 from contrast.towers.convert import ConversionError
 
 
@@ -21,7 +22,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_import(args: argparse.Namespace) -> int:
     qg = {"auto": None, "yes": True, "no": False}[args.quick_gelu]
     try:
-        out = import_checkpoint(args.weights, args.out, open_clip_config=args.open_clip_config, quick_gelu=qg)
+        out = import_checkpoint(args.weights, args.out, open_clip_config=args.open_clip_config, quick_gelu=qg,
+                                tokenizer=args.tokenizer)
     except ConversionError as e:
         raise UserError(str(e)) from e
     print(f"imported {args.weights} into {out} (load with contrast.load('{out}'), train with --set or eval as any run)")
@@ -34,8 +36,14 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--format", required=True, choices=FORMATS)
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_export)
-    q = subparsers.add_parser("import", help="convert an open_clip / OpenAI CLIP checkpoint into a contrast run directory")
-    q.add_argument("--weights", required=True, help="state dict: .safetensors, .pt/.bin, or an OpenAI TorchScript .pt")
+    q = subparsers.add_parser(
+        "import", help="convert a Hugging Face CLIP / SigLIP or open_clip / OpenAI checkpoint into a contrast run",
+        description="Reads: " + "; ".join(READS) + ". What cannot be converted is refused, naming the part.")
+    q.add_argument("--weights", required=True, help="a Hugging Face or open_clip (local-dir) folder, or a state dict: "
+                   ".safetensors, .pt/.bin, or an OpenAI TorchScript .pt")
+    q.add_argument("--tokenizer", default=None,
+                   help="a local Hugging Face tokenizer folder, for checkpoints that name one they do not ship "
+                   "(open_clip SigLIP's hf_tokenizer_name)")
     q.add_argument("--open-clip-config", default=None, help="open_clip model config JSON (open_clip_config.json or model_cfg)")
     q.add_argument("--quick-gelu", choices=("auto", "yes", "no"), default="auto",
                    help="auto: from the open_clip config; QuickGELU for OpenAI checkpoints without one")
