@@ -94,17 +94,25 @@ class QFormerConfig:
 
 @dataclass
 class DecoderConfig:
-    """The frozen causal language model of BLIP-2 stage 2; it reads text ids from the project's tokenizer."""
+    """The language model a bridge or BLIP-2 stage 2 feeds: the project's small causal LM (``own``, open_clip BPE ids)
+    or any Hugging Face causal LM (``hf``) with its own tokenizer and chat template."""
 
     source: str = "own"  # own (the project's small causal decoder) | hf (a transformers causal LM)
     hf_config: dict[str, Any] = field(default_factory=dict)  # source hf: AutoConfig kwargs incl. model_type
-    hf_path: str | None = None  # source hf: a local save_pretrained directory (instead of hf_config)
+    hf_path: str | None = None  # source hf: a local Hugging Face model folder (instead of hf_config), never a hub name
+    tokenizer: str | None = None  # source hf with hf_config: a local tokenizer folder (hf_path brings its own)
     weights: str | None = None  # a run directory / checkpoint of kind caption_lm, or a .safetensors of the decoder
     width: int = 256  # source own
     layers: int = 4
     heads: int = 4
     mlp_ratio: float = 4.0
     max_positions: int = 128  # source own: visual prompt + text
+    instruction: str = ""  # the user turn's text beside the image, e.g. "Describe this image."
+    system: str | None = None  # a system turn for chat templates that take one
+    chat: str = "auto"  # auto (the tokenizer's chat template when it has one) | always (required) | never
+    max_length: int = 64  # most tokens of a sample: prompt (visual tokens included) + answer
+    stage: str = "auto"  # align (bridge only) | finetune (bridge + LM) | auto (finetune a fresh own LM, else align)
+    previous_stage: str | None = None  # a run of an earlier stage: its trained tensors start this one
 
 
 @dataclass
@@ -114,6 +122,7 @@ class Blip2Config:
     tower: str | None = None  # stage 1: a run dir / checkpoint whose image tower is used; None: a fresh model.image
     features: str | None = None  # a `contrast features extract` directory read instead of running the tower
     stage1: str | None = None  # stage 2: the stage-1 run dir / checkpoint that provides Q-Former and tower
+    use_images: bool = True  # stage 2, false: a learned soft prompt without image content (the reference)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
@@ -129,22 +138,26 @@ class BlipConfig:
 
 @dataclass
 class BridgeConfig:
-    """Kind ``decoder``: a small causal decoder that reads an image tower through a bridge.
+    """Kind ``decoder``: a causal language model (``decoder``: the project's own or a Hugging Face one) that reads an
+    image tower through a bridge.
 
-    ``unified`` (LLaVA): one tower layer's tokens -> 2-layer GELU MLP -> visual tokens prepended to the text.
+    ``unified`` (LLaVA): one tower layer's tokens -> projector -> visual tokens at the image's place in the prompt.
     ``xattn`` (Llama 3.2 Vision): several tower layers concatenated along features -> linear -> context of gated
-    cross-attention blocks (tanh gates start at zero) inserted between decoder layers.
+    cross-attention blocks (tanh gates start at zero) inserted before chosen decoder layers.
     """
 
     mode: str = "unified"  # unified | xattn
     tower: str | None = None  # a run dir / checkpoint or a `contrast export --format timm` dir; None: fresh model.image
-    tower_locked: bool = True  # a tower from `tower` stays frozen (a fresh tower always trains)
+    tower_locked: bool = True  # a tower from `tower` stays frozen but its last model.image.unlocked_groups
     layer: int = -2  # unified: the tower block whose output becomes visual tokens (LLaVA: the penultimate)
-    tokens: str = "patch"  # unified: patch | cls_patch (prefix tokens kept)
+    tokens: str = "patch"  # unified: patch | cls_patch (prefix tokens kept; register tokens always dropped)
+    projector: str = "mlp2x_gelu"  # unified: mlp2x_gelu (LLaVA-1.5) | linear (LLaVA) | pixel_shuffle (nanoVLM)
+    pixel_shuffle: int = 2  # projector pixel_shuffle: fold r x r neighbouring patches into one visual token
     taps: list[int] = field(default_factory=lambda: [-3, -1])  # xattn: tower blocks concatenated along features
     xattn_every: int = 1  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ...
-    use_images: bool = True  # false: the same decoder with the image path switched off (the text-only reference)
-    decoder: DecoderConfig = field(default_factory=DecoderConfig)  # sizes (source own; weights unused)
+    xattn_layers: list[int] = field(default_factory=list)  # xattn: explicit decoder layers (instead of xattn_every)
+    use_images: bool = True  # false: a learned prompt without image content in place of the image (the reference)
+    decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
 
 @dataclass
@@ -311,6 +324,7 @@ class TrainConfig:
     lr: float = 1e-3
     image_lr: float | None = None  # per-tower learning rates; None means train.lr
     text_lr: float | None = None
+    lm_lr: float | None = None  # decoder models: the language model's learning rate (finetune stage); None: train.lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6

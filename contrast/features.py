@@ -274,11 +274,11 @@ class FeatureCollator:
         self.skipped_captions += len(rows) - len(keep)
         if not keep:
             return None
-        tokens = self.tokenizer([r["caption"].strip() for r in keep])
+        tokens = self.tokenizer([r["caption"].strip() for r in keep])  # ids, or a prompt tokenizer's dict
         return {
             "image_feats": torch.stack([r["image_feats"] for r in keep]).float(),  # (B, N, width)
             "index": torch.tensor([r["__index__"] for r in keep]),
-            "input_ids": tokens,
+            **(tokens if isinstance(tokens, dict) else {"input_ids": tokens}),
         }
 
 

@@ -25,13 +25,15 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 from torch import nn
 
-from contrast.config import Config, ImageTowerConfig, ModelConfig, load_config
+from contrast.config import Config, DecoderConfig, ImageTowerConfig, ModelConfig, load_config
+from contrast.data.lm_fetch import lm_folder
 from contrast.data.transforms import build_transform
+from contrast.decoders import HFCodec, HFLanguageModel
 from contrast.errors import CheckpointError
-from contrast.models import Blip2Stage1, CaptionLM, CausalDecoder, Model, Parts, build_model
+from contrast.models import Blip2Stage1, CaptionLM, Model, Parts, build_model, own_lm
 from contrast.tokenizer import build_tokenizer
 from contrast.towers import ImageTower
 
@@ -128,8 +130,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(inner, "module", inner)  # DistributedDataParallel
 
 
+def saved_keys_skip(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes a checkpoint leaves out: frozen parts rebuilt from the config's files when the run is
+    loaded (a pretrained language model, a tower of another run); see ``Model.rebuilt_prefixes``."""
+    return tuple(getattr(unwrap(model), "rebuilt_prefixes", ()))
+
+
 def save_model_weights(model: nn.Module, path: str | Path) -> None:
-    save_model(unwrap(model), str(path))
+    model = unwrap(model)
+    skip = saved_keys_skip(model)
+    if not skip:
+        save_model(model, str(path))
+        return
+    kept: dict[str, torch.Tensor] = {}
+    seen: set[tuple[int, int]] = set()
+    for k, v in model.state_dict().items():  # tensors shared between modules (tied embeddings) are stored once
+        ptr = (v.untyped_storage().data_ptr(), v.storage_offset())
+        if k.startswith(skip) or ptr in seen:
+            continue
+        seen.add(ptr)
+        kept[k] = v.detach().contiguous()
+    save_file(kept, str(path))
 
 
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -146,7 +167,9 @@ def load_model_weights(model: nn.Module, path: str | Path) -> None:
     """Load safetensors weights into ``model``; a file from a different model raises naming the tensors that differ."""
     tensors = read_weights(path)
     model = unwrap(model)
-    own = model.state_dict()
+    skip = saved_keys_skip(model)
+    own = {k: v for k, v in model.state_dict().items() if not k.startswith(skip)} if skip else model.state_dict()
+    tensors = {k: v for k, v in tensors.items() if not k.startswith(skip)} if skip else tensors
     aliases = _shared_aliases(model)  # tensors shared between modules are stored once
     problems = _mismatch(own, tensors, aliases)
     if problems:
@@ -197,11 +220,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, C
     """Rebuild the model of a run in eval mode. Returns ``(model, preprocess, tokenizer)``:
     ``preprocess(PIL.Image) -> (3, H, W)``, ``tokenizer(list[str]) -> token ids``."""
     cfg, ckpt = load_config_of(path)
-    return _restore(cfg, ckpt, device), build_transform(cfg.model.image), build_tokenizer(cfg.model.text)
+    model = _restore(cfg, ckpt, device)
+    return model, build_transform(cfg.model.image), text_tokenizer(cfg, model)
+
+
+def text_tokenizer(cfg: Config, model: Model) -> Callable:
+    """The tokenizer of a model's text: a decoder model's prompt tokenizer (its LM's own tokenizer and template),
+    else the text tower's."""
+    return model.text_tokenizer() if model.supports("decoder") else build_tokenizer(cfg.model.text)
 
 
 def _restore(cfg: Config, ckpt: Path, device: str | torch.device) -> Model:
-    model = build(cfg.model)
+    model = build_model(cfg.model, resolve_parts(cfg.model))
     load_model_weights(model, ckpt / WEIGHTS)
     return model.to(device).eval()
 
@@ -210,8 +240,22 @@ def _restore(cfg: Config, ckpt: Path, device: str | torch.device) -> Model:
 
 
 def build(cfg: ModelConfig) -> Model:
-    """The model of ``cfg``, with every part the config takes from another run, export or folder resolved."""
-    return build_model(cfg, resolve_parts(cfg))
+    """The model of ``cfg`` to train, with every part the config takes from another run, export or folder resolved,
+    and a decoder model's previous stage loaded."""
+    model = build_model(cfg, resolve_parts(cfg))
+    d = decoder_config(cfg)
+    if d is not None and d.previous_stage:
+        load_previous_stage(model, d.previous_stage)
+    return model
+
+
+def decoder_config(cfg: ModelConfig) -> DecoderConfig | None:
+    """The language model section of a decoder family (``model.bridge.decoder`` / ``model.blip2.decoder``)."""
+    if cfg.kind == "decoder":
+        return cfg.bridge.decoder
+    if cfg.kind in ("blip2_stage2", "caption_lm"):
+        return cfg.blip2.decoder
+    return None
 
 
 def resolve_parts(cfg: ModelConfig) -> Parts:
@@ -255,9 +299,7 @@ def _stage1_parts(cfg: ModelConfig) -> Parts:
 
 
 def _stage2_parts(cfg: ModelConfig) -> Parts:
-    parts = Parts(decoder=_decoder(cfg))
-    if cfg.blip2.decoder.weights:
-        load_decoder_weights(parts.decoder, cfg.blip2.decoder.weights)
+    parts = _lm_parts(cfg.blip2.decoder, cfg)
     if cfg.blip2.stage1:
         stage1 = load_model(cfg.blip2.stage1)
         if not isinstance(stage1, Blip2Stage1):
@@ -268,23 +310,35 @@ def _stage2_parts(cfg: ModelConfig) -> Parts:
     return parts
 
 
-def _decoder(cfg: ModelConfig) -> CausalDecoder:
-    """The stage-2 / caption_lm decoder: the project's own or a Hugging Face causal LM."""
-    d = cfg.blip2.decoder
-    return CausalDecoder(d, cfg.text.vocab_size, hf_model=hf_causal_lm(d) if d.source == "hf" else None)
+def _lm_parts(d: DecoderConfig, cfg: ModelConfig) -> Parts:
+    """The decoder's language model and tokenizer: the project's own (fresh, or with ``weights``) or a Hugging Face
+    causal LM from a local folder (``hf_path``) or a config (``hf_config`` + ``tokenizer``)."""
+    if d.source == "own":
+        lm, codec = own_lm(d, cfg)
+        if d.weights:
+            load_decoder_weights(lm, d.weights)
+        return Parts(lm=lm, codec=codec, lm_pretrained=bool(d.weights))
+    if d.source != "hf":
+        raise CheckpointError(f"the decoder's source must be own or hf, got '{d.source}'")
+    hf, tok = hf_causal_lm(d)
+    lm = HFLanguageModel(hf)
+    if d.weights:
+        load_decoder_weights(lm, d.weights)
+    return Parts(lm=lm, codec=HFCodec(tok, d.system), lm_pretrained=bool(d.hf_path or d.weights))
 
 
 def _caption_lm_parts(cfg: ModelConfig) -> Parts:
-    return Parts(decoder=_decoder(cfg))
+    return _lm_parts(cfg.blip2.decoder, cfg)
 
 
 def _bridge_parts(cfg: ModelConfig) -> Parts:
     b = cfg.bridge
-    if not b.tower:
-        return Parts()
-    tower = load_exported_tower(b.tower)
-    check_preprocessing(cfg.image, tower.cfg, b.tower, ("image_size", "mean", "std"))
-    return Parts(image=tower, tower_frozen=b.tower_locked)
+    parts = _lm_parts(b.decoder, cfg)
+    if b.tower:
+        tower = load_exported_tower(b.tower)
+        check_preprocessing(cfg.image, tower.cfg, b.tower, ("image_size", "mean", "std"))
+        parts.image, parts.tower_frozen = tower, b.tower_locked
+    return parts
 
 
 RESOLVERS: dict[str, Callable[[ModelConfig], Parts]] = {
@@ -295,30 +349,69 @@ RESOLVERS: dict[str, Callable[[ModelConfig], Parts]] = {
 }
 
 
-def hf_causal_lm(cfg) -> nn.Module:
-    """A transformers causal LM from a local folder (``hf_path``) or built from ``hf_config``; never downloaded."""
+def hf_causal_lm(d: DecoderConfig) -> tuple[nn.Module, object]:
+    """A transformers causal LM and its tokenizer from a local folder (``hf_path``), or a fresh one built from
+    ``hf_config`` with the tokenizer folder ``tokenizer``; never downloaded."""
     try:
         import transformers
     except ImportError as e:
-        raise CheckpointError("model.blip2.decoder.source hf needs the transformers package (pip install transformers)") from e
-    if cfg.hf_path:
-        return transformers.AutoModelForCausalLM.from_pretrained(cfg.hf_path, local_files_only=True)
-    if "model_type" not in cfg.hf_config:
-        raise CheckpointError("model.blip2.decoder.hf_config needs a model_type (e.g. gpt2 or llama), or set hf_path")
-    kwargs = dict(cfg.hf_config)
+        raise CheckpointError("a decoder of source hf needs the transformers package (pip install transformers)") from e
+    if d.hf_path:
+        folder = lm_folder(d.hf_path)
+        model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
+        return model, transformers.AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    if "model_type" not in d.hf_config:
+        raise CheckpointError("the decoder's hf_config needs a model_type (e.g. llama, qwen2 or gpt2), or set hf_path "
+                              "to a local model folder")
+    if not d.tokenizer:
+        raise CheckpointError("a decoder built from hf_config needs its tokenizer: set the decoder's tokenizer to a "
+                              "local tokenizer folder (tokenizer.json / tokenizer_config.json)")
+    kwargs = dict(d.hf_config)
     hf_cfg = transformers.AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    return transformers.AutoModelForCausalLM.from_config(hf_cfg)
+    tok_dir = Path(d.tokenizer)
+    if not tok_dir.is_dir():
+        raise CheckpointError(f"the decoder's tokenizer folder {tok_dir} does not exist; give a local folder")
+    tok = transformers.AutoTokenizer.from_pretrained(str(tok_dir), local_files_only=True)
+    if len(tok) > hf_cfg.vocab_size:
+        raise CheckpointError(f"the tokenizer in {tok_dir} has {len(tok)} tokens but hf_config's vocab_size is "
+                              f"{hf_cfg.vocab_size}; set vocab_size >= {len(tok)}")
+    return transformers.AutoModelForCausalLM.from_config(hf_cfg), tok
 
 
-def load_decoder_weights(decoder: CausalDecoder, path: str) -> None:
-    """Weights from a ``.safetensors`` file of the decoder, or from a run of kind ``caption_lm``."""
+def load_decoder_weights(lm: nn.Module, path: str) -> None:
+    """Weights from a ``.safetensors`` file of the language model, or from a run of kind ``caption_lm``."""
     if Path(path).suffix == ".safetensors":
-        load_model_weights(decoder, path)
+        load_model_weights(lm, path)
         return
     model = load_model(path)
     if not isinstance(model, CaptionLM):
-        raise CheckpointError(f"{path} holds no decoder; point model.blip2.decoder.weights at a caption_lm run")
-    decoder.load_state_dict(model.decoder.state_dict())
+        raise CheckpointError(f"{path} holds no decoder; point the decoder's weights at a caption_lm run")
+    lm.load_state_dict(model.lm.state_dict())
+
+
+def load_previous_stage(model: Model, path: str) -> None:
+    """Start a stage from an earlier stage's run: every tensor it saved is loaded (it saved what it trained); the
+    model's other tensors keep what the config built (a pretrained LM, a tower of another run, fresh new parts)."""
+    cfg, ckpt = load_config_of(path)
+    tensors = read_weights(ckpt / WEIGHTS)
+    own = unwrap(model).state_dict()
+    aliases = _shared_aliases(unwrap(model))
+    names = {n for k in own for n in [k, *aliases.get(k, [])]}
+    unknown = [k for k in tensors if k not in names]
+    shapes = [f"{k}: {tuple(v.shape)} vs {tuple(own[k].shape)}" for k, v in tensors.items()
+              if k in own and v.shape != own[k].shape]
+    if unknown or shapes:
+        what = ("tensors not in this model: " + ", ".join(unknown[:6])) if unknown else (
+            "tensors of another shape: " + "; ".join(shapes[:6]))
+        raise CheckpointError(f"the previous stage {path} (model.kind {cfg.model.kind}) does not fit this model ({what}); "
+                              "a stage starts from a run of the same model with the same bridge and decoder")
+    with torch.no_grad():
+        for k, v in own.items():
+            src = tensors.get(k)
+            if src is None:
+                src = next((tensors[a] for a in aliases.get(k, []) if a in tensors), None)
+            if src is not None:
+                v.copy_(src)
 
 
 def load_exported_tower(path: str | Path) -> ImageTower:

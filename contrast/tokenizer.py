@@ -87,6 +87,8 @@ class TrimmedTokenizer:
 
     def __call__(self, texts: str | list[str]) -> torch.Tensor:
         ids = self.tokenizer(texts)  # (B, T)
+        if not torch.is_tensor(ids):  # a prompt tokenizer's batch: already padded to its longest sample
+            return ids
         return ids[:, : int(ids.argmax(dim=-1).max()) + 1]  # (B, T'), T' = last end-of-text position + 1
 
 

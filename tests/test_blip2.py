@@ -202,33 +202,39 @@ def test_features_cli_and_errors(tmp_path):
 
 # --------------------------------------------------------------------------------------------------- stage 2
 
-DECODERS = {
-    "own": {"width": 32, "layers": 1, "heads": 2, "max_positions": 32},
-    "gpt2": {"source": "hf", "hf_config": {"model_type": "gpt2", "n_embd": 32, "n_layer": 1, "n_head": 2,
-                                           "n_positions": 32, "vocab_size": 49408, "bos_token_id": 49406,
-                                           "eos_token_id": 49407}},
-    "llama": {"source": "hf", "hf_config": {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64,
-                                            "num_hidden_layers": 1, "num_attention_heads": 2,
-                                            "num_key_value_heads": 2, "vocab_size": 49408,
-                                            "bos_token_id": 49406, "eos_token_id": 49407}},
-}
+def _decoders(tmp_path) -> dict:
+    from lm_fixtures import hf_config, make_tokenizer
+
+    tok = str(make_tokenizer(tmp_path / "tok"))
+    return {
+        "own": {"width": 32, "layers": 1, "heads": 2, "max_positions": 32},
+        "gpt2": {"source": "hf", "hf_config": hf_config("gpt2"), "tokenizer": tok},
+        "llama": {"source": "hf", "hf_config": hf_config("llama"), "tokenizer": tok},
+    }
+
+
+CAPTIONS = ["a red circle", "a blue square", "a red circle", "a large green star", "a purple cross",
+            "a small white diamond above a red circle"]
+
+
+def _prompted(model, n=6):
+    return {**model.text_tokenizer()(CAPTIONS[:n]), "pixels": torch.randn(n, 3, 16, 16)}
 
 
 @pytest.mark.parametrize("decoder", ["own", "gpt2", "llama"])
-def test_stage2_trains_only_qformer_and_projection(decoder):
-    if decoder != "own":
-        pytest.importorskip("transformers")
+def test_stage2_trains_only_qformer_and_projection(decoder, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg("blip2_stage2", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0})
+    cfg = _cfg("blip2_stage2", decoder=_decoders(tmp_path)[decoder], loss={"itc": 0.0, "lm": 1.0})
     model = build(cfg.model).train()
-    assert isinstance(model, Blip2Stage2) and not model.decoder.training and not model.tower.training
+    assert isinstance(model, Blip2Stage2) and not model.lm.training and not model.tower.training
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"qformer", "proj"}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    batch = _batch()
+    batch = _prompted(model)
     out = model(batch)
-    assert out.lm.logits.shape == (len(_packed_rows(batch["input_ids"])), 49408) and out.lm.num_captions == 6
+    answer_tokens = int((batch["labels"][:, 1:] != -100).sum())
+    assert out.lm.logits.shape == (answer_tokens, model.lm.vocab_size) and out.lm.num_captions == 6
     build_objective(cfg.loss)(out).total.backward()
     opt.step()
     changed = {n.split(".")[0] for n, p in model.named_parameters() if not torch.equal(p, before[n])}
@@ -236,28 +242,29 @@ def test_stage2_trains_only_qformer_and_projection(decoder):
 
 
 @pytest.mark.parametrize("decoder", ["own", "gpt2"])
-def test_stage2_prompt_reaches_decoder_and_no_prompt_is_plain_lm(decoder):
-    if decoder != "own":
-        pytest.importorskip("transformers")
+def test_stage2_prompt_reaches_decoder_and_no_prompt_is_plain_lm(decoder, tmp_path):
     torch.manual_seed(0)
-    cfg = _cfg("blip2_stage2", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0})
+    decoders = _decoders(tmp_path)
+    cfg = _cfg("blip2_stage2", decoder=decoders[decoder], loss={"itc": 0.0, "lm": 1.0})
     model = build(cfg.model).eval()
-    lm = build(_cfg("caption_lm", decoder=DECODERS[decoder], loss={"itc": 0.0, "lm": 1.0}).model).eval()
+    lm = build(_cfg("caption_lm", decoder=decoders[decoder], loss={"itc": 0.0, "lm": 1.0}).model).eval()
     assert isinstance(lm, CaptionLM)
-    lm.decoder.load_state_dict(model.decoder.state_dict())
-    batch = _batch()
+    lm.lm.load_state_dict(model.lm.state_dict())
+    batch = _prompted(model)
+    alone_batch = lm.text_tokenizer()(CAPTIONS)
     with torch.no_grad():
-        plain, alone = model(batch, use_prompt=False), lm(batch)
-        torch.testing.assert_close(plain.lm.logits, alone.lm.logits)
+        plain, alone = model.text_only(batch), lm(alone_batch)
+        torch.testing.assert_close(plain.lm.logits, alone.lm.logits, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(plain.lm.targets, alone.lm.targets)
         # with the prompt, text logits change, and they equal the decoder run on [prompt; text] embeddings by hand
         prompted = model(batch)
         assert not torch.allclose(prompted.lm.logits, plain.lm.logits)
         prompt = model.proj(model.qformer.encode_queries(model.tower.forward_tokens(batch["pixels"])))
-        x = torch.cat([prompt, model.decoder.embed(batch["input_ids"])], dim=1)
-        mask = torch.cat([torch.ones(6, 4, dtype=torch.long),
-                          (torch.arange(12)[None] <= batch["input_ids"].argmax(-1, keepdim=True)).long()], dim=1)
-        where, _, _ = packed_targets(batch["input_ids"])  # (B, T-1) positions with a next token
-        torch.testing.assert_close(prompted.lm.logits, model.decoder(x, mask)[:, 4:-1][where], atol=1e-5, rtol=1e-5)
+        x = torch.cat([prompt, model.lm.embed(alone_batch["input_ids"])], dim=1)  # the soft prompt goes first
+        mask = torch.cat([torch.ones(6, 4, dtype=torch.long), alone_batch["attention_mask"]], dim=1)
+        h, _ = model.lm.hidden(x, mask)
+        where = alone_batch["labels"][:, 1:] != -100
+        torch.testing.assert_close(prompted.lm.logits, model.lm.logits(h[:, 4:-1][where]), atol=1e-5, rtol=1e-5)
 
 
 def test_stage2_loads_stage1_and_decoder_runs(tmp_path):
@@ -275,8 +282,9 @@ def test_stage2_loads_stage1_and_decoder_runs(tmp_path):
     model = build(cfg.model)
     for name, t in stage1.qformer.state_dict().items():
         torch.testing.assert_close(model.qformer.state_dict()[name], t)
-    for name, t in decoder_lm.decoder.state_dict().items():
-        torch.testing.assert_close(model.decoder.state_dict()[name], t)
+    for name, t in decoder_lm.lm.state_dict().items():
+        torch.testing.assert_close(model.lm.state_dict()[name], t)
+    assert set(model.rebuilt_prefixes) == {"lm.", "tower."}  # frozen and rebuilt from those runs: not checkpointed
     bad = _cfg("blip2_stage2")
     bad.model.blip2.stage1 = str(dec.run_dir)
     with pytest.raises(ValueError, match="blip2_stage1 run"):

@@ -35,47 +35,53 @@ def _cfg(mode: str, use_images: bool = True, tower: str | None = None) -> Decode
     )
 
 
-def _batch(n: int, g: torch.Generator) -> dict[str, torch.Tensor]:
-    """Image i shows one of 10 fixed patterns c; its caption is [0, c, 11, 0]: the word is only in the image."""
+def _batch(n: int, g: torch.Generator, visual: int = 4) -> dict[str, torch.Tensor]:
+    """Image i shows one of 10 fixed patterns c; its sample is [start, image x visual, c, 11] with the answer
+    (c, end-of-text) the only labels: the word is only in the image."""
     c = torch.randint(1, 11, (n,), generator=g)
     patterns = torch.randn(11, 3, 16, 16, generator=torch.Generator().manual_seed(123))
-    pixels = patterns[c]  # (n, 3, 16, 16)
-    ids = torch.stack([torch.zeros_like(c), c, torch.full_like(c, 11), torch.zeros_like(c)], dim=1)
-    return {"pixels": pixels, "input_ids": ids}
+    z = torch.zeros_like(c)
+    ids = torch.stack([z, *[z] * visual, c, torch.full_like(c, 11)], dim=1)  # (n, 3 + visual)
+    labels = torch.full_like(ids, -100)
+    labels[:, -2:] = ids[:, -2:]
+    vis = torch.zeros_like(ids, dtype=torch.bool)
+    vis[:, 1 : 1 + visual] = True
+    rows = torch.ones_like(vis)  # the image is read from the start token on
+    return {"pixels": patterns[c], "input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
+            "visual_mask": vis, "image_rows": rows}
 
 
 def test_xattn_decoder_unchanged_at_init():
     torch.manual_seed(0)
     model = build_model(_cfg("xattn")).eval()
     assert isinstance(model, VisionLanguageDecoder) and len(model.xattn) == 2
-    batch = _batch(4, torch.Generator().manual_seed(0))
+    batch = _batch(4, torch.Generator().manual_seed(0), visual=0)
     with torch.no_grad():
         with_img = model(batch).lm.logits
-        model.use_images = False
-        without = model(batch).lm.logits
+        without = model.text_only(batch).lm.logits
         assert torch.equal(with_img, without)
         for blk in model.xattn.values():  # opening a gate makes the images matter
             blk.gate_attn.fill_(1.0)
-        model.use_images = True
         assert (model(batch).lm.logits - without).abs().max() > 1e-4
 
 
 def test_unified_output_shapes_and_targets():
     torch.manual_seed(0)
     model = build_model(_cfg("unified")).eval()
+    assert model.num_visual_tokens == 4  # 2x2 patches of the penultimate block
     batch = _batch(3, torch.Generator().manual_seed(0))
     out = model(batch)
-    with torch.no_grad():
-        _, num_visual_tokens = model.hidden(batch["input_ids"], model.visual_tokens(batch["pixels"]))
-    assert num_visual_tokens == 4  # 2x2 patches of the penultimate block
-    # caption [0, c, 11, 0]: positions 0 and 1 have real next tokens (c, then end-of-text); padding is never a target
+    # [start, v x 4, c, 11]: positions 4 and 5 predict the answer (c, then end-of-text); nothing else is a target
     assert out.lm.logits.shape == (6, VOCAB) and out.lm.num_captions == 3
     assert out.lm.rows.tolist() == [0, 0, 1, 1, 2, 2]
-    assert out.lm.targets.tolist() == batch["input_ids"][:, 1:3].reshape(-1).tolist()
-    assert model.visual_tokens(batch["pixels"]).shape == (3, 4, 32)
-    with torch.no_grad():  # the packed logits are the full sequence's logits at those positions
-        h, _ = model.hidden(batch["input_ids"], model.visual_tokens(batch["pixels"]))
-        assert torch.allclose(model.lm.logits(h)[:, :2].reshape(6, VOCAB), out.lm.logits, atol=1e-6)
+    assert out.lm.targets.tolist() == batch["input_ids"][:, -2:].reshape(-1).tolist()
+    visual = model.visual_tokens(batch["pixels"])
+    assert visual.shape == (3, 4, 32)
+    with torch.no_grad():  # the packed logits are the full sequence's logits at those positions, visual tokens in place
+        x = model.lm.embed(batch["input_ids"])
+        x[:, 1:5] = visual
+        h, _ = model.lm.hidden(x)
+        assert torch.allclose(model.lm.logits(h)[:, 4:6].reshape(6, VOCAB), out.lm.logits, atol=1e-6)
 
 
 def _train(cfg: DecoderModelConfig, steps: int = 40) -> float:
@@ -84,15 +90,16 @@ def _train(cfg: DecoderModelConfig, steps: int = 40) -> float:
     obj = build_objective(LossConfig(itc=0.0, lm=1.0, lm_label_smoothing=0.0))
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     g = torch.Generator().manual_seed(1)
+    visual = model.num_visual_tokens if model.splices else 0
     model.train()
     for _ in range(steps):
-        loss = obj(model(_batch(32, g))).total
+        loss = obj(model(_batch(32, g, visual))).total
         opt.zero_grad()
         loss.backward()
         opt.step()
     model.eval()
     with torch.no_grad():
-        lm = model(_batch(256, torch.Generator().manual_seed(99))).lm
+        lm = model(_batch(256, torch.Generator().manual_seed(99), visual)).lm
     nll, n = lm_nll(lm.logits, lm.targets)
     return nll / n
 

@@ -16,10 +16,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "contrast"
 # floor of each top-level part of the package; a module imports only from floors <= its own
 FLOORS = {
     "errors": 0, "config": 0, "layers": 0, "objectives": 0, "distributed": 0, "bridges": 0,
-    "towers": 1, "tokenizer": 1, "data": 1,
+    "towers": 1, "tokenizer": 1, "data": 1, "decoders": 1,
     "models": 2,
     "runs": 3,
-    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4,
+    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4, "generate": 4,
     "import_checkpoints": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }

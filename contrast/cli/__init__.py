@@ -1,4 +1,5 @@
-"""The ``contrast`` command line: ``contrast train | plan | eval | data | features | caption | export | import | index``.
+"""The ``contrast`` command line: ``contrast train | plan | eval | data | features | caption | generate | export | import |
+index``.
 
 ``contrast plan`` measures a recipe (parameters, FLOPs, activation memory) and predicts whether and how it fits a
 device before training.
@@ -22,6 +23,7 @@ COMMAND_MODULES = [
     "contrast.cli.data",
     "contrast.cli.features",
     "contrast.cli.caption",
+    "contrast.cli.generate",
     "contrast.cli.export",
     "contrast.cli.index",
 ]

@@ -14,6 +14,7 @@ from typing import Any
 
 from contrast.cli.common import device
 from contrast.cli.common import user_errors as _user_errors
+from contrast.cli.generate import add_caption_eval
 from contrast.runs import load, load_config_of, run_dir_of
 
 # the evaluators import torchmetrics (seconds): each command imports what it runs, so `contrast --help` stays quick
@@ -254,3 +255,5 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--no-probe", action="store_true", help="skip the linear probes")
     a.add_argument("--no-retrieval", action="store_true", help="skip retrieval")
     a.set_defaults(func=_all)
+
+    add_caption_eval(ev)

@@ -110,16 +110,18 @@ class FeatureSamples:
 
 
 class Collator:
-    """Samples -> ``{pixels (B, 3, H, W) uint8, input_ids, index}``, and ``pair_ids`` (B, K) int64 hashes of each
+    """Samples -> ``{pixels (B, 3, H, W) uint8, input_ids, index}`` (a decoder's prompt tokenizer adds
+    ``attention_mask``, ``labels``, ``visual_mask`` and ``image_rows``), and ``pair_ids`` (B, K) int64 hashes of each
     sample's ``id_keys`` values when given."""
 
     def __init__(self, tokenizer: Callable[[list[str]], Any], id_keys: Sequence[str] = ()):
         self.tokenizer, self.id_keys = tokenizer, tuple(id_keys)
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
+        text = self.tokenizer([s["caption"] for s in samples])  # ids, or a prompt tokenizer's dict of (B, T) tensors
         batch = {"pixels": torch.stack([s["pixels"] for s in samples]),
                  "index": torch.tensor([s["index"] for s in samples]),
-                 "input_ids": self.tokenizer([s["caption"] for s in samples])}
+                 **(text if isinstance(text, dict) else {"input_ids": text})}
         if self.id_keys:
             batch["pair_ids"] = torch.tensor([[id_hash(s[k]) for k in self.id_keys] for s in samples],
                                              dtype=torch.long)  # (B, K)

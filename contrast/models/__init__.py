@@ -10,15 +10,15 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from torch import nn
-
-from contrast.config import ModelConfig, family
+from contrast.config import DecoderConfig, ModelConfig, family
+from contrast.decoders import BPECodec, CausalLM, Codec, LanguageModel
 from contrast.models.blip import BlipModel
-from contrast.models.blip2 import Blip2Stage1, Blip2Stage2, CaptionLM, CausalDecoder
+from contrast.models.blip2 import Blip2Stage1, Blip2Stage2, CaptionLM
 from contrast.models.clip import DualEncoder
 from contrast.models.decoder import VisionLanguageDecoder
 from contrast.models.outputs import ITMOutput, LMOutput, Model, ModelOutput, TeacherFeatures
 from contrast.models.qformer import QFormer
+from contrast.tokenizer import ClipTokenizer
 from contrast.towers import ImageTower
 from contrast.towers.hf_text import build_text_tower
 
@@ -30,25 +30,39 @@ class Parts:
     image: ImageTower | None = None  # the image tower (BLIP-2: the frozen tower; decoder: the bridged tower)
     tower_frozen: bool = False  # decoder: the given tower stays frozen
     qformer: QFormer | None = None  # BLIP-2 stage 2: the stage-1 Q-Former
-    decoder: CausalDecoder | None = None  # BLIP-2 stage 2 / caption_lm
-    hf_decoder: nn.Module | None = None  # a Hugging Face causal LM for a decoder of source hf
+    lm: LanguageModel | None = None  # the language model of a decoder model (BLIP-2 stage 2, caption_lm, decoder)
+    codec: Codec | None = None  # its tokenizer
+    lm_pretrained: bool = False  # the LM's weights were loaded (not freshly initialised)
 
 
 def _image(cfg: ModelConfig, parts: Parts) -> ImageTower:
     return parts.image if parts.image is not None else ImageTower(cfg.image, cfg.embed_dim)
 
 
-def _decoder(cfg: ModelConfig, parts: Parts) -> CausalDecoder:
-    if parts.decoder is not None:
-        return parts.decoder
-    return CausalDecoder(cfg.blip2.decoder, cfg.text.vocab_size, hf_model=parts.hf_decoder)
+def own_lm(d: DecoderConfig, cfg: ModelConfig) -> tuple[CausalLM, BPECodec]:
+    """A fresh project LM over open_clip BPE ids and its codec."""
+    codec = BPECodec(ClipTokenizer(cfg.text.context_length))
+    return CausalLM(d, cfg.text.vocab_size, eos_token_ids=(codec.eos_id,)), codec
+
+
+def _lm(d: DecoderConfig, cfg: ModelConfig, parts: Parts) -> tuple[LanguageModel, Codec]:
+    if parts.lm is not None:
+        return parts.lm, parts.codec
+    if d.source != "own":
+        raise ValueError(f"a decoder of source {d.source} is built by contrast.runs (it reads a local folder)")
+    return own_lm(d, cfg)
 
 
 def _stage2(cfg: ModelConfig, parts: Parts) -> Blip2Stage2:
     tower = _image(cfg, parts)
     qformer = parts.qformer or QFormer(cfg.qformer, vision_width=tower.width, vocab_size=cfg.text.vocab_size,
                                        context_length=cfg.text.context_length)
-    return Blip2Stage2(cfg, tower, qformer, _decoder(cfg, parts))
+    return Blip2Stage2(cfg, tower, qformer, *_lm(cfg.blip2.decoder, cfg, parts), parts.lm_pretrained)
+
+
+def _bridged(cfg: ModelConfig, parts: Parts) -> VisionLanguageDecoder:
+    lm, codec = _lm(cfg.bridge.decoder, cfg, parts)
+    return VisionLanguageDecoder(cfg, _image(cfg, parts), lm, codec, parts.tower_frozen, parts.lm_pretrained)
 
 
 BUILDERS: dict[str, Callable[[ModelConfig, Parts], Model]] = {
@@ -56,8 +70,8 @@ BUILDERS: dict[str, Callable[[ModelConfig, Parts], Model]] = {
     "blip": lambda cfg, p: BlipModel(cfg, _image(cfg, p)),
     "blip2_stage1": lambda cfg, p: Blip2Stage1(cfg, _image(cfg, p)),
     "blip2_stage2": _stage2,
-    "caption_lm": lambda cfg, p: CaptionLM(cfg, _decoder(cfg, p)),
-    "decoder": lambda cfg, p: VisionLanguageDecoder(cfg, _image(cfg, p), p.tower_frozen),
+    "caption_lm": lambda cfg, p: CaptionLM(cfg, *_lm(cfg.blip2.decoder, cfg, p)),
+    "decoder": _bridged,
 }
 
 
@@ -72,5 +86,5 @@ def build_model(cfg: ModelConfig, parts: Parts | None = None) -> Model:
 
 __all__ = [
     "build_model", "Parts", "BUILDERS", "Model", "ModelOutput", "LMOutput", "ITMOutput", "TeacherFeatures",
-    "DualEncoder", "BlipModel", "Blip2Stage1", "Blip2Stage2", "CaptionLM", "CausalDecoder", "VisionLanguageDecoder",
+    "DualEncoder", "BlipModel", "Blip2Stage1", "Blip2Stage2", "CaptionLM", "VisionLanguageDecoder", "own_lm",
 ]

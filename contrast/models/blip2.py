@@ -24,74 +24,20 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from contrast.config import Blip2ModelConfig, DecoderConfig, ModelConfig
-from contrast.models.lm import CausalLM, packed_targets, trim_padding
+from contrast.config import Blip2ModelConfig, ModelConfig
+from contrast.decoders import Codec, LanguageModel, PromptTokenizer
+from contrast.models.decoding import DecoderModel, check_trainable, null_prompt, resolve_stage
+from contrast.models.lm import packed_targets, trim_padding
 from contrast.models.outputs import ITMOutput, LMOutput, Model, ModelOutput, clamped_scale, unit
 from contrast.models.qformer import QFormer
 from contrast.objectives import hard_negative_indices, similarity
 from contrast.tokenizer import text_padding_mask
 from contrast.towers import ImageTower
-from contrast.towers.hf_text import hf_checkpointing
 
 
 def freeze(tower: ImageTower) -> ImageTower:
     tower.requires_grad_(False)
     return tower.eval()
-
-
-class CausalDecoder(nn.Module):
-    """A causal LM that takes input embeddings: the project's :class:`CausalLM` (source ``own``) or a Hugging Face
-    causal LM built by the caller (source ``hf``). ``embed(ids) -> (B, T, W)``, ``forward(embeds, mask) -> logits``."""
-
-    def __init__(self, cfg: DecoderConfig, vocab_size: int, hf_model: nn.Module | None = None):
-        super().__init__()
-        self.cfg = cfg
-        if cfg.source == "own":
-            self.lm: nn.Module = CausalLM(cfg, vocab_size)
-            self.width = cfg.width
-        elif cfg.source == "hf":
-            if hf_model is None:
-                raise ValueError("a decoder of source hf needs its Hugging Face model (built by contrast.runs)")
-            self.lm = hf_model
-            emb = self.lm.get_input_embeddings()
-            self.width = emb.embedding_dim
-            if emb.num_embeddings < vocab_size:
-                raise ValueError(
-                    f"the decoder's vocabulary has {emb.num_embeddings} tokens but the text tokenizer emits ids up to "
-                    f"{vocab_size - 1}; set vocab_size >= {vocab_size} in model.blip2.decoder.hf_config"
-                )
-        else:
-            raise ValueError(f"model.blip2.decoder.source must be own or hf, got '{cfg.source}'")
-
-    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.lm.get_input_embeddings()(input_ids) if self.cfg.source == "hf" else self.lm.embed_tokens(input_ids)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if self.cfg.source == "hf":
-            hf_checkpointing(self.lm, enable)
-        else:
-            self.lm.set_grad_checkpointing(enable)
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Logits (B, L, V) at every position."""
-        if self.cfg.source == "own":
-            return self.lm(inputs_embeds, attention_mask)
-        return self.lm(inputs_embeds=inputs_embeds, attention_mask=attention_mask).logits
-
-    def caption_logits(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, start: int,
-                       where: torch.Tensor) -> torch.Tensor:
-        """(P, V) logits at caption positions ``start + t`` for the (B, T-1) selection ``where``."""
-        if self.cfg.source == "own":  # the LM head runs on the selected positions only
-            h = self.lm.hidden(inputs_embeds)[:, start : start + where.shape[1]][where]  # (P, W)
-            return self.lm.logits(h)
-        return self(inputs_embeds, attention_mask)[:, start : start + where.shape[1]][where]
-
-
-def _caption_output(decoder: CausalDecoder, x: torch.Tensor, mask: torch.Tensor, start: int,
-                    ids: torch.Tensor) -> ModelOutput:
-    where, targets, rows = packed_targets(ids)
-    logits = decoder.caption_logits(x, mask, start, where)  # (P, V)
-    return ModelOutput(lm=LMOutput(logits, targets, rows, ids.shape[0]))
 
 
 # --------------------------------------------------------------------------------------------------- stage 1
@@ -217,37 +163,49 @@ def _image_features(tower: ImageTower, batch: dict[str, torch.Tensor]) -> torch.
 # --------------------------------------------------------------------------------------------------- stage 2
 
 
-class CaptionLM(Model):
-    """A decoder trained on captions alone (model kind ``caption_lm``)."""
+class CaptionLM(DecoderModel):
+    """A language model trained on captions alone (model kind ``caption_lm``): a way to make a small frozen decoder
+    for stage 2."""
 
-    capabilities = frozenset()
+    capabilities = frozenset({"decoder"})
 
-    def __init__(self, cfg: ModelConfig, decoder: CausalDecoder):
+    def __init__(self, cfg: ModelConfig, lm: LanguageModel, codec: Codec):
         super().__init__()
-        self.cfg = cfg
-        self.decoder = decoder
+        self.cfg, self.lm, self.codec = cfg, lm, codec
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.decoder.set_grad_checkpointing(enable)
+        self.lm.set_grad_checkpointing(enable)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        ids = trim_padding(batch["input_ids"])
-        return _caption_output(self.decoder, self.decoder.embed(ids), text_padding_mask(ids).long(), 0, ids)
+    def text_tokenizer(self) -> PromptTokenizer:
+        d = self.cfg.blip2.decoder
+        return PromptTokenizer(self.codec, d.instruction, d.chat, 0, "none", d.max_length)
 
 
-class Blip2Stage2(Model):
-    """Q-Former queries projected to a frozen decoder's embedding width and prepended as a soft visual prompt."""
+class Blip2Stage2(DecoderModel):
+    """Q-Former queries projected to the LM's embedding width: a soft visual prompt before the templated text; the
+    Q-Former and the projection train (stage ``align``), the LM too under ``finetune``."""
 
-    capabilities = frozenset()
+    capabilities = frozenset({"decoder"})
 
-    def __init__(self, cfg: Blip2ModelConfig, tower: ImageTower, qformer: QFormer, decoder: CausalDecoder):
+    def __init__(self, cfg: Blip2ModelConfig, tower: ImageTower, qformer: QFormer, lm: LanguageModel, codec: Codec,
+                 lm_pretrained: bool = False):
         super().__init__()
         self.cfg = cfg
         self.tower = freeze(tower)
         self.qformer = qformer
-        self.decoder = decoder
-        self.decoder.requires_grad_(False)
-        self.proj = nn.Linear(self.qformer.width, self.decoder.width)
+        self.lm, self.codec = lm, codec
+        self.proj = nn.Linear(self.qformer.width, lm.width)
+        self.use_images = cfg.blip2.use_images
+        if not self.use_images:
+            std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
+            self.null = null_prompt(self.qformer.num_queries, lm.width, std)
+        self.stage = resolve_stage(cfg.blip2.decoder.stage, fresh_lm=False)  # BLIP-2 keeps its LM frozen by default
+        if self.stage == "align":
+            self.lm.requires_grad_(False)
+        self.rebuilt_prefixes = tuple(p for p, rebuilt in (
+            ("lm.", lm_pretrained and self.stage == "align"),
+            ("tower.", bool(cfg.blip2.stage1 or cfg.blip2.tower))) if rebuilt)
+        check_trainable(self, f"model.blip2.decoder.stage {self.stage}")
 
     @property
     def image_tower(self) -> ImageTower:
@@ -255,13 +213,18 @@ class Blip2Stage2(Model):
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         self.qformer.set_grad_checkpointing(enable)
-        self.decoder.set_grad_checkpointing(enable)  # frozen, but the gradient of the prompt passes through it
+        self.lm.set_grad_checkpointing(enable)  # frozen or not, the gradient of the prompt passes through it
 
     def train(self, mode: bool = True) -> Blip2Stage2:
         super().train(mode)
         self.tower.eval()
-        self.decoder.eval()
+        if self.stage == "align":
+            self.lm.eval()
         return self
+
+    def text_tokenizer(self) -> PromptTokenizer:
+        d = self.cfg.blip2.decoder
+        return PromptTokenizer(self.codec, d.instruction, d.chat, self.qformer.num_queries, "prefix", d.max_length)
 
     def image_features(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return _image_features(self.tower, batch)
@@ -270,17 +233,10 @@ class Blip2Stage2(Model):
         """(B, Q, W) soft prompt from image features (B, N, width)."""
         return self.proj(self.qformer.encode_queries(feats))
 
-    def forward(self, batch: dict[str, torch.Tensor], use_prompt: bool = True) -> ModelOutput:
-        ids = trim_padding(batch["input_ids"])
-        x = self.decoder.embed(ids)  # (B, T, W)
-        mask = text_padding_mask(ids).long()
-        Q = 0
-        if use_prompt:
-            prompt = self.visual_prompt(self.image_features(batch)).to(x.dtype)  # (B, Q, W)
-            Q = prompt.shape[1]
-            x = torch.cat([prompt, x], dim=1)  # (B, Q+T, W)
-            mask = torch.cat([torch.ones(ids.shape[0], Q, dtype=torch.long, device=ids.device), mask], dim=1)
-        return _caption_output(self.decoder, x, mask, Q, ids)
+    def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.use_images:
+            return self.visual_prompt(self.image_features(batch))
+        return self.null[None].expand(batch["input_ids"].shape[0], -1, -1)
 
 
-__all__ = ["Blip2Stage1", "Blip2Stage2", "CaptionLM", "CausalDecoder", "freeze"]
+__all__ = ["Blip2Stage1", "Blip2Stage2", "CaptionLM", "freeze"]

@@ -1,13 +1,15 @@
-"""A small causal decoder that consumes an (exported) vision tower through either bridge (model kind ``decoder``).
+"""A causal language model that consumes an (exported) vision tower through either bridge (model kind ``decoder``).
 
-- ``unified``: visual tokens from :class:`~contrast.bridges.UnifiedBridge` are prepended to the caption's token
-  embeddings and the decoder runs causally over both (LLaVA: Liu et al., "Visual Instruction Tuning", 2023).
-- ``xattn``: the caption alone runs through the decoder; gated cross-attention blocks
+- ``unified``: visual tokens from :class:`~contrast.bridges.UnifiedBridge` are written at the image's placeholder
+  positions of the prompt and the LM runs causally over both (LLaVA: Liu et al., "Visual Instruction Tuning", 2023).
+- ``xattn``: the text alone runs through the LM; gated cross-attention blocks
   (:class:`~contrast.bridges.GatedCrossAttention`, tanh gates from zero as in Flamingo, Alayrac et al., 2022) read
-  multi-layer tower features before every ``xattn_every``-th layer (Llama Team, "The Llama 3 Herd of Models", 2024).
+  multi-layer tower features before chosen LM layers, at the text positions from the image on (Llama Team, "The Llama
+  3 Herd of Models", 2024).
 
-With ``use_images: false`` the image path is switched off and the same decoder is trained on captions alone: the
-reference the visual bridges must beat. The loss is the ``lm`` term (next-token cross-entropy on caption tokens).
+The LM is any :class:`~contrast.decoders.base.LanguageModel` (the project's small one or a Hugging Face causal LM);
+nothing here asks which. With ``use_images: false`` a learned prompt without image content replaces the image: the
+reference the visual bridges must beat. The loss is the ``lm`` term on the answer's tokens.
 """
 
 from __future__ import annotations
@@ -17,88 +19,124 @@ from torch import nn
 
 from contrast.bridges import GatedCrossAttention, MultiLayerTaps, UnifiedBridge
 from contrast.config import DecoderModelConfig
-from contrast.models.lm import CausalLM, packed_lm_output
-from contrast.models.outputs import Model, ModelOutput
+from contrast.decoders import Codec, LanguageModel, LayerHook, PromptTokenizer
+from contrast.models.decoding import DecoderModel, check_trainable, null_prompt, resolve_stage
 from contrast.towers import ImageTower
 
 MODES = ("unified", "xattn")
 
 
-class VisionLanguageDecoder(Model):
-    """The project's causal LM plus an image bridge; the tower comes built (fresh, or loaded by contrast.runs)."""
+def xattn_layers(layers: list[int], every: int, num_layers: int) -> list[int]:
+    """The LM layers that get a gated cross-attention block before them: ``layers`` (negative from the end), or every
+    ``every``-th from layer 0."""
+    if layers:
+        picked = sorted({i % num_layers if -num_layers <= i < num_layers else -1 for i in layers})
+        if picked and picked[0] < 0:
+            raise ValueError(f"model.bridge.xattn_layers {layers} names a layer outside the LM's {num_layers}")
+        return picked
+    if every < 1:
+        raise ValueError(f"model.bridge.xattn_every must be >= 1, got {every}")
+    return list(range(0, num_layers, every))
 
-    capabilities = frozenset({"bridge"})
 
-    def __init__(self, cfg: DecoderModelConfig, tower: ImageTower, tower_frozen: bool = False):
+class VisionLanguageDecoder(DecoderModel):
+    """Tower + bridge + LM; the tower and the LM come built (fresh, or loaded by contrast.runs)."""
+
+    capabilities = frozenset({"bridge", "decoder"})
+
+    def __init__(self, cfg: DecoderModelConfig, tower: ImageTower, lm: LanguageModel, codec: Codec,
+                 tower_frozen: bool = False, lm_pretrained: bool = False):
         super().__init__()
         b, d = cfg.bridge, cfg.bridge.decoder
         if b.mode not in MODES:
             raise ValueError(f"model.bridge.mode must be one of {', '.join(MODES)}, got '{b.mode}'")
-        if d.source != "own":
-            raise ValueError("model.bridge.decoder.source must be 'own' (the project's small decoder) for kind decoder")
-        self.cfg = cfg
-        self.mode, self.use_images = b.mode, b.use_images
-        self.image, self.tower_frozen = tower, tower_frozen
-        if self.tower_frozen:
-            self.image.requires_grad_(False)
-        self.lm = CausalLM(d, cfg.text.vocab_size)
-        W, tower_w = d.width, self.image.width
+        self.cfg, self.mode, self.use_images, self.splices = cfg, b.mode, b.use_images, b.mode == "unified"
+        self.image, self.lm, self.codec = tower, lm, codec
+        self.tower_frozen = tower_frozen
+        W = lm.width
         if b.mode == "unified":
-            self.bridge = UnifiedBridge(tower_w, self.image.num_prefix_tokens, W, layer=b.layer, tokens=b.tokens)
+            self.bridge = UnifiedBridge(tower.width, tower.num_prefix_tokens, W, b.layer, b.tokens, b.projector,
+                                        b.pixel_shuffle, tower.num_register_tokens)
             self.xattn = nn.ModuleDict()
         else:
-            if b.xattn_every < 1:
-                raise ValueError(f"model.bridge.xattn_every must be >= 1, got {b.xattn_every}")
-            self.bridge = MultiLayerTaps(tower_w, W, b.taps)
-            self.xattn = nn.ModuleDict(
-                {str(i): GatedCrossAttention(W, d.heads, W, d.mlp_ratio) for i in range(0, d.layers, b.xattn_every)}
-            )
+            self.bridge = MultiLayerTaps(tower.width, W, b.taps)
+            at = xattn_layers(list(b.xattn_layers), b.xattn_every, lm.num_layers)
+            self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W) for i in at})
+        self.num_visual_tokens = self._count_visual_tokens()
+        if not self.use_images:
+            std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
+            self.null = null_prompt(self.num_visual_tokens, W, std)
+        self.stage = resolve_stage(d.stage, fresh_lm=not lm_pretrained)
+        self._freeze(cfg)
+        self.rebuilt_prefixes = tuple(p for p, rebuilt in (
+            ("lm.", lm_pretrained and self.stage == "align"),
+            ("image.", tower_frozen and not cfg.image.unlocked_groups)) if rebuilt)
+        check_trainable(self, f"model.bridge.decoder.stage {self.stage}")
+
+    def _count_visual_tokens(self) -> int:
+        S = self.image.cfg.image_size
+        was = self.image.training
+        self.image.eval()
+        with torch.no_grad():
+            n = self.bridge(self.bridge.features(self.image, torch.zeros(1, 3, S, S))).shape[1]
+        self.image.train(was)
+        return int(n)
+
+    def _freeze(self, cfg: DecoderModelConfig) -> None:
+        if self.tower_frozen:
+            self.image.requires_grad_(False)
+            if cfg.image.unlocked_groups:
+                self.image.lock(cfg.image.unlocked_groups)
+        if self.stage == "align":
+            self.lm.requires_grad_(False)
 
     @property
     def image_tower(self) -> ImageTower:
         return self.image
 
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if not self.tower_frozen:
-            self.image.set_grad_checkpointing(enable)
-        self.lm.set_grad_checkpointing(enable)
-
     @property
     def width(self) -> int:
         return self.lm.width
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        if not self.tower_frozen:
+            self.image.set_grad_checkpointing(enable)
+        self.lm.set_grad_checkpointing(enable)  # frozen or not, the answer's gradient passes through it
+
     def train(self, mode: bool = True) -> VisionLanguageDecoder:
         super().train(mode)
-        if self.tower_frozen:
+        if self.tower_frozen and not self.cfg.image.unlocked_groups:
             self.image.eval()
+        if self.stage == "align":
+            self.lm.eval()  # frozen: no dropout
         return self
+
+    def text_tokenizer(self) -> PromptTokenizer:
+        d = self.cfg.bridge.decoder
+        at = "prompt" if self.splices else "none"
+        return PromptTokenizer(self.codec, d.instruction, d.chat, self.num_visual_tokens, at, d.max_length)
 
     def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The bridge's input: tower features (B, N, D_tower) or (B, N, k * D_tower); no gradient into a frozen tower."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.tower_frozen):
+        frozen = self.tower_frozen and not self.cfg.image.unlocked_groups
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
             return self.bridge.features(self.image, pixels)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, N, D_decoder): the bridge's output (unified: prepended tokens; xattn: cross-attention context)."""
+        """(B, N, D_decoder): the bridge's output (unified: visual tokens; xattn: cross-attention context)."""
         return self.bridge(self.visual_features(pixels))
 
-    def hidden(self, input_ids: torch.Tensor, visual: torch.Tensor | None) -> tuple[torch.Tensor, int]:
-        """Final hidden states (B, T, W) at the caption positions (after any visual tokens), and the visual-token count."""
-        x = self.lm.embed_tokens(input_ids)  # (B, T, W)
-        n_vis, hook = 0, None
-        if visual is not None and self.mode == "unified":
-            n_vis = visual.shape[1]
-            x = torch.cat([visual.to(x.dtype), x], dim=1)  # (B, N + T, W)
-        elif visual is not None:
-            def hook(i: int, h: torch.Tensor) -> torch.Tensor:
-                return self.xattn[str(i)](h, visual) if str(i) in self.xattn else h
-        return self.lm.hidden(x, hook)[:, n_vis:], n_vis  # (B, T, W)
+    def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.use_images:
+            return self.visual_tokens(batch["pixels"])
+        B = batch["input_ids"].shape[0]
+        return self.null[None].expand(B, -1, -1)
 
-    def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        ids = batch["input_ids"]
-        visual = self.visual_tokens(batch["pixels"]) if self.use_images else None
-        h, _ = self.hidden(ids, visual)
-        return ModelOutput(lm=packed_lm_output(h, ids, self.lm.logits))
+    def cross_hook(self, context: torch.Tensor, rows: torch.Tensor) -> LayerHook:
+        def hook(i: int, h: torch.Tensor) -> torch.Tensor:
+            blk = self.xattn[str(i)] if str(i) in self.xattn else None
+            return h if blk is None else blk(h, context.to(h.dtype), None, rows[:, -h.shape[1]:])
+        return hook
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         """The bridge's tensors (projector / taps + gated cross-attention), exported beside the tower."""

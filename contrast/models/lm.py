@@ -1,26 +1,25 @@
-"""The one causal language-model stack of the project and the packing of next-token targets.
+"""Next-token targets of captions: the packing of BPE captions (BLIP's captioning head, BLIP-2's ITG) and of
+prompted answers (decoders). Logits are computed only at the positions that predict a target.
 
-:class:`CausalLM` is a pre-LN transformer with learned positions whose LM head is tied to the token embedding
-(GPT-2's layout: Radford et al., "Language Models are Unsupervised Multitask Learners", 2019). BLIP-2's frozen
-decoder (stage 2, ``caption_lm``) and the vision-language decoder (kind ``decoder``) are both this stack; the text
-tower of CLIP is the same :class:`~contrast.layers.TokenTransformer` with pooling instead of a head.
+The causal language models themselves are parts (:mod:`contrast.decoders`): the project's :class:`CausalLM` and any
+Hugging Face causal LM, behind one interface.
 """
 
 from __future__ import annotations
 
 import torch
-from torch import nn
 
-from contrast.config import DecoderConfig
-from contrast.layers import TokenTransformer
+from contrast.decoders.own import CausalLM
 from contrast.models.outputs import LMOutput
 from contrast.tokenizer import text_padding_mask
+
+__all__ = ["CausalLM", "answer_output", "packed_lm_output", "packed_targets", "trim_padding"]
 
 
 def trim_padding(input_ids: torch.Tensor) -> torch.Tensor:
     """Drop the columns after the batch's longest caption: they are padding everywhere and change no output."""
     keep = int(text_padding_mask(input_ids).sum(dim=1).max())
-    return input_ids[:, :keep]  # (B, T')
+    return input_ids[:, :keep]
 
 
 def packed_targets(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -38,40 +37,8 @@ def packed_lm_output(hidden: torch.Tensor, input_ids: torch.Tensor, head) -> LMO
     return LMOutput(head(hidden[:, :-1][where]), targets, rows, input_ids.shape[0])
 
 
-class CausalLM(TokenTransformer):
-    """Token embedding + learned positions + causal blocks + final norm; logits through the tied embedding.
-
-    ``blocks_hook(i, x)``, when given to :meth:`hidden`, runs before block ``i`` (the gated cross-attention of the
-    vision-language decoder).
-    """
-
-    def __init__(self, cfg: DecoderConfig, vocab_size: int):
-        super().__init__(vocab_size, cfg.width, cfg.layers, cfg.heads, cfg.mlp_ratio, context_length=cfg.max_positions)
-        nn.init.normal_(self.positional_embedding, std=0.01)
-        nn.init.normal_(self.token_embedding.weight, std=0.02)
-
-    @property
-    def width(self) -> int:
-        return self.token_embedding.embedding_dim
-
-    def hidden(self, inputs_embeds: torch.Tensor, blocks_hook=None) -> torch.Tensor:
-        """(B, L, W) final hidden states of input embeddings (B, L, W), causally.
-
-        Right padding under a causal mask never reaches a real position, so no padding mask is needed.
-        """
-        L = inputs_embeds.shape[1]
-        if L > self.positional_embedding.shape[0]:
-            raise ValueError(f"decoder input of {L} positions exceeds the decoder's max_positions "
-                             f"{self.positional_embedding.shape[0]}; raise max_positions in the decoder config")
-        x = inputs_embeds + self.positional_embedding[:L]
-        for i, blk in enumerate(self.transformer.blocks):
-            if blocks_hook is not None:
-                x = blocks_hook(i, x)
-            x = self.transformer.run_block(blk, x, None, True)
-        return self.ln_final(x)
-
-    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return hidden @ self.token_embedding.weight.t()  # (..., V), head tied to the token embedding
-
-    def forward(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        return self.logits(self.hidden(inputs_embeds))  # (B, L, V)
+def answer_output(hidden: torch.Tensor, labels: torch.Tensor, head) -> LMOutput:
+    """:class:`LMOutput` of prompted samples: ``labels`` (B, T) holds the answer's token at each answer position and
+    -100 elsewhere (not shifted); position t predicts ``labels[t + 1]``, and ``head`` runs on those positions only."""
+    where = labels[:, 1:] != -100  # (B, T-1)
+    return LMOutput(head(hidden[:, :-1][where]), labels[:, 1:][where], where.nonzero()[:, 0], labels.shape[0])

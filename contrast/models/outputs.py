@@ -72,11 +72,13 @@ class Model(nn.Module):
     Every family implements ``forward(batch) -> ModelOutput`` and ``image_tower`` (when it has one).
     ``capabilities`` declares the optional parts: ``"embed"`` (encode_image / encode_text / similarity),
     ``"itm"`` (itm_score), ``"caption"`` (image_tokens / lm_logits / special_token_ids / context_length),
-    ``"bridge"`` (bridge_state). A part a family does not declare answers with :class:`CapabilityError` naming it.
+    ``"bridge"`` (bridge_state), ``"decoder"`` (a language model reading prompts: text_tokenizer, prefill / extend /
+    reorder for generation). A part a family does not declare answers with :class:`CapabilityError` naming it.
     ``comm`` is the cross-process context (a gather and this rank) the loop hands every model.
     """
 
     capabilities: ClassVar[frozenset[str]] = frozenset({"embed"})
+    rebuilt_prefixes: tuple[str, ...] = ()  # frozen parts rebuilt from the config's files on load: not checkpointed
 
     def __init__(self) -> None:
         super().__init__()
@@ -112,6 +114,10 @@ class Model(nn.Module):
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         raise self._lacks("has no decoder bridge")
+
+    def text_tokenizer(self):
+        """A decoder model's prompt tokenizer (its language model's own tokenizer and chat template)."""
+        raise self._lacks("has no language-model decoder")
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
         """Activation checkpointing in every trained tower and transformer (train.grad_checkpointing)."""

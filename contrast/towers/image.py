@@ -112,6 +112,7 @@ class ImageTower(nn.Module):
         if cfg.pool not in ("default", "avg", "token", "head"):
             raise ValueError(f"model.image.pool must be default, avg, token or head, got '{cfg.pool}'")
         self.num_prefix_tokens = int(getattr(self.backbone, "num_prefix_tokens", 0))
+        self.num_register_tokens = int(getattr(self.backbone, "num_reg_tokens", 0))  # prefix tokens after the class token
         self.proj = nn.Linear(self.width, embed_dim, bias=cfg.proj_bias)
         nn.init.normal_(self.proj.weight, std=self.width**-0.5)
         if self.proj.bias is not None:

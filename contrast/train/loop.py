@@ -23,8 +23,7 @@ from contrast.data.batches import StreamLoader
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
-from contrast.runs import CHECKPOINTS, build, resolve_checkpoint, step_dir
-from contrast.tokenizer import build_tokenizer
+from contrast.runs import CHECKPOINTS, build, resolve_checkpoint, step_dir, text_tokenizer
 from contrast.train import checkpoint as C
 from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, to_device, total_skips
@@ -155,7 +154,7 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     model = build(cfg.model).to(device)
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
-    tokenizer = build_tokenizer(cfg.model.text)
+    tokenizer = text_tokenizer(cfg, model)  # a decoder model's: its LM's own tokenizer and template
     if _fresh_start(run_dir, resume):  # a resumed run has its heads in its checkpoint
         init_heads(cfg, model, tokenizer, device, dist_info)
     else:

@@ -11,7 +11,7 @@ from contrast.config import TrainConfig
 
 
 def tower_of(name: str) -> str:
-    for tower in ("image", "text"):
+    for tower in ("image", "text", "lm"):  # "lm": a decoder model's language model
         if name.startswith(f"{tower}.") or name.startswith(f"module.{tower}."):
             return tower
     return "head"
@@ -19,7 +19,7 @@ def tower_of(name: str) -> str:
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """One group per (tower, decay) pair. Norms, biases, scalars (logit scale / bias) get no weight decay."""
-    lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "head": cfg.lr}
+    lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "lm": cfg.lm_lr or cfg.lr, "head": cfg.lr}
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:

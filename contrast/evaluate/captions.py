@@ -1,0 +1,63 @@
+"""Held-out caption loss of a decoder model: the mean negative log-likelihood (nats per token) of the answer's
+tokens given the image and the prompt, over a captioned split; with ``images=False`` the same with the image path
+off (the LM given the prompt alone), so the difference is what the images add on that data.
+
+Rows are read in order, decoded through :class:`~contrast.data.decode.SampleReader` (bad images and empty captions
+skipped and counted, or a stop under ``data.strict``), at most ``limit`` of them; nothing per sample is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from contrast.data.decode import SampleReader, describe_cell
+from contrast.evaluate.retrieval import undecoded
+from contrast.models import Model
+
+
+def caption_batches(dataset: Any, preprocess: Callable, tokenizer: Callable, reader: SampleReader,
+                    batch_size: int = 32, limit: int = 0) -> Iterable[dict[str, torch.Tensor]]:
+    """Batches of ``{pixels, input_ids, attention_mask, labels, ...}`` from the dataset's usable rows, in order."""
+    dataset = undecoded(dataset)
+    n = len(dataset) if not limit else min(limit, len(dataset))
+    for lo in range(0, n, batch_size):
+        rows = dataset.select(range(lo, min(n, lo + batch_size)))
+        pixels, captions = [], []
+        for j, (cell, cap) in enumerate(zip(rows["image"], rows["caption"])):
+            if isinstance(cap, list | tuple):
+                cap = cap[0] if cap else None
+            text = reader.caption(cap, f"row {lo + j}")
+            img = reader.image(cell, describe_cell(cell, lo + j)) if text is not None else None
+            if img is not None:
+                pixels.append(preprocess(img))
+                captions.append(text)
+        if captions:
+            yield {**tokenizer(captions), "pixels": torch.stack(pixels)}
+
+
+@torch.no_grad()
+def caption_loss(model: Model, batches: Iterable[dict[str, torch.Tensor]], device: str | torch.device = "cpu",
+                 images: bool = True) -> dict[str, float]:
+    """``{nats_per_token, tokens, captions}`` of the answers in ``batches`` (summed over tokens, no smoothing)."""
+    if not model.supports("decoder"):
+        raise ValueError(f"{type(model).__name__} has no language-model decoder; the caption loss needs a model of "
+                         "kind decoder, blip2_stage2 or caption_lm")
+    was = model.training
+    model.eval()
+    total, tokens, captions = torch.zeros((), dtype=torch.float64), 0, 0
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            out = model(batch) if images else model.text_only(batch)
+            total += F.cross_entropy(out.lm.logits.float(), out.lm.targets, reduction="sum").double().cpu()
+            tokens += int(out.lm.targets.numel())
+            captions += int(batch["input_ids"].shape[0])
+    finally:
+        model.train(was)
+    if tokens == 0:
+        raise ValueError("no usable captions in the evaluation data (every row was skipped)")
+    return {"nats_per_token": float(total) / tokens, "tokens": float(tokens), "captions": float(captions)}

@@ -1,0 +1,369 @@
+"""Real decoders: Hugging Face causal LMs (Llama, Qwen2, GPT-2 architectures, tiny and random) with their own
+tokenizers behind the unified bridge, the cross-attention bridge and BLIP-2 stage 2; prompts with a chat template and
+the loss on the answer only; generation through the KV cache; training stages and what a checkpoint holds."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import StoppedAfterCheckpoint, stop_after_first_checkpoint
+from lm_fixtures import hf_config, make_tokenizer, tiny_hf_folder
+
+from contrast.bridges import UnifiedBridge, pixel_shuffle
+from contrast.cli import main
+from contrast.config import from_dict
+from contrast.decoders import PromptError
+from contrast.generate import beam_search, greedy, greedy_uncached, prompt_batch
+from contrast.objectives import lm_loss
+from contrast.runs import build, load, read_weights, resolve
+from contrast.train.loop import train
+
+TOWER = {"name": "vit_tiny_patch16_224", "image_size": 16,
+         "kwargs": {"img_size": 16, "patch_size": 4, "embed_dim": 32, "depth": 2, "num_heads": 2}}
+
+
+@pytest.fixture(scope="module")
+def lm_dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lms")
+    return {arch: str(tiny_hf_folder(root / arch, arch)) for arch in ("llama", "qwen2", "gpt2")}
+
+
+def _cfg(lm: str, mode: str = "unified", kind: str = "decoder", steps: int = 2, **decoder) -> object:
+    d = {"source": "hf", "hf_path": lm, "instruction": "Describe this image.", "max_length": 96, **decoder}
+    model = {"kind": kind, "embed_dim": 16, "image": TOWER, "text": {"context_length": 12}}
+    if kind == "decoder":
+        model["bridge"] = {"mode": mode, "taps": [0, -1], "xattn_every": 1, "decoder": d}
+    else:
+        model["blip2"] = {"decoder": d}
+        model["qformer"] = {"num_queries": 4, "width": 32, "layers": 1, "heads": 2}
+    return from_dict({
+        "model": model,
+        "data": {"synthetic": {"train_size": 64, "val_size": 16, "test_size": 16}, "num_workers": 0},
+        "loss": {"lm": 1.0, "lm_label_smoothing": 0.0},
+        "train": {"steps": steps, "batch_size": 4, "warmup_steps": 1, "checkpoint_every": 0, "log_every": 1,
+                  "lr": 1e-3, "tensorboard": False},
+    })
+
+
+def _model(cfg, seed=0):
+    torch.manual_seed(seed)
+    return build(cfg.model).eval()
+
+
+CAPTIONS = ["a red circle", "two blue squares and a green triangle", "a yellow star"]
+
+
+# --------------------------------------------------------------------------------------------------- the LM interface
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gpt2"])
+def test_lm_interface_equals_the_models_own_logits(arch, lm_dirs):
+    model = _model(_cfg(lm_dirs[arch]))
+    hf = model.lm.hf
+    ids = torch.randint(3, 250, (2, 9))
+    for mask in (torch.ones(2, 9, dtype=torch.long), torch.tensor([[1] * 9, [0] * 3 + [1] * 6])):  # left padding
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            ref = hf(input_ids=ids, attention_mask=mask, position_ids=pos).logits
+            h, _ = model.lm.hidden(model.lm.embed(ids), mask)
+            ours = model.lm.logits(h)
+        real = mask.bool()
+        torch.testing.assert_close(ours[real], ref[real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_answer_loss_equals_the_lms_own_loss(arch, lm_dirs):
+    """Labels are not pre-shifted: our packed loss per caption equals the LM's own loss with labels=."""
+    model = _model(_cfg(lm_dirs[arch], kind="caption_lm"))
+    batch = model.text_tokenizer()(CAPTIONS)
+    out = model(batch)
+    ours = lm_loss(out.lm.logits, out.lm.targets, out.lm.rows, out.lm.num_captions, 0.0)
+    per_row = []
+    for b in range(len(CAPTIONS)):
+        n = int(batch["attention_mask"][b].sum())
+        per_row.append(model.lm.hf(input_ids=batch["input_ids"][b : b + 1, :n],
+                                   labels=batch["labels"][b : b + 1, :n]).loss)
+    torch.testing.assert_close(ours, torch.stack(per_row).mean(), atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- prompts
+
+
+def test_prompt_uses_the_chat_template_and_labels_only_the_answer(lm_dirs):
+    model = _model(_cfg(lm_dirs["llama"]))
+    tok = model.text_tokenizer()
+    hf_tok = model.codec.tok
+    N = model.num_visual_tokens
+    assert N == 16  # the 4x4 patches of the 16 px tower (4 px patches), class token dropped
+    batch = tok(CAPTIONS)
+    for b, cap in enumerate(CAPTIONS):
+        answer = batch["labels"][b][batch["labels"][b] != -100]
+        assert hf_tok.decode(answer) == cap + "<|im_end|>"
+        assert int(batch["visual_mask"][b].sum()) == N
+        ids = batch["input_ids"][b][batch["attention_mask"][b].bool()].tolist()
+        start = batch["visual_mask"][b].long().argmax()
+        text = hf_tok.decode(ids[:start]) + "<image>" + hf_tok.decode(ids[start + N :])
+        ref = hf_tok.apply_chat_template([{"role": "user", "content": "<image>\nDescribe this image."},
+                                          {"role": "assistant", "content": cap}], tokenize=False)
+        assert ref.startswith(text.rstrip("\n"))
+    prompts = tok.prompts(2)  # left-padded, ending where the answer starts; the same tokens as training's prefix
+    assert hf_tok.decode(prompts["input_ids"][0]).endswith("<|im_start|>assistant\n")
+    n_prompt = int((batch["labels"][0] == -100).long().cumprod(0).sum())
+    assert prompts["input_ids"][0].tolist()[-n_prompt:] == batch["input_ids"][0, :n_prompt].tolist()
+
+
+def test_prompt_without_template_and_errors(tmp_path):
+    from transformers import AutoTokenizer
+
+    from contrast.decoders import HFCodec, PromptTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(make_tokenizer(tmp_path / "plain", chat=False)))
+    p = PromptTokenizer(HFCodec(tok), "describe this image.", "auto", 3, "prompt", 32)
+    batch = p(["a red circle"])
+    ids = batch["input_ids"][0].tolist()
+    assert ids[-1] == tok.eos_token_id and tok.decode(batch["labels"][0][batch["labels"][0] != -100]) == \
+        " a red circle<|endoftext|>"
+    with pytest.raises(PromptError, match="chat_template"):
+        PromptTokenizer(HFCodec(tok), "", "always", 3)
+    with pytest.raises(PromptError, match="max_length"):
+        PromptTokenizer(HFCodec(tok), "describe this image.", "auto", 30, "prompt", 32)(["a red circle"])
+
+
+# --------------------------------------------------------------------------------------------------- bridges
+
+
+def test_unified_writes_visual_tokens_at_the_placeholders(lm_dirs):
+    model = _model(_cfg(lm_dirs["qwen2"]))
+    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
+    with torch.no_grad():
+        out = model(batch)
+        x = model.lm.embed(batch["input_ids"]).clone()
+        vis = model.visual_tokens(batch["pixels"])
+        for b in range(3):
+            x[b, batch["visual_mask"][b]] = vis[b]
+        h, _ = model.lm.hidden(x, batch["attention_mask"])
+        where = batch["labels"][:, 1:] != -100
+        torch.testing.assert_close(out.lm.logits, model.lm.logits(h[:, :-1][where]))
+    bad = dict(batch, visual_mask=batch["visual_mask"].clone())
+    bad["visual_mask"][1, batch["visual_mask"][1].long().argmax()] = False
+    with pytest.raises(ValueError, match=f"holds {model.num_visual_tokens - 1} image placeholder.*gives "
+                                         f"{model.num_visual_tokens} visual tokens"):
+        model(bad)
+
+
+def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_image(lm_dirs):
+    cfg = _cfg(lm_dirs["llama"], mode="xattn", system="You look at pictures.")
+    model = _model(cfg)
+    assert sorted(model.xattn) == ["0", "1"] and model.num_visual_tokens == 17  # class token + 16 patches
+    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        bare = model.lm.hf(input_ids=batch["input_ids"], attention_mask=mask).logits
+        h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
+                               model.cross_hook(model.visual_tokens(batch["pixels"]), batch["image_rows"]))
+        assert torch.equal(model.lm.logits(h)[mask.bool()], bare[mask.bool()])
+        for blk in model.xattn.values():
+            blk.gate_attn.fill_(1.0)
+            blk.gate_mlp.fill_(1.0)
+        h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
+                               model.cross_hook(model.visual_tokens(batch["pixels"]), batch["image_rows"]))
+        opened = model.lm.logits(h)
+    before = mask.bool() & ~batch["image_rows"]  # the system turn and the user turn's start: no image to read
+    assert before.sum() > 5
+    torch.testing.assert_close(opened[before], bare[before], atol=1e-5, rtol=1e-5)
+    after = batch["image_rows"] & mask.bool()
+    assert (opened[after] - bare[after]).abs().max() > 1e-3
+
+
+def test_pixel_shuffle_projector_folds_neighbours():
+    x = torch.arange(2 * 16 * 3, dtype=torch.float).view(2, 16, 3)  # a 4x4 grid of 3-d tokens
+    y = pixel_shuffle(x, 2)
+    assert y.shape == (2, 4, 12)
+    grid = x.view(2, 4, 4, 3)
+    for i in range(2):
+        for j in range(2):  # output token (i, j) holds the 2x2 block at rows 2i..2i+1, columns 2j..2j+1, row-major
+            block = grid[:, 2 * i : 2 * i + 2, 2 * j : 2 * j + 2].reshape(2, 12)
+            assert torch.equal(y[:, 2 * i + j], block)
+    with pytest.raises(ValueError, match="does not divide the 4x4"):
+        pixel_shuffle(x, 3)
+    with pytest.raises(ValueError, match="square grid"):
+        pixel_shuffle(torch.zeros(1, 15, 3), 2)
+
+
+def test_cls_patch_drops_register_tokens():
+    from contrast.config import ImageTowerConfig
+    from contrast.towers import ImageTower
+
+    tower = ImageTower(ImageTowerConfig(name="vit_tiny_patch16_224", image_size=16,
+                                        kwargs={"img_size": 16, "patch_size": 8, "embed_dim": 32, "depth": 2,
+                                                "num_heads": 2, "reg_tokens": 3}), 16).eval()
+    assert tower.num_prefix_tokens == 4 and tower.num_register_tokens == 3
+    bridge = UnifiedBridge(tower.width, tower.num_prefix_tokens, 24, tokens="cls_patch",
+                           num_registers=tower.num_register_tokens)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        full = tower.forward_intermediates(x, [-2])[0]  # (2, 4 + 4, 32)
+        feats = bridge.features(tower, x)
+    assert feats.shape == (2, 5, 32)
+    assert torch.equal(feats[:, 0], full[:, 0]) and torch.equal(feats[:, 1:], full[:, 4:])
+
+
+# --------------------------------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("source,mode", [("own", "unified"), ("hf", "unified"), ("hf", "xattn"), ("hf", "blip2")])
+def test_cached_generation_equals_uncached(source, mode, tmp_path):
+    folder = tiny_hf_folder(tmp_path / "lm", "qwen2", seed=3) if source == "hf" else None  # an untied head
+    kind = "blip2_stage2" if mode == "blip2" else "decoder"
+    cfg = _cfg(str(folder), mode if mode != "blip2" else "unified", kind)
+    d = cfg.model.bridge.decoder if kind == "decoder" else cfg.model.blip2.decoder
+    if source == "own":
+        d.source, d.hf_path, d.width, d.layers, d.heads, d.max_positions = "own", None, 32, 2, 2, 64
+    model = _model(cfg, seed=1)
+    with torch.no_grad():  # a random LM repeats one token; larger weights make its answers move
+        for p in model.parameters():
+            p.mul_(4.0 if p.ndim >= 2 else 1.0)
+        if mode == "xattn":
+            for blk in model.xattn.values():
+                blk.gate_attn.fill_(1.0)
+    batch = prompt_batch(model.text_tokenizer(), torch.randn(3, 3, 16, 16))
+    cached = [ids for ids, _ in greedy(model, batch, 12)]
+    assert cached == greedy_uncached(model, batch, 12)
+    assert len({tuple(c) for c in cached}) > 1 or len(set(cached[0])) > 1  # not one repeated token everywhere
+    assert [ids for ids, _ in beam_search(model, batch, 1, 12)] == cached  # one beam is greedy decoding
+    eos = set(model.eos_token_ids)
+    for b, (ids, score) in enumerate(beam_search(model, batch, 3, 12)):  # its score is its tokens' log-probability
+        row = {k: v[b : b + 1] for k, v in batch.items()}
+        total = 0.0
+        for t in ids:
+            logits, _ = model.prefill(row)
+            total += float(torch.log_softmax(logits, -1)[0, t])
+            row = _append(row, t)
+        assert abs(total - score) < 1e-3 and (ids[-1] in eos or len(ids) == 12)
+
+
+def _append(row: dict, t: int) -> dict:
+    one = torch.ones(1, 1, dtype=torch.long)
+    return {**row, "input_ids": torch.cat([row["input_ids"], one * t], 1),
+            "attention_mask": torch.cat([row["attention_mask"], one], 1),
+            "visual_mask": torch.cat([row["visual_mask"], torch.zeros(1, 1, dtype=torch.bool)], 1),
+            "image_rows": torch.cat([row["image_rows"], torch.ones(1, 1, dtype=torch.bool)], 1)}
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+def _trainable(model) -> set[str]:
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _names(model, *parts) -> set[str]:
+    return {f"{m}.{n}" for m in parts for n, _ in getattr(model, m).named_parameters()}
+
+
+def test_stage_presets_choose_what_trains(lm_dirs, tmp_path):
+    from contrast.export import export_timm
+
+    export_timm(_model(_cfg(lm_dirs["llama"])).image, tmp_path / "tower")  # a tower read from elsewhere stays frozen
+    align = _model(_cfg(lm_dirs["llama"]))
+    assert align.stage == "align" and _trainable(align) == _names(align, "bridge", "image")  # a fresh tower trains
+    cfg = _cfg(lm_dirs["llama"])
+    cfg.model.bridge.tower = str(tmp_path / "tower")
+    assert _trainable(_model(cfg)) == _names(align, "bridge")
+    cfg.model.bridge.decoder.stage = "finetune"
+    fine = _model(cfg)
+    assert _trainable(fine) == _names(fine, "lm", "bridge")
+    cfg.model.bridge.mode = "xattn"
+    cfg.model.bridge.decoder.stage = "align"
+    ref = _model(cfg)
+    assert _trainable(ref) == _names(ref, "bridge", "xattn")
+    cfg.model.bridge.use_images = False
+    assert _trainable(_model(cfg)) == {"null"} | _names(ref, "bridge", "xattn")
+    from contrast.train.optim import param_groups
+
+    cfg = _cfg(lm_dirs["llama"], stage="finetune")
+    cfg.train.lm_lr = 2e-5
+    groups = {g["name"]: g["lr"] for g in param_groups(fine, cfg.train)}
+    assert groups["lm"] == 2e-5 and groups["head"] == cfg.train.lr
+
+
+def test_align_run_keeps_the_lm_bit_identical_and_saves_only_the_bridge(lm_dirs, tmp_path):
+    cfg = _cfg(lm_dirs["gpt2"], steps=3)
+    result = train(cfg, tmp_path / "run", progress=False)
+    saved = read_weights(resolve(result.run_dir) / "model.safetensors")
+    assert {k.split(".")[0] for k in saved} == {"bridge", "image"}  # what trained; the frozen LM is read from its folder
+    model, _, tok = load(result.run_dir)
+    fresh = _model(cfg)
+    for name, p in model.lm.state_dict().items():
+        assert torch.equal(p, fresh.lm.state_dict()[name])  # the LM read back from its folder, untouched
+    assert any(not torch.equal(p, fresh.bridge.state_dict()[n]) for n, p in model.bridge.state_dict().items())
+    assert tok(["a red circle"])["visual_mask"].sum() == model.num_visual_tokens
+    # a finetune stage starts from the align run's bridge by its path
+    nxt = _cfg(lm_dirs["gpt2"], steps=1, stage="finetune", previous_stage=str(result.run_dir))
+    started = build(nxt.model)
+    for n, p in model.bridge.state_dict().items():
+        assert torch.equal(started.bridge.state_dict()[n], p)
+    wrong = _cfg(lm_dirs["gpt2"], mode="xattn", previous_stage=str(result.run_dir))
+    with pytest.raises(ValueError, match="does not fit this model"):
+        build(wrong.model)
+
+
+def _losses(run_dir):
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
+def test_resumed_decoder_run_equals_uninterrupted(lm_dirs, tmp_path, monkeypatch):
+    cfg = _cfg(lm_dirs["llama"], mode="xattn", steps=4, stage="finetune")
+    cfg.train.micro_batch_size, cfg.train.accumulate = 2, "mean"  # exact for per-caption losses of equal batches
+    full = train(cfg, tmp_path / "full", progress=False)
+    cfg.train.checkpoint_every = 2
+    with monkeypatch.context() as m:
+        stop_after_first_checkpoint(m)
+        with pytest.raises(StoppedAfterCheckpoint):
+            train(cfg, tmp_path / "part", progress=False)
+    train(cfg, tmp_path / "part", resume="latest", progress=False)
+    a, b = _losses(full.run_dir), _losses(tmp_path / "part")
+    assert [s for s, _ in a] == [1, 2, 3, 4] == [s for s, _ in b]
+    assert [x for _, x in a] == [y for _, y in b]
+
+
+# --------------------------------------------------------------------------------------------------- CLI and errors
+
+
+def test_generate_and_caption_eval_commands(lm_dirs, tmp_path, capsys):
+    from PIL import Image
+
+    cfg = _cfg(lm_dirs["llama"], steps=1)
+    run = train(cfg, tmp_path / "run", progress=False).run_dir
+    for i in range(2):
+        Image.new("RGB", (20, 20), (40 * i, 90, 200)).save(tmp_path / f"{i}.png")
+    capsys.readouterr()
+    assert main(["generate", str(tmp_path / "0.png"), str(tmp_path / "1.png"), "--checkpoint", str(run),
+                 "--max-new-tokens", "4", "--json", "--device", "cpu"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert [x["image"] for x in lines] == [str(tmp_path / "0.png"), str(tmp_path / "1.png")]
+    assert main(["eval", "caption", "--checkpoint", str(run), "--split", "val", "--limit", "8", "--no-images",
+                 "--json", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert out["with_images"]["captions"] == 8 and out["images_off"]["tokens"] == out["with_images"]["tokens"]
+    assert out["with_images"]["nats_per_token"] != out["images_off"]["nats_per_token"]
+
+
+def test_bad_decoder_inputs_are_one_line_errors(tmp_path, capsys):
+    from contrast.errors import UserError
+
+    cfg = _cfg("HuggingFaceTB/SmolLM2-135M-Instruct")
+    with pytest.raises(UserError, match="hub name"):
+        build(cfg.model)
+    cfg = _cfg(str(tmp_path))
+    cfg.model.bridge.decoder.hf_path = None
+    cfg.model.bridge.decoder.hf_config = hf_config("llama")
+    with pytest.raises(ValueError, match="needs its tokenizer"):
+        build(cfg.model)
+    (tmp_path / "r.yaml").write_text("model: {kind: decoder, bridge: {decoder: {source: hf, hf_path: /nonexistent}}}\n")
+    assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "contrast: error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
