@@ -17,6 +17,8 @@ from contrast.data.shard import write_shards
 from contrast.distributed import DistInfo
 from contrast.train.data import build_spec, loader_state, resume_streams
 
+pytestmark = pytest.mark.filterwarnings("ignore:This DataLoader will create:UserWarning")  # 3 workers on 2 cores
+
 
 def _shards(out, n, shard_size, seed=0):
     cfg = DataConfig(source="synthetic", synthetic=SyntheticConfig(train_size=n, seed=seed))
@@ -131,3 +133,30 @@ def test_cursors_of_another_format_stop_the_resume_with_a_message(tmp_path):
     state = {"layout": [1, 1], "streams": torch.tensor([[5, 0, 1, 2, 3, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]])}
     with pytest.raises(CheckpointError, match="5 integers per stream where this run's data needs 4"):
         resume_streams(spec, DistInfo(), 3, state)
+
+
+def test_training_resumed_with_more_workers_stores_the_plan_of_what_was_left(tmp_path, monkeypatch, capsys):
+    """End to end through the training loop: 1 process x 2 workers (batch 4) stopped after its step-3 checkpoint,
+    resumed with 3 workers. At step 3 stream 0 had made the batches of steps 1 and 3 (8 rows of the unit at position 0
+    of epoch 0's permutation) and stream 1 the batch of step 2 (4 rows of position 1), so the plan the resumed run
+    deals and checkpoints is every position of the 6 shards in order, those two from rows 8 and 4."""
+    from conftest import StoppedAfterCheckpoint, stop_after_first_checkpoint
+
+    from contrast.data.stream import Plan, decode_plans
+    from contrast.train.loop import train
+
+    cfg = tiny_config(steps=6, checkpoint_every=3, batch_size=4)
+    cfg.data.source = _shards(tmp_path / "a", 120, 20)
+    cfg.data.num_workers, cfg.data.shuffle_buffer = 2, 5
+    with monkeypatch.context() as m:
+        stop_after_first_checkpoint(m)
+        with pytest.raises(StoppedAfterCheckpoint):
+            train(cfg, tmp_path / "run", progress=False)
+    cfg.data.num_workers = 3
+    result = train(cfg, tmp_path / "run", resume="latest", progress=False)
+    assert result.step == 6
+    assert "layout was 1 processes x 2 streams, this run's is 1 x 3" in capsys.readouterr().out
+    state = torch.load(tmp_path / "run" / "checkpoints" / "step_00000006" / "state.pt", weights_only=True)
+    assert state["data"]["layout"] == [1, 3]
+    assert decode_plans(state["data"]["plans"].tolist()) == [{0: Plan(1, [(0, 8), (1, 4), (2, 0), (3, 0), (4, 0),
+                                                                             (5, 0)])}]

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 
-from contrast.data.stream import MapStream, MixStream, Permutation, ShardStream, mix
+from contrast.data.stream import MapStream, MixStream, Permutation, ShardStream, StridedMapStream, mix
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 7, 64, 1000, 4097])
@@ -280,17 +280,20 @@ def test_shard_streams_without_plans_read_units_g_plus_kS_of_each_epoch_permutat
     assert [b.next()["i"] for _ in range(30)] == [a.next()["i"] for _ in range(30)]
 
 
-def test_mixture_of_shard_sources_resumed_under_other_layouts_keeps_shares_and_reads_each_row_once():
-    """Sources of 200 and 90 rows, weights 0.7 / 0.3, layouts 4 -> 3 -> 4 streams with 2,000 draws in each: every
-    completed epoch of each source is read exactly once, and the share of source 0 after each change of layout is
-    0.7 within 0.02 (binomial sd 0.006 over 6,000 draws)."""
+@pytest.mark.parametrize("second", ["shards", "map"])
+def test_mixture_resumed_under_other_layouts_keeps_shares_and_reads_each_row_once(second):
+    """Shards of 200 rows mixed with 90 rows (shards, or a map source read in strided shares), weights 0.7 / 0.3,
+    layouts 4 -> 3 -> 4 streams with 2,000 draws in each: every completed epoch of each source is read exactly once,
+    and the share of source 0 after each change of layout is 0.7 within 0.02 (binomial sd 0.006 over 4,000
+    draws)."""
     a_units, a_total = _ragged_units([20] * 10)
     b_units, b_total = _ragged_units([15] * 6)
 
     def make(g, S, plans):
         plans = plans or [None, None]
-        return MixStream([ShardStream(a_units, 11, g, S, 5, plans[0]), ShardStream(b_units, 12, g, S, 5, plans[1])],
-                         [0.7, 0.3], seed=4, g=g)
+        b = ShardStream(b_units, 12, g, S, 5, plans[1]) if second == "shards" else \
+            StridedMapStream(Rows(b_total), 12, g, S, plans[1])
+        return MixStream([ShardStream(a_units, 11, g, S, 5, plans[0]), b], [0.7, 0.3], seed=4, g=g)
 
     seen, after = [], []
     streams, plans, S = [make(g, 4, None) for g in range(4)], None, 4

@@ -11,17 +11,18 @@ one rank. Each stream is an endless sequence of rows that moves through the epoc
   epoch permutes the units (a function of (seed, epoch) shared by all streams), stream ``g`` takes units
   ``g, g + S, ...`` and shuffles each unit's rows through a buffer seeded by (seed, epoch, unit); a unit is cut into
   slices when there are fewer units than streams;
-- a mixture draws the source of every slot from its weights with a generator seeded by (seed, stream, slot).
+- a mixture draws the source of every slot from its weights with a generator seeded by (seed, stream, slot); a map
+  source in a mixture is read in strided shares of each epoch's permutation (:class:`StridedMapStream`).
 
 A stream's state (its cursor) is a short list of integers; restoring it continues exactly where it stopped (a shard
 stream re-reads at most the rows of the current unit to refill its shuffle buffer, without decoding them).
 
-Under another layout (another ``S``), a shard stream continues exactly too: the old streams' cursors say which units
-of each epoch in progress are finished and how many rows of each current unit were taken; what is left (whole units,
-and the rest of the partial ones from their saved offsets) is a :class:`Plan` per epoch, dealt to the new streams by
-index. A unit's rows come out of its buffer in an order fixed by (seed, epoch, unit), so the rest of a partial unit is
-its replay with the first rows dropped: no row is repeated or lost. Plans hold two integers per unit left
-(``O(units)``, never ``O(rows)``) and are shared by all streams; the cursors stay three integers per stream.
+Under another layout (another ``S``), shard streams and mixtures continue exactly too: the old streams' cursors say
+which units of each epoch in progress are finished and how many rows of each current unit were taken; what is left
+(whole units, and the rest of the partial ones from their saved offsets) is a :class:`Plan` per epoch, dealt to the
+new streams by index. A unit's rows come out of its buffer in an order fixed by (seed, epoch, unit), so the rest of a
+partial unit is its replay with the first rows dropped: no row is repeated or lost. Plans hold two integers per unit
+left (``O(units)``, never ``O(rows)``) and are shared by all streams; the cursors stay three integers per stream.
 """
 
 from __future__ import annotations
@@ -185,69 +186,65 @@ def shuffled(rows: Iterator[dict], size: int, rng: random.Random) -> Iterator[di
 
 @dataclass
 class Plan:
-    """What is left of one epoch of a shard source after a change of layout, in the epoch's unit order: ``items``
-    are (position in the epoch's unit permutation, rows of that unit already taken); stream ``g`` of ``S`` reads
-    items ``g, g + S, ...``. ``parts``: the slices per unit the epoch was cut into when it began."""
+    """What is left of one epoch of a :class:`DealtStream` after a change of layout, in the epoch's item order:
+    ``items`` are (position among the epoch's items, rows of that item already taken); stream ``g`` of ``S`` reads
+    items ``g, g + S, ...``. ``parts``: how the epoch was cut when it began (shards: slices per unit; a map source in
+    a mixture: the number of strided shares)."""
 
     parts: int
     items: list[tuple[int, int]]
 
 
-class ShardStream:
-    """Stream ``g`` of ``S`` over a list of units: units ``g + kS`` of each epoch's unit permutation (or, for an epoch
-    with a :class:`Plan`, its items ``g + kS``), each unit's rows through a seeded shuffle buffer.
-    State: ``[epoch, k, rows taken from the current unit]``."""
+class DealtStream:
+    """Stream ``g`` of ``S`` over epochs of items dealt by index: the items of an epoch are the positions
+    ``0 .. count(parts) - 1`` (``parts`` fixed when the epoch begins, by the layout then), or the items of its
+    :class:`Plan`; this stream reads items ``g, g + S, ...`` and each item's rows in a fixed order.
+    State: ``[epoch, k, rows taken from this stream's k-th item]``. Subclasses say what an item is."""
 
-    def __init__(self, units: list[Unit], seed: int, g: int, S: int, buffer: int,
-                 plans: dict[int, Plan] | None = None):
-        if not units:
-            raise ValueError("a shard source needs at least one shard")
-        self.parts = -(-S // len(units))  # slices per unit, so that every stream has a unit to read
-        self.units, self.seed, self.g, self.S, self.buffer = units, seed, g, S, max(1, buffer)
-        self.plans = plans or {}
+    def __init__(self, seed: int, g: int, S: int, parts: int, plans: dict[int, Plan] | None):
+        self.seed, self.g, self.S, self.parts, self.plans = seed, g, S, parts, plans or {}
         self.epoch, self.k, self.emitted = 0, 0, 0
         self._rows: Iterator[dict] | None = None
-        self._at = (0, 0, 0, 0)  # (epoch, parts, unit, first row) of the open unit
+        self._at = (0, 0, 0, 0)  # (epoch, parts, unit, first row) of the open item
+
+    def _count(self, parts: int) -> int:
+        raise NotImplementedError
+
+    def _unit_rows(self, epoch: int, parts: int, pos: int, skip: int) -> tuple[int, Iterator[dict]]:
+        """(the unit at ``pos`` of the epoch, its rows after the first ``skip``)."""
+        raise NotImplementedError
 
     def _item(self, epoch: int, k: int) -> tuple[int, int, int] | None:
-        """(parts, position in the epoch's unit permutation, rows to drop) of this stream's k-th unit of ``epoch``."""
+        """(parts, position in the epoch's items, rows to drop) of this stream's k-th item of ``epoch``."""
         j = self.g + k * self.S
         plan = self.plans.get(epoch)
         if plan is not None:
             return (plan.parts, *plan.items[j]) if j < len(plan.items) else None
-        return (self.parts, j, 0) if j < len(self.units) * self.parts else None
+        return (self.parts, j, 0) if j < self._count(self.parts) else None
 
     def _open(self) -> Iterator[dict]:
-        while (item := self._item(self.epoch, self.k)) is None:  # ends: an epoch without a plan has a unit for g
+        while (item := self._item(self.epoch, self.k)) is None:  # ends: an epoch without a plan has an item for g
             self.epoch, self.k, self.emitted = self.epoch + 1, 0, 0
         parts, pos, first = item
-        u = Permutation(len(self.units) * parts, mix(self.seed, self.epoch))(pos)
-        unit = self.units[u // parts]
-        rows = shuffled(unit.rows(u % parts, parts), self.buffer, random.Random(mix(self.seed, self.epoch, u)))
-        for _ in range(first + self.emitted):  # rows taken before (a resume, a partial unit): replayed, not decoded
-            next(rows, None)
+        u, rows = self._unit_rows(self.epoch, parts, pos, first + self.emitted)
         self._at = (self.epoch, parts, u, first)
         return rows
 
     def next(self) -> dict:
-        limit = len(self.units) * self.parts + sum(len(p.items) for p in self.plans.values()) + 1
+        limit = self._count(self.parts) + sum(len(p.items) for p in self.plans.values()) + 1
         for _ in range(limit):  # an empty unit moves on; all empty is an error
             if self._rows is None:
                 self._rows = self._open()
             row = next(self._rows, None)
             if row is not None:
                 self.emitted += 1
-                row["__epoch__"] = self._at[0]
-                return row
+                return {**row, "__epoch__": self._at[0]}
             self._rows, self.k, self.emitted = None, self.k + 1, 0
         raise ValueError("every shard of the source is empty")
 
     def key(self) -> int:
         epoch, parts, u, first = self._at  # the row's identity, whichever stream reads it
         return mix(0x5A4D, epoch, parts, u, first + self.emitted - 1)
-
-    def replace(self, row: dict, attempt: int) -> dict:
-        return self.next()  # the next row of the same stream
 
     def state(self) -> list[int]:
         return [self.epoch, self.k, self.emitted]
@@ -260,7 +257,7 @@ class ShardStream:
         plan = self.plans.get(epoch)
         if plan is not None:
             return plan.parts, plan.items
-        return self.parts, [(p, 0) for p in range(len(self.units) * self.parts)]
+        return self.parts, [(p, 0) for p in range(self._count(self.parts))]
 
     def remaining(self, states: list[list[int]]) -> Plans:
         """The plans that finish every epoch ``states`` (one per stream of this stream's layout, by stream index)
@@ -286,6 +283,56 @@ class ShardStream:
         """Start at the earliest epoch ``states`` were in: exactly what they left of it when this stream's plans are
         their :meth:`remaining`, the whole epoch again without plans."""
         self.restore([min(int(s[0]) for s in states), 0, 0])
+
+
+class ShardStream(DealtStream):
+    """Stream ``g`` of ``S`` over a list of units: units ``g + kS`` of each epoch's unit permutation (a function of
+    (seed, epoch)), each unit's rows through a shuffle buffer seeded by (seed, epoch, unit); a unit is cut into
+    ``parts`` slices when there are fewer units than streams."""
+
+    def __init__(self, units: list[Unit], seed: int, g: int, S: int, buffer: int,
+                 plans: dict[int, Plan] | None = None):
+        if not units:
+            raise ValueError("a shard source needs at least one shard")
+        super().__init__(seed, g, S, -(-S // len(units)), plans)  # so that every stream has a unit to read
+        self.units, self.buffer = units, max(1, buffer)
+
+    def _count(self, parts: int) -> int:
+        return len(self.units) * parts
+
+    def _unit_rows(self, epoch: int, parts: int, pos: int, skip: int) -> tuple[int, Iterator[dict]]:
+        u = Permutation(len(self.units) * parts, mix(self.seed, epoch))(pos)
+        unit = self.units[u // parts]
+        rows = shuffled(unit.rows(u % parts, parts), self.buffer, random.Random(mix(self.seed, epoch, u)))
+        for _ in range(skip):  # rows taken before (a resume, a partial unit): replayed, not decoded
+            next(rows, None)
+        return u, rows
+
+    def replace(self, row: dict, attempt: int) -> dict:
+        return self.next()  # the next row of the same stream
+
+
+class StridedMapStream(DealtStream):
+    """Stream ``g`` of ``S`` over a random-access source in a mixture: rows ``perm_e(g), perm_e(g + S), ...`` of each
+    epoch's permutation (all ``n`` rows). Its items are the ``S`` strided shares of the layout that began the epoch,
+    so a change of layout deals what is left of them like shard units (the rows of a share are skipped by
+    arithmetic, never read). A row that cannot be read is replaced by one drawn from its slot's key."""
+
+    def __init__(self, rows: Any, seed: int, g: int, S: int, plans: dict[int, Plan] | None = None):
+        if len(rows) < S:
+            raise ValueError(f"a source in a mixture has {len(rows)} rows, fewer than the {S} streams reading it")
+        super().__init__(seed, g, S, S, plans)
+        self.rows = rows
+
+    def _count(self, parts: int) -> int:
+        return parts  # one share per stream of the layout that began the epoch
+
+    def _unit_rows(self, epoch: int, parts: int, pos: int, skip: int) -> tuple[int, Iterator[dict]]:
+        perm = Permutation(len(self.rows), mix(self.seed, epoch))
+        return pos, (self.rows[perm(p)] for p in range(pos + skip * parts, len(self.rows), parts))
+
+    def replace(self, row: dict, attempt: int) -> dict:
+        return self.rows[random.Random(mix(self.seed, 0xBAD, self.key(), attempt)).randrange(len(self.rows))]
 
 
 class MixStream:

@@ -4,9 +4,9 @@ workers, with the cursor a checkpoint stores to resume mid-epoch exactly.
 Data order is a pure function of (seed, epoch, position): see :mod:`contrast.data.stream`. Resuming with the same
 world size and worker count continues every stream where it stopped. Under another number of processes or workers:
 a map source (random access), whose order depends only on the global batch size, continues exactly with the same
-global batch (and restarts the epoch it had reached with another); a shard source, alone or in a mixture, continues
-exactly whatever the new layout and batch size: the units and rows the old streams had not taken are dealt to the
-new streams, and each is read once. A map source inside a mixture restarts the epoch it had reached.
+global batch (and restarts the epoch it had reached with another); a shard source, and any source of a mixture,
+continues exactly whatever the new layout and batch size: the units (in a mixture, a map source's strided shares)
+and rows the old streams had not taken are dealt to the new streams, and each is read once.
 """
 
 from __future__ import annotations
@@ -21,7 +21,16 @@ from contrast.config import Config, DataConfig
 from contrast.data.batches import StreamLoader, StreamSpec, rebased, skip_counts, split_state
 from contrast.data.collate import Collator, FeatureSamples, ImageSamples, pair_id_keys
 from contrast.data.sources import DataError, RowSource, open_rows
-from contrast.data.stream import MapStream, MixStream, Plans, ShardStream, Stream, decode_plans, encode_plans
+from contrast.data.stream import (
+    MapStream,
+    MixStream,
+    Plans,
+    ShardStream,
+    Stream,
+    StridedMapStream,
+    decode_plans,
+    encode_plans,
+)
 from contrast.data.transforms import build_transform, normalise_batch
 from contrast.errors import CheckpointError
 from contrast.features import build_feature_data
@@ -49,8 +58,11 @@ def _stream_factory(sources: list[RowSource], weights: list[float], cfg: Config,
 
     def one(src: RowSource, i: int, g: int, S: int, plans: Plans | None) -> Stream:
         s = mix_seed(seed, i)
+        plan = plans[i] if plans and i < len(plans) else None
         if src.units is not None:
-            return ShardStream(src.units, s, g, S, buffer, plans[i] if plans and i < len(plans) else None)
+            return ShardStream(src.units, s, g, S, buffer, plan)
+        if len(sources) > 1:  # in a mixture: strided shares of each epoch, dealt anew under another layout
+            return StridedMapStream(src.rows, s, g, S, plan)
         return MapStream(src.rows, s, g, S, block, global_batch)
 
     def make(g: int, S: int, plans: Plans | None = None) -> Stream:
@@ -143,9 +155,9 @@ def resume_streams(spec: StreamSpec, dist: D.DistInfo, start_step: int, state: d
     skips = [totals if (dist.rank == 0 and i == 0) else [0] * len(totals) for i in range(spec.per_rank)]
     if dist.is_main:
         print(f"the checkpoint's data layout was {layout[0]} processes x {layout[1]} streams, this run's is "
-              f"{dist.world_size} x {spec.per_rank}: the data order continues at this step (shard sources, alone or "
-              "in a mixture: exactly, each remaining sample once; map sources: exactly with the same global batch, "
-              "else from the start of the epoch they had reached)")
+              f"{dist.world_size} x {spec.per_rank}: the data order continues at this step (shard sources and "
+              "mixtures: exactly, each remaining sample of the epoch once; a map source alone: exactly with the same "
+              "global batch, else from the start of the epoch it had reached)")
     return cursors, skips
 
 
