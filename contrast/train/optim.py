@@ -1,8 +1,10 @@
-"""AdamW with per-tower parameter groups and a warmup + cosine learning-rate schedule."""
+"""AdamW with per-tower parameter groups, a warmup + cosine learning-rate schedule, and the logit-scale clamp
+applied after each update."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -17,15 +19,22 @@ def tower_of(name: str) -> str:
     return "head"
 
 
+def decays(p: torch.Tensor) -> bool:
+    """Whether AdamW decays ``p``: matrices and larger do; norms' gains, biases, scalars (logit scale / bias) and
+    single learned vectors such as a ViT's class token (timm stores it as (1, 1, D)) do not. Singleton axes are not
+    counted, so a class token is a vector here as it is in open_clip's (D,) layout."""
+    return sum(size > 1 for size in p.shape) >= 2
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """One group per (tower, decay) pair. Norms, biases, scalars (logit scale / bias) get no weight decay."""
+    """One group per (tower, decay) pair; see :func:`decays` for which parameters get no weight decay."""
     lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "lm": cfg.lm_lr or cfg.lr, "head": cfg.lr}
     groups: dict[tuple[str, bool], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         tower = tower_of(name)
-        decay = p.ndim >= 2
+        decay = decays(p)
         key = (tower, decay)
         if key not in groups:
             groups[key] = {
@@ -60,3 +69,19 @@ def lr_factor(step: int, cfg: TrainConfig) -> float:
 
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg))
+
+
+def logit_scale_clamp(model: nn.Module, max_scale: float) -> Callable[[], None]:
+    """A function to call after each optimizer update: it clamps the learned log logit scale (every trainable
+    parameter named ``logit_scale``) in place to [0, ln ``max_scale``], as CLIP's and open_clip's training steps do.
+    Clamping the parameter, not only the multiplier in the forward, keeps the scale's gradient alive at the cap, so
+    the scale can come back down; a parameter left above the cap would get no gradient and stay there."""
+    params = [p for n, p in model.named_parameters() if n.rsplit(".", 1)[-1] == "logit_scale" and p.requires_grad]
+    top = math.log(max_scale)
+
+    @torch.no_grad()
+    def clamp() -> None:
+        for p in params:
+            p.clamp_(0.0, top)
+
+    return clamp

@@ -26,6 +26,7 @@ from contrast.config import ConfigError
 from contrast.errors import UserError
 from contrast.models import ModelOutput
 from contrast.objectives import LossOutput, Objective
+from contrast.train.optim import logit_scale_clamp
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 ACCUMULATE = ("auto", "cache", "mean")
@@ -307,6 +308,7 @@ class Stepper:
         self.guard = NonFiniteGuard(cfg.nonfinite, cfg.max_nonfinite, list(self.towers), list(run.objective.terms),
                                     run.device)
         self.grad_norm: torch.Tensor | None = None
+        self.clamp_scale = logit_scale_clamp(run.model, run.cfg.model.max_logit_scale)
 
     def backward(self, loss: torch.Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -319,6 +321,7 @@ class Stepper:
         if run.cfg.train.grad_clip:
             torch.nn.utils.clip_grads_with_norm_(self.params, run.cfg.train.grad_clip, self.grad_norm)
         self._apply(skip)
+        self.clamp_scale()
         run.scheduler.step()
         return losses, out
 
