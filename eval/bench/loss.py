@@ -13,8 +13,13 @@ after a warm-up call on a batch of 64, makes one call; its peak extra memory is 
 call minus the resident set just before it (Linux VmHWM, reset through /proc/self/clear_refs just before): all the
 call allocates, input gradients included. Then the tiled losses at B = 65,536 (``--big``), measured the same way.
 
+On a GPU (``--device cuda``) calls are timed between CUDA synchronisations and the peak extra memory is the
+device's (torch.cuda.max_memory_allocated during the call minus the memory allocated before it). ``--json PATH``
+also writes the results.
+
     python eval/bench/loss.py [--sizes 1024,4096,16384] [--big 65536] [--big-losses itc,sigmoid] [--reps 3]
                               [--tile-size N] [--no-whole] [--precision fp32|bf16] [--threads N]
+                              [--device cpu|cuda] [--json PATH]
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from common import matmul_peak
 
 D = 512
 SCALES = {"itc": (1 / 0.07, None), "sigmoid": (10.0, -10.0)}
+DEVICE = torch.device("cpu")  # set from --device
 
 
 def _status_kib(field: str) -> int:
@@ -41,7 +47,14 @@ def _status_kib(field: str) -> int:
 
 
 def peak_extra_mib(fn) -> tuple[float, object]:
-    """Run ``fn``; return (peak resident memory during it minus resident memory before it, in MiB; its result)."""
+    """Run ``fn``; return (peak resident memory during it minus resident memory before it, in MiB; its result).
+    On a GPU: the device's peak allocated memory during it minus what was allocated before it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        out = fn()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20, out
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current resident set
     before = _status_kib("VmRSS")
@@ -51,11 +64,11 @@ def peak_extra_mib(fn) -> tuple[float, object]:
 
 def make_inputs(n: int, loss: str) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    img = F.normalize(torch.randn(n, D, generator=g), dim=-1)
-    txt = F.normalize(img + torch.randn(n, D, generator=g), dim=-1)
+    img = F.normalize(torch.randn(n, D, generator=g), dim=-1).to(DEVICE)
+    txt = F.normalize(img + torch.randn(n, D, generator=g).to(DEVICE), dim=-1)
     scale, bias = SCALES[loss]
-    extra = [torch.tensor(bias, requires_grad=True)] if bias is not None else []
-    return [img.requires_grad_(), txt.requires_grad_(), torch.tensor(scale, requires_grad=True)] + extra
+    extra = [torch.tensor(bias, device=DEVICE, requires_grad=True)] if bias is not None else []
+    return [img.requires_grad_(), txt.requires_grad_(), torch.tensor(scale, device=DEVICE, requires_grad=True)] + extra
 
 
 def loss_fn(impl: str, loss: str, tile_size: int):
@@ -74,11 +87,16 @@ def loss_fn(impl: str, loss: str, tile_size: int):
 
 def step(fn, inputs: list[torch.Tensor], precision: str) -> float:
     """One forward+backward; returns seconds. Gradients are dropped afterwards."""
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    amp = torch.autocast(DEVICE.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+    cuda = DEVICE.type == "cuda"
+    if cuda:
+        torch.cuda.synchronize()
     t = time.perf_counter()
     with amp:
         value = fn(*inputs)
     value.backward()
+    if cuda:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - t
     for x in inputs:
         x.grad = None
@@ -109,7 +127,7 @@ def child_memory(loss: str, n: int, impl: str, tile_size: int, precision: str) -
 
 def run_child(args, *child_args: str) -> dict:
     cmd = [sys.executable, __file__, "--child", *child_args, "--reps", str(args.reps),
-           "--tile-size", str(args.tile_size), "--precision", args.precision]
+           "--tile-size", str(args.tile_size), "--precision", args.precision, "--device", args.device]
     cmd += ["--threads", str(args.threads)] if args.threads else []
     proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     if proc.returncode:
@@ -146,7 +164,10 @@ def print_table(args, results: list[tuple[str, int, dict]]) -> None:
 
 
 def print_big(args, n: int, results: list[tuple[str, dict]]) -> None:
-    ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    if args.device == "cuda":
+        ram_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    else:
+        ram_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     tile = args.tile_size
     print(f"\nB={n}, D={D}, contrast tiled ({tile}x{tile} tiles), one call in a fresh process after a warm-up on B=64:")
     for loss, r in results:
@@ -155,7 +176,7 @@ def print_big(args, n: int, results: list[tuple[str, dict]]) -> None:
     verdict = "cannot run here" if 4 * full > ram_gib else "not run"
     print(f"open_clip: {verdict}. Its ClipLoss holds two {n}x{n} fp32 logit matrices ({full:.1f} GiB each) and their "
           f"log-softmaxes at least ({4 * full:.1f} GiB), SigLipLoss the logits, a label matrix and their products; "
-          f"this machine has {ram_gib:.0f} GiB of memory.")
+          f"this {'GPU' if args.device == 'cuda' else 'machine'} has {ram_gib:.0f} GiB of memory.")
 
 
 def main() -> None:
@@ -172,8 +193,12 @@ def main() -> None:
                     help="no extra contrast row with tile_size 0 where the default tiles")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.child:
@@ -184,17 +209,27 @@ def main() -> None:
             out = child_memory(loss, int(n), impls, args.tile_size, args.precision)
         print(json.dumps(out))
         return
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, fp32 matmul peak {matmul_peak() / 1e9:.1f} "
-          f"GFLOP/s (2048^3 matmul, best of 10); D={D}, {args.precision}, loss.tile_size {args.tile_size}; "
+    where = (torch.cuda.get_device_name() if args.device == "cuda" else
+             f"{torch.get_num_threads()} threads, fp32 matmul peak {matmul_peak() / 1e9:.1f} GFLOP/s (2048^3 matmul, "
+             "best of 10)")
+    print(f"torch {torch.__version__}, {where}; D={D}, {args.precision}, loss.tile_size {args.tile_size}; "
           f"time: best of {args.reps} calls after a first one; memory: one call in a fresh process")
     sizes = [int(s) for s in args.sizes.split(",") if s]
     losses = [s for s in args.losses.split(",") if s]
-    print_table(args, [(loss, n, measure(args, loss, n)) for n in sizes for loss in losses])
+    table = [(loss, n, measure(args, loss, n)) for n in sizes for loss in losses]
+    print_table(args, table)
+    big = []
     if args.big:
         if args.tile_size == 0:
             args.tile_size = LossConfig.tile_size
         big = [(loss, run_child(args, "memory", loss, str(args.big), "contrast")) for loss in args.big_losses.split(",")]
         print_big(args, args.big, big)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                       "precision": args.precision, "tile_size": args.tile_size,
+                       "table": [{"loss": loss, "B": n, **{impl: r for impl, r in res.items()}} for loss, n, res in table],
+                       "big": [{"loss": loss, "B": args.big, **r} for loss, r in big]}, f, indent=2)
 
 
 if __name__ == "__main__":
