@@ -38,14 +38,15 @@ TOWERS = {  # run name -> timm name, kwargs
     "siglip": ("vit_base_patch16_siglip_224", dict(patch_size=8, embed_dim=32, depth=2, num_heads=2, mlp_ratio=2.0)),
     "cnn": ("resnet10t", {}),
 }
-# snippet title (its first comment line) -> (run, export format, the README's directory for it)
-SNIPPETS = {
-    "timm export, loaded by timm": ("clip", "timm", "exports/tower_timm"),
-    "timm export, loaded by transformers (any tower, CNNs included)": ("cnn", "timm", "exports/tower_timm"),
-    "open_clip export, loaded by open_clip (image and text towers)": ("clip", "open_clip", "exports/clip_oc"),
-    "hf export of a class-token ViT": ("clip", "hf", "exports/tower_hf"),
-    "hf export of a SigLIP-style ViT": ("siglip", "hf", "exports/tower_hf"),
-}
+# (the start of a snippet's title, its first comment line; the run; the export format; the README's folder for it)
+SNIPPETS = [
+    ("timm export, loaded by timm", "clip", "timm", "exports/tower_timm"),
+    ("timm export, loaded by transformers", "clip", "timm", "exports/tower_timm"),
+    ("timm export, loaded by transformers", "cnn", "timm", "exports/tower_timm"),
+    ("open_clip export, loaded by open_clip", "clip", "open_clip", "exports/clip_oc"),
+    ("hf export of a class-token ViT", "clip", "hf", "exports/tower_hf"),
+    ("hf export of a SigLIP-style ViT", "siglip", "hf", "exports/tower_hf"),
+]
 
 
 def readme_snippets() -> dict[str, str]:
@@ -80,7 +81,7 @@ def exports(tmp_path_factory) -> dict[tuple[str, str], Path]:
     """Three tiny runs (class-token ViT, SigLIP-style ViT, CNN), exported through the CLI in every format that fits."""
     root = tmp_path_factory.mktemp("clients")
     done = {}
-    for run, fmt in sorted({(r, f) for r, f, _ in SNIPPETS.values()} | {("clip", "timm")}):
+    for run, fmt in sorted({(r, f) for _, r, f, _ in SNIPPETS}):
         path = root / "runs" / run
         if not path.exists():
             _write_run(run, path)
@@ -113,11 +114,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.float() - b.float()).abs().max())
 
 
-@pytest.mark.parametrize("title", list(SNIPPETS))
-def test_readme_snippet_loads_export_in_its_client(title, exports, image, tmp_path):
+@pytest.mark.parametrize("title, run, fmt, readme_dir", SNIPPETS, ids=[f"{t} ({r})" for t, r, _, _ in SNIPPETS])
+def test_readme_snippet_loads_export_in_its_client(title, run, fmt, readme_dir, exports, image, tmp_path):
     found = [code for t, code in readme_snippets().items() if t.startswith(title)]
     assert len(found) == 1, f"README.md should hold one snippet starting '# {title}', found {len(found)}"
-    run, fmt, readme_dir = SNIPPETS[title]
     code = found[0]
     assert readme_dir in code and '"cat.jpg"' in code
     code = code.replace(readme_dir, str(exports[run, fmt])).replace('"cat.jpg"', repr(str(image)))
