@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model_dict
-from test_distributed import PER_RANK, WORLD, _metric_losses, _torchrun, _torchrun_recipe
+from test_distributed import PER_RANK, WORLD, _torchrun, _torchrun_recipe
 from torch import nn
 
 from contrast import distributed
@@ -125,12 +125,111 @@ def test_fsdp_steps_equal_ddp_steps(step_results, name):
         torch.testing.assert_close(fsdp_state[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k: f"{name} {k}: {m}")
 
 
+def _trimmed_worker(rank: int, init_file: str, result_file: str) -> None:
+    """BLIP's loss on each rank's captions padded to the context, and trimmed to the rank's own longest caption (as
+    training batches are: the ranks' lengths differ)."""
+    from test_distributed import CAPTIONS
+
+    from contrast.tokenizer import ClipTokenizer, TrimmedTokenizer
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    cfg = from_dict(SCENARIOS["blip_distill"])
+    captions = CAPTIONS[:PER_RANK] if rank == 0 else [c.split(" above")[0].split(" left")[0] for c in CAPTIONS[:PER_RANK]]
+    pixels = torch.randn(PER_RANK, 3, 16, 16, generator=torch.Generator().manual_seed(rank))
+    losses = {}
+    for name, tok in (("full", ClipTokenizer(16)), ("trimmed", TrimmedTokenizer(ClipTokenizer(16)))):
+        torch.manual_seed(0)
+        model = build_model(cfg.model)
+        comm = Comm(distributed.gather_with_grad, rank, WORLD, distributed.ring_shift)
+        model.set_comm(comm)
+        ids = tok(captions)
+        losses[name] = (ids.shape[1], float(distributed.all_reduce_mean(build_objective(cfg.loss, comm)(
+            nn.parallel.DistributedDataParallel(model)({"pixels": pixels, "input_ids": ids})).total.detach())))
+    torch.save(losses, f"{result_file}.{rank}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_blip_hard_negatives_across_ranks_whose_batches_are_trimmed_differently(tmp_path):
+    os.environ.pop("WORLD_SIZE", None)
+    mp.spawn(_trimmed_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "losses")), nprocs=WORLD, join=True)
+    got = [torch.load(tmp_path / f"losses.{r}", weights_only=True) for r in range(WORLD)]
+    assert got[0]["trimmed"][0] > got[1]["trimmed"][0]  # the ranks' batches have different lengths
+    assert got[0]["trimmed"][1] == pytest.approx(got[0]["full"][1], rel=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------- evaluation
+
+
+QFORMER = {"num_queries": 4, "width": 32, "layers": 2, "heads": 2}
+EMBEDDERS = {  # every family that embeds, with a ViT and a CNN image tower
+    "clip_vit": _two_block_model(),
+    "clip_cnn": {**_two_block_model(), "image": {"name": "resnet10t", "image_size": 32}},
+    "blip": _two_block_model("blip"),
+    "blip2_stage1": {**_two_block_model("blip2_stage1"), "qformer": QFORMER},
+}
+
+
+def _eval_outputs(model, sharded: bool) -> dict[str, torch.Tensor]:
+    """What evaluation calls (embeddings of both kinds, ITM scores where the family has them), as full tensors."""
+    from contrast.train.fsdp import evaluating
+
+    size = model.image_tower.cfg.image_size
+    g = torch.Generator().manual_seed(7)
+    pixels, ids = torch.randn(3, 3, size, size, generator=g), torch.randint(1, 400, (3, 16), generator=g)
+    sharded_before = [n for n, p in model.named_parameters() if isinstance(p, torch.distributed.tensor.DTensor)]
+    assert bool(sharded_before) == sharded
+    model.eval()
+    with torch.no_grad(), evaluating(model):
+        out = {"image": model.encode_image(pixels), "text": model.encode_text(ids)}
+        if model.supports("itm"):
+            out["itm"] = model.itm_score(pixels, ids)
+    params = dict(model.named_parameters())  # after the evaluation, shards again (memory back to a training step's)
+    assert all(isinstance(params[n], torch.distributed.tensor.DTensor) for n in sharded_before)
+    return out
+
+
+def _eval_worker(rank: int, init_file: str, result_file: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    results = {}
+    for name, model_dict in EMBEDDERS.items():
+        torch.manual_seed(0)
+        model = build_model(from_dict({"model": model_dict}).model)
+        plain = _eval_outputs(model, sharded=False)
+        shard_model(model, torch.device("cpu"))
+        results[name] = (plain, _eval_outputs(model, sharded=True))
+        model.train()  # the training forward still works after an evaluation
+        batch = {"pixels": torch.randn(2, 3, model.image_tower.cfg.image_size, model.image_tower.cfg.image_size),
+                 "input_ids": torch.randint(1, 400, (2, 16))}
+        model(batch)
+    if rank == 0:
+        torch.save(results, result_file)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+def test_sharded_models_evaluate_like_whole_ones(tmp_path):
+    """encode_image / encode_text / itm_score called outside forward on an FSDP model (the evaluation path) equal
+    the unsharded model's, for a ViT and a CNN tower and every family that embeds."""
+    os.environ.pop("WORLD_SIZE", None)
+    mp.spawn(_eval_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "results.pt")), nprocs=WORLD, join=True)
+    results = torch.load(tmp_path / "results.pt", weights_only=True)
+    assert set(results) == set(EMBEDDERS)
+    for name, (plain, sharded) in results.items():
+        assert set(sharded) == set(plain) and ("itm" in plain) == (name.startswith("blip"))
+        for k, v in plain.items():
+            torch.testing.assert_close(sharded[k], v, rtol=1e-5, atol=1e-6, msg=lambda m, k=k, name=name: f"{name} {k}: {m}")
+
+
 # --------------------------------------------------------------------------------------------------- torchrun
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data_cache):
-    """A DDP run, an FSDP run and an FSDP run resumed from the FSDP run's step-2 checkpoint (4 steps each)."""
+    """A DDP run, an FSDP run and an FSDP run resumed from the FSDP run's step-2 checkpoint (4 steps each), each
+    evaluating zero-shot and retrieval at steps 2 and 4."""
     import yaml
 
     tmp = tmp_path_factory.mktemp("fsdp_runs")
@@ -138,12 +237,35 @@ def runs(tmp_path_factory, data_cache):
     _torchrun_recipe(recipe, data_cache, steps=4)
     r = yaml.safe_load(recipe.read_text())
     r["model"], r["loss"] = _two_block_model(), {"itc": 1.0}
+    r["data"]["synthetic"].update(val_size=8, test_size=24)
+    # zero-shot and retrieval evaluations at steps 2 and 4 (periodic and final), the best one tracked
+    r["eval"] = {"tasks": ["eval/tasks/shapes.yaml"], "retrieval_split": "val", "batch_size": 8}
+    r["train"].update(eval_every=2, best_metric="retrieval/text_to_image/R@5")
     recipe.write_text(yaml.safe_dump(r))
     out = {"recipe": recipe, "ddp": tmp / "ddp", "fsdp": tmp / "fsdp", "resumed": tmp / "resumed"}
     _torchrun(recipe, out["ddp"])
     _torchrun(recipe, out["fsdp"], "--set", "train.fsdp=true")
     _torchrun(recipe, out["resumed"], "--set", "train.fsdp=true", "--resume", str(R.step_dir(out["fsdp"], 2)))
     return out
+
+
+def _records(run_dir) -> list[dict]:
+    import json
+
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines() if ln.strip()]
+
+
+def _metric_losses(run_dir) -> dict[int, float]:
+    """The loss of every logged step (each written once, by the main process)."""
+    steps = [r["step"] for r in _records(run_dir) if "loss" in r]
+    assert len(steps) == len(set(steps)), f"metrics written more than once per step (by every rank?): {steps}"
+    return {r["step"]: r["loss"] for r in _records(run_dir) if "loss" in r}
+
+
+def _evaluations(run_dir) -> dict[int, dict[str, float]]:
+    steps = [r["step"] for r in _records(run_dir) if "eval" in r]
+    assert len(steps) == len(set(steps)), f"evaluations written more than once per step: {steps}"
+    return {r["step"]: r["eval"] for r in _records(run_dir) if "eval" in r}
 
 
 def test_fsdp_losses_equal_ddp_and_checkpoints_are_sharded(runs):
@@ -156,6 +278,51 @@ def test_fsdp_losses_equal_ddp_and_checkpoints_are_sharded(runs):
     assert (mid / R.SHARDED / ".metadata").is_file()
     assert sorted(p.name for p in last.iterdir()) == [R.WEIGHTS, R.SHARDED, "state.pt"]  # consolidated at the end
     assert "optimizer" not in torch.load(mid / "state.pt", weights_only=True)
+
+
+def test_fsdp_runs_evaluate_like_ddp_runs(runs):
+    """Periodic and final zero-shot and retrieval evaluations of the sharded run equal the DDP run's; the best
+    checkpoint is tracked the same way."""
+    ddp, fsdp = _evaluations(runs["ddp"]), _evaluations(runs["fsdp"])
+    assert sorted(fsdp) == sorted(ddp) == [2, 4]
+    for step, metrics in ddp.items():
+        assert set(metrics) >= {"zeroshot/shapes/top1", "retrieval/image_to_text/R@1", "retrieval/text_to_image/R@5"}
+        assert fsdp[step] == pytest.approx(metrics, abs=1e-6), f"step {step}"
+    resumed = _evaluations(runs["resumed"])
+    assert sorted(resumed) == [4] and resumed[4] == pytest.approx(fsdp[4], abs=1e-6)
+    best = {name: R.resolve_checkpoint(runs[name] / "checkpoints" / "best").name for name in ("ddp", "fsdp")}
+    assert best["fsdp"] == best["ddp"]
+
+
+def test_commands_run_on_an_fsdp_checkpoint(runs, tmp_path, capsys):
+    """The linear probe, feature extraction, export and the index read the consolidated final checkpoint of an FSDP
+    run and give what they give on the DDP run's."""
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from contrast.cli import main
+
+    got = {}
+    for name in ("ddp", "fsdp"):
+        run, out = runs[name], tmp_path / name
+        assert main(["eval", "linear-probe", "--checkpoint", str(run), "--task", "eval/tasks/colours.yaml",
+                     "--device", "cpu", "--out-dir", str(out / "probe")]) == 0
+        probe = capsys.readouterr().out
+        assert main(["features", "extract", "--checkpoint", str(run), "--split", "val", "--out", str(out / "f")]) == 0
+        assert main(["export", "--checkpoint", str(run), "--format", "timm", "--out", str(out / "timm")]) == 0
+        assert main(["index", "build", "--checkpoint", str(run), "--data", "synthetic", "--split", "val", "--out",
+                     str(out / "index"), "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+        capsys.readouterr()
+        feats = {k: v for f in sorted((out / "f" / "val").glob("*.safetensors")) for k, v in load_file(f).items()}
+        timm_w = {k: v for f in (out / "timm").glob("*.safetensors") for k, v in load_file(f).items()}
+        vectors = {f.name: torch.from_numpy(np.load(f)) for f in sorted((out / "index" / "shards").glob("emb_*.npy"))}
+        got[name] = (probe.split("linear probe test accuracy")[1].split()[0], feats, timm_w, vectors)
+    (p_ddp, *tensors_ddp), (p_fsdp, *tensors_fsdp) = got["ddp"], got["fsdp"]
+    assert p_fsdp == p_ddp
+    for a, b in zip(tensors_ddp, tensors_fsdp):
+        assert a and set(a) == set(b)
+        for k, v in a.items():
+            torch.testing.assert_close(b[k], v, rtol=1e-4, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 def test_resumed_fsdp_run_equals_the_uninterrupted_one(runs):

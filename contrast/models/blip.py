@@ -26,7 +26,7 @@ from torch.utils.checkpoint import checkpoint
 
 from contrast.config import BlipModelConfig, TextTowerConfig
 from contrast.layers import MLP, Attention
-from contrast.models.lm import packed_lm_output
+from contrast.models.lm import packed_lm_output, trim_padding
 from contrast.models.outputs import ITMOutput, Model, ModelOutput, TeacherFeatures, clamped_scale, unit
 from contrast.objectives import hard_negative_indices
 from contrast.tokenizer import text_padding_mask
@@ -141,6 +141,12 @@ class BlipTextModel(nn.Module):
             else:
                 x = layer(x, mask, decode, context)
         return self.ln_final(x)
+
+
+def _full_length(ids: torch.Tensor, length: int) -> torch.Tensor:
+    """(B, length) ids: a training batch trimmed to its longest caption padded back with the tokenizer's pad id 0,
+    so that every rank gathers the same shape."""
+    return F.pad(ids, (0, length - ids.shape[1]))
 
 
 class BlipModel(Model):
@@ -270,7 +276,7 @@ class BlipModel(Model):
         batch (same draw on every rank; this rank keeps its rows), and the global ids (N, T)."""
         B = ids.shape[0]
         all_img, all_txt = self.comm.all(image_emb.detach()), self.comm.all(text_emb.detach())  # (N, E)
-        all_ids = self.comm.all(ids)  # (N, T)
+        all_ids = self.comm.all(_full_length(ids, self.text.cfg.context_length))  # (N, L): ranks trim differently
         N = all_ids.shape[0]
         sim = scale.detach() * all_img @ all_txt.t()  # (N, N) image -> text
         same_text = (all_ids[:, None, :] == all_ids[None, :, :]).all(dim=-1)  # (N, N) identical captions
@@ -285,7 +291,8 @@ class BlipModel(Model):
         all_tokens = self.comm.all(img_tokens)  # (N, Ni, Dv), gradients flow back to the owning rank
         with torch.no_grad():
             neg_txt, neg_img, all_ids = self._hard_negatives(image_emb, text_emb, ids, scale)
-        itm_ids = torch.cat([ids, ids, all_ids[neg_txt]])  # (3B, T)
+        full = _full_length(ids, all_ids.shape[1])  # (B, L)
+        itm_ids = trim_padding(torch.cat([full, full, all_ids[neg_txt]]))  # (3B, T'): padding is masked, trimmed
         itm_tokens = torch.cat([img_tokens, all_tokens[neg_img], img_tokens])  # (3B, Ni, Dv)
         labels = torch.cat([ids.new_ones(ids.shape[0]), ids.new_zeros(2 * ids.shape[0])])
         return ITMOutput(self.itm_logits(itm_ids, itm_tokens), labels, neg_txt, neg_img)

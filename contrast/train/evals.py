@@ -24,6 +24,7 @@ from contrast.evaluate.retrieval import evaluate_retrieval
 from contrast.evaluate.zeroshot import load_task, zeroshot_metrics
 from contrast.models import Model
 from contrast.tokenizer import build_tokenizer
+from contrast.train.fsdp import evaluating
 
 
 class Evaluator:
@@ -51,12 +52,13 @@ class Evaluator:
         model.eval()
         try:
             metrics: dict[str, float] = {}
-            for task in self.tasks:
-                metrics.update(zeroshot_metrics(model, self.preprocess, self.tokenizer, task, device=self.device,
-                                                data_cfg=self.cfg.data, image_size=self.cfg.model.image.image_size,
-                                                batch_size=self.cfg.eval.batch_size))
-            if self.pairs is not None:
-                metrics.update(self._retrieval(model))
+            with evaluating(model):  # an FSDP model's eval methods run as sharded forwards
+                for task in self.tasks:
+                    metrics.update(zeroshot_metrics(model, self.preprocess, self.tokenizer, task, device=self.device,
+                                                    data_cfg=self.cfg.data, image_size=self.cfg.model.image.image_size,
+                                                    batch_size=self.cfg.eval.batch_size))
+                if self.pairs is not None:
+                    metrics.update(self._retrieval(model))
             return metrics
         finally:
             model.train(was_training)

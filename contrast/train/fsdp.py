@@ -16,17 +16,26 @@ Kept whole on every rank, as under DDP (not sharded):
   gathered copy, while whole parameters keep it. The teacher's blocks are units like the student's, and their EMA
   runs on the matching shards. These are small next to the blocks (patch and position embeddings, final norms).
   A block that changed its own parameters in place in its forward would lose the change: train such a model with DDP.
+
+Evaluation (:func:`evaluating`) calls the model's embedding and matching methods (``encode_image``, ``encode_text``,
+``itm_score``) instead of its forward. Inside that context they run as FSDP forwards of the root
+(``register_fsdp_forward_method``): the root's own parameters are gathered for the call and the block units gather
+themselves one at a time in their forwards, as in training, so evaluation holds no more of the model at once than a
+training forward does (unsharding the whole model instead would hold every parameter on every rank). The
+registration lasts only for the evaluation: the training forward calls the same methods from inside the root's
+forward, where they must stay plain methods.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
 from contrast.config import TrainConfig
 from contrast.distributed import DistInfo
@@ -111,3 +120,26 @@ def shard_model(model: nn.Module, device: torch.device) -> nn.Module:
     for unit in units:
         fully_shard(unit, mesh=mesh, ignored_params=whole)
     return model
+
+
+EVAL_METHODS = ("encode_image", "encode_text", "itm_score")  # the Model protocol's methods evaluation calls
+
+
+@contextlib.contextmanager
+def evaluating(model: nn.Module) -> Iterator[None]:
+    """Within this context a sharded model's :data:`EVAL_METHODS` run as FSDP forwards of the root (every rank must
+    call them, with the same number of batches); afterwards they are plain methods again and every unit is
+    resharded. A model that is not sharded is left as it is."""
+    if not is_sharded(model):
+        yield
+        return
+    for name in EVAL_METHODS:  # every Model has them (a family without one raises CapabilityError when called)
+        register_fsdp_forward_method(model, name)  # sets an instance attribute over the class's method
+    try:
+        yield
+    finally:
+        for name in EVAL_METHODS:
+            model.__dict__.pop(name, None)
+        for m in model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()  # the root keeps its gathered parameters after a forward; give the memory back
