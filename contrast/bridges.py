@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from contrast.layers import MLP, Attention
@@ -112,20 +113,41 @@ class UnifiedBridge(nn.Module):
         return self.projector(features)  # (B, N', D_decoder)
 
 
-class MultiLayerTaps(nn.Module):
-    """Several tower blocks' outputs concatenated along features, then a linear map to the decoder's width."""
+def common_grid(taps: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Token maps of several blocks on one grid: a CNN's stages differ in resolution, so the larger square grids are
+    average-pooled to the smallest (each output token the mean of the block of tokens it covers)."""
+    n = min(t.shape[1] for t in taps)
+    if all(t.shape[1] == n for t in taps):
+        return taps
+    g = math.isqrt(n)
+    out = []
+    for t in taps:
+        B, N, D = t.shape
+        side = math.isqrt(N)
+        if side * side != N or g * g != n or side % g:
+            raise ValueError(f"model.bridge.taps give token grids of {[x.shape[1] for x in taps]} tokens, which cannot "
+                             "be brought to one grid; tap blocks of the same resolution")
+        grid = t.transpose(1, 2).reshape(B, D, side, side)  # (B, D, side, side)
+        out.append(F.avg_pool2d(grid, side // g).flatten(2).transpose(1, 2))  # (B, n, D)
+    return out
 
-    def __init__(self, tower_width: int, decoder_width: int, layers: list[int] | tuple[int, ...]):
+
+class MultiLayerTaps(nn.Module):
+    """Several tower blocks' outputs concatenated along features (on one grid), then a linear map to the decoder's
+    width. ``widths``: each tapped block's feature width (a CNN's stages differ)."""
+
+    def __init__(self, widths: list[int] | int, decoder_width: int, layers: list[int] | tuple[int, ...]):
         super().__init__()
         if not layers:
             raise ValueError("model.bridge.taps is empty; name at least one tower block (e.g. [-1])")
         self.layers = [int(i) for i in layers]
-        self.norm = nn.LayerNorm(tower_width * len(self.layers))
-        self.proj = nn.Linear(tower_width * len(self.layers), decoder_width)
+        widths = [widths] * len(self.layers) if isinstance(widths, int) else list(widths)
+        self.norm = nn.LayerNorm(sum(widths))
+        self.proj = nn.Linear(sum(widths), decoder_width)
 
     def features(self, tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        taps = tower.forward_intermediates(pixels, self.layers)  # k x (B, N, D_tower), in block order
-        return torch.cat(taps, dim=-1)  # (B, N, k * D_tower)
+        taps = tower.forward_intermediates(pixels, self.layers)  # k x (B, N, D_i), in block order
+        return torch.cat(common_grid(taps), dim=-1)  # (B, N, sum D_i)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(features))  # (B, N, D_decoder)

@@ -19,7 +19,7 @@ FLOORS = {
     "towers": 1, "tokenizer": 1, "data": 1, "decoders": 1,
     "models": 2,
     "runs": 3,
-    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4, "generate": 4,
+    "train": 4, "evaluate": 4, "index": 4, "export": 4, "features": 4, "caption": 4, "plan": 4, "generate": 4, "export_llava": 4,
     "import_checkpoints": 4,
     "cli": 5, "__main__": 5, "__init__": 5,
 }

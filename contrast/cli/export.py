@@ -1,4 +1,4 @@
-"""``contrast export --checkpoint RUN --format timm|hf|open_clip --out DIR`` and ``contrast import --weights ...``."""
+"""``contrast export --checkpoint RUN --format timm|hf|open_clip|llava --out DIR`` and ``contrast import --weights ...``."""
 
 from __future__ import annotations
 
@@ -12,7 +12,12 @@ from contrast.towers.convert import ConversionError
 
 def _cmd_export(args: argparse.Namespace) -> int:
     try:
-        report = export_checkpoint(args.checkpoint, args.format, args.out)
+        if args.format == "llava":  # a whole unified-embedding decoder run, not only its tower
+            from contrast.export_llava import export_llava_checkpoint
+
+            report = export_llava_checkpoint(args.checkpoint, args.out)
+        else:
+            report = export_checkpoint(args.checkpoint, args.format, args.out)
     except (ExportError, ConversionError) as e:
         raise UserError(str(e)) from e
     print(report.summary())
@@ -33,7 +38,8 @@ def _cmd_import(args: argparse.Namespace) -> int:
 def add_cli(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("export", help="export a trained image tower to timm / Hugging Face / open_clip, verified")
     p.add_argument("--checkpoint", required=True, help="RUN_DIR or a step directory")
-    p.add_argument("--format", required=True, choices=FORMATS)
+    p.add_argument("--format", required=True, choices=[*FORMATS, "llava"],
+                   help="timm / hf / open_clip: the image tower; llava: a decoder run (tower, projector, LM, processor)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_export)
     q = subparsers.add_parser(

@@ -55,11 +55,12 @@ class VisionLanguageDecoder(DecoderModel):
         self.tower_frozen = tower_frozen
         W = lm.width
         if b.mode == "unified":
-            self.bridge = UnifiedBridge(tower.width, tower.num_prefix_tokens, W, b.layer, b.tokens, b.projector,
+            width = self._widths([b.layer])[0]
+            self.bridge = UnifiedBridge(width, tower.num_prefix_tokens, W, b.layer, b.tokens, b.projector,
                                         b.pixel_shuffle, tower.num_register_tokens)
             self.xattn = nn.ModuleDict()
         else:
-            self.bridge = MultiLayerTaps(tower.width, W, b.taps)
+            self.bridge = MultiLayerTaps(self._widths(list(b.taps)), W, b.taps)
             at = xattn_layers(list(b.xattn_layers), b.xattn_every, lm.num_layers)
             self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W) for i in at})
         self.num_visual_tokens = self._count_visual_tokens()
@@ -72,6 +73,18 @@ class VisionLanguageDecoder(DecoderModel):
             ("lm.", lm_pretrained and self.stage == "align"),
             ("image.", tower_frozen and not cfg.image.unlocked_groups)) if rebuilt)
         check_trainable(self, f"model.bridge.decoder.stage {self.stage}")
+
+    def _widths(self, layers: list[int]) -> list[int]:
+        """The feature width of each tower block in ``layers`` (a ViT's are its width, a CNN's stages differ)."""
+        if not layers:
+            return []
+        S = self.image.cfg.image_size
+        was = self.image.training
+        self.image.eval()
+        with torch.no_grad():
+            widths = [int(t.shape[-1]) for t in self.image.forward_intermediates(torch.zeros(1, 3, S, S), layers)]
+        self.image.train(was)
+        return widths
 
     def _count_visual_tokens(self) -> int:
         S = self.image.cfg.image_size

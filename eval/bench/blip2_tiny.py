@@ -68,13 +68,13 @@ def stage1_retrieval(run: str, split: str, features: str | None, batch_size: int
 def caption_loss(stage2: str, decoder: str | None, split: str, features: str | None, batch_size: int = 250) -> dict:
     cfg, _ = load_config_of(stage2)
     model, preprocess, tokenizer = contrast.load(stage2)
-    lm = contrast.load(decoder)[0] if decoder else None
+    lm, lm_tok = contrast.load(decoder)[::2] if decoder else (None, None)
     sums = {"prompt": [0.0, 0], "no_prompt": [0.0, 0], "decoder_alone": [0.0, 0]}
     for x, c in _batches(cfg, split, features, preprocess, batch_size):
-        batch = {"image_feats" if x.ndim == 3 else "pixels": x, "input_ids": tokenizer(c)}
-        outs = {"prompt": model(batch), "no_prompt": model(batch, use_prompt=False)}
+        batch = {"image_feats" if x.ndim == 3 else "pixels": x, **tokenizer(c)}
+        outs = {"prompt": model(batch), "no_prompt": model.text_only(batch)}
         if lm is not None:
-            outs["decoder_alone"] = lm(batch)
+            outs["decoder_alone"] = lm(lm_tok(c))
         for k, o in outs.items():
             nll, n = lm_nll(o.lm.logits, o.lm.targets)
             sums[k][0] += nll

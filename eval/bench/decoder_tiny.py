@@ -30,7 +30,7 @@ def held_out_nll(run: str, split: str = "val", batch_size: int = 250) -> float:
     total, count = 0.0, 0
     for lo in range(0, len(ds), batch_size):
         rows = ds[lo : lo + batch_size]
-        batch = {"pixels": torch.stack([preprocess(im) for im in rows["image"]]), "input_ids": tokenizer(rows["caption"])}
+        batch = {"pixels": torch.stack([preprocess(im) for im in rows["image"]]), **tokenizer(rows["caption"])}
         out = model(batch)
         nll, n = lm_nll(out.lm.logits, out.lm.targets)
         total, count = total + nll, count + n

@@ -36,9 +36,9 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a time limit, log to WORK/N
     tail -n 15 "$WORK/$name.log"
 }
 
-stage tests 140 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py --junitxml="$WORK/tests.xml"
+stage tests 120 "$PY" -m pytest -q -p no:cacheprovider -m cuda tests/test_cuda.py --junitxml="$WORK/tests.xml"
 stage throughput 170 "$PY" eval/bench/train_throughput.py --device cuda --size vitb16 --batch 256 --steps 10 \
     --warmup 3 --rows "open_clip bf16,contrast bf16,contrast bf16+compile" --json "$WORK/throughput.json"
-stage loss 60 "$PY" eval/bench/loss.py --device cuda --sizes 16384 --big 65536 --reps 3 --json "$WORK/loss.json"
-stage recipe 100 "$PY" -m contrast train recipes/clip_vitb16_gpu.yaml --out "$WORK/run" --no-progress
+stage loss 90 "$PY" eval/bench/loss.py --device cuda --sizes 16384 --big 65536 --reps 3 --json "$WORK/loss.json"
+stage recipe 90 "$PY" -m contrast train recipes/clip_vitb16_gpu.yaml --out "$WORK/run" --no-progress
 "$PY" eval/bench/gpu_table.py "$WORK" "$OUT"

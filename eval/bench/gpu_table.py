@@ -26,7 +26,7 @@ def _status(stages: dict, name: str) -> str:
     if name not in stages:
         return "not run"
     rc, seconds = stages[name]
-    verdict = "ok" if rc == 0 else ("timed out" if rc == 124 else f"exit {rc}")
+    verdict = "ok" if rc == 0 else ("timed out" if rc in (124, 137) else f"exit {rc}")
     return f"{verdict}, {seconds} s"
 
 

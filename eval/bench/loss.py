@@ -218,18 +218,23 @@ def main() -> None:
     losses = [s for s in args.losses.split(",") if s]
     table = [(loss, n, measure(args, loss, n)) for n in sizes for loss in losses]
     print_table(args, table)
-    big = []
+    write_json(args, table, [])  # written again below: a failed big run leaves the table
     if args.big:
         if args.tile_size == 0:
             args.tile_size = LossConfig.tile_size
         big = [(loss, run_child(args, "memory", loss, str(args.big), "contrast")) for loss in args.big_losses.split(",")]
         print_big(args, args.big, big)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
-                       "precision": args.precision, "tile_size": args.tile_size,
-                       "table": [{"loss": loss, "B": n, **{impl: r for impl, r in res.items()}} for loss, n, res in table],
-                       "big": [{"loss": loss, "B": args.big, **r} for loss, r in big]}, f, indent=2)
+        write_json(args, table, big)
+
+
+def write_json(args, table: list[tuple[str, int, dict]], big: list[tuple[str, dict]]) -> None:
+    if not args.json:
+        return
+    with open(args.json, "w") as f:
+        json.dump({"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+                   "precision": args.precision, "tile_size": args.tile_size,
+                   "table": [{"loss": loss, "B": n, **res} for loss, n, res in table],
+                   "big": [{"loss": loss, "B": args.big, **r} for loss, r in big]}, f, indent=2)
 
 
 if __name__ == "__main__":

@@ -149,6 +149,9 @@ def run_one(impl: str, steps: int, warmup: int, batch: int) -> dict:
         with FlopCounterMode(display=False) as fc:
             step(pixels, ids)
     flops = fc.get_total_flops()
+    if DEVICE.type == "cuda":  # peak memory of the steps themselves (not of the compiled row's eager FLOP count)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(max(0, warmup - 1)):
         step(pixels, ids)
     times = []
@@ -229,12 +232,14 @@ def main() -> None:
     if unknown:
         sys.exit(f"unknown rows {unknown}; choose from {', '.join(ROWS + (COMPILED, COMPILED_BF16))}")
     peak, peak_note = device_peak(args.device)
-    rows = [child(args, impl) for impl in impls]
+    rows = []
+    for impl in impls:  # the JSON is rewritten after each row: a row that fails leaves the ones before it
+        rows.append(child(args, impl))
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"device": device_name(args.device), "peak_flop_per_s": peak, "peak": peak_note,
+                           "size": args.size, "batch": args.batch, "rows": rows}, f, indent=2)
     print_table(args, peak, peak_note, rows)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"device": device_name(args.device), "peak_flop_per_s": peak, "peak": peak_note,
-                       "size": args.size, "batch": args.batch, "rows": rows}, f, indent=2)
 
 
 def device_name(device: str) -> str:
