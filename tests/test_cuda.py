@@ -74,6 +74,7 @@ def test_fused_adamw_is_used_and_steps_like_the_plain_adamw():
     groups = [{k: v for k, v in g.items() if k not in ("params", "fused", "foreach")}
               | {"params": [p.detach().clone() for p in g["params"]]} for g in run.optimizer.param_groups]
     plain = torch.optim.AdamW(groups, fused=False, foreach=False)  # the reference: torch's per-tensor loop
+    start = [p.detach().clone() for g in groups for p in g["params"]]
     for _ in range(3):
         grads = [torch.randn_like(p) for g in run.optimizer.param_groups for p in g["params"]]
         for opt in (run.optimizer, plain):
@@ -84,6 +85,7 @@ def test_fused_adamw_is_used_and_steps_like_the_plain_adamw():
     plain_params = [p for g in plain.param_groups for p in g["params"]]
     for a, b in zip(fused_params, plain_params):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert all(not torch.equal(a, b) for a, b in zip(plain_params, start))  # every tensor was updated
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
