@@ -157,8 +157,23 @@ def open_clip_lit(cfg):
     return model, open_clip.tokenizer.HFTokenizer(text_dir, context_length=cfg.model.text.context_length)
 
 
-def train_open_clip(recipe: Path, overrides: list[str]) -> Encoder:
-    """open_clip's LiT on the recipe's batches (see the module docstring)."""
+def contrast_start(cfg) -> dict[str, torch.Tensor]:
+    """The projections and logit scale contrast's loop starts the recipe from (seeded as its set-up seeds)."""
+    import random
+
+    from contrast.runs import build
+
+    random.seed(cfg.train.seed)
+    torch.manual_seed(cfg.train.seed)
+    ours = build(cfg.model)
+    return {"visual.head.proj.weight": ours.image.proj.weight, "text.proj.weight": ours.text.proj.weight,
+            "logit_scale": ours.logit_scale}
+
+
+def train_open_clip(recipe: Path, overrides: list[str], same_start: bool = False) -> Encoder:
+    """open_clip's LiT on the recipe's batches (see the module docstring). ``same_start``: its heads and logit scale
+    start from contrast's initial values for the same seed, and it clips gradients at the recipe's
+    ``train.grad_clip`` (open_clip_train's ``--grad-clip-norm``), so that only the training loops differ."""
     from open_clip.loss import ClipLoss
 
     from contrast.config import load_recipe
@@ -169,6 +184,11 @@ def train_open_clip(recipe: Path, overrides: list[str]) -> Encoder:
     torch.manual_seed(cfg.train.seed)
     model, tokenizer = open_clip_lit(cfg)
     t = cfg.train
+    if same_start:
+        start, params = contrast_start(cfg), dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in start.items():
+                params[name].copy_(value)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     exclude = lambda n, p: p.ndim < 2 or "bn" in n or "ln" in n or "bias" in n or "logit_scale" in n  # noqa: E731
     opt = torch.optim.AdamW([{"params": [p for n, p in named if exclude(n, p)], "weight_decay": 0.0},
@@ -184,6 +204,8 @@ def train_open_clip(recipe: Path, overrides: list[str]) -> Encoder:
         loss = loss_fn(img, txt, scale)
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if same_start and t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip, norm_type=2.0)
         opt.step()
         sched.step()
         with torch.no_grad():
@@ -206,13 +228,13 @@ def _warmup_cosine(step: int, warmup: int, total: int) -> float:
 
 
 RECIPES = {"old": ROOT / "recipes/lit_emoji_names.yaml", "new": ROOT / "recipes/lit_emoji.yaml"}
-ROWS = ("old", "new", "open_clip")
+ROWS = ("old", "new", "open_clip", "open_clip_same_start")
 
 
 def run_row(name: str, out: Path, overrides: list[str]) -> tuple[Encoder, float]:
     started = time.perf_counter()
-    if name == "open_clip":
-        enc = train_open_clip(RECIPES["old"], overrides)
+    if name.startswith("open_clip"):
+        enc = train_open_clip(RECIPES["old"], overrides, same_start=name == "open_clip_same_start")
     else:
         enc = contrast_encoder(train_contrast(RECIPES[name], out / name, overrides))
     return enc, time.perf_counter() - started
@@ -261,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
                 results[row][where].append(m)
             print(json.dumps({"row": row, "seed": seed, "train_s": round(took, 1), **got}), flush=True)
     print(table(results, times))
-    for a, b in (("new", "old"), ("new", "open_clip"), ("old", "open_clip")):
+    for a, b in (("new", "old"), ("new", "open_clip"), ("old", "open_clip"), ("old", "open_clip_same_start")):
         if a in results and b in results:
             for k in ("i2t@10", "t2i@10"):
                 ra = sum(m[k] for m in results[a][held]) / len(seeds)
