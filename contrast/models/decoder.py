@@ -126,7 +126,9 @@ class VisionLanguageDecoder(DecoderModel):
 
     def text_tokenizer(self) -> PromptTokenizer:
         d = self.cfg.bridge.decoder
-        at = "prompt" if self.splices else "none"
+        templated = self.codec.has_template and d.chat != "never"
+        at = "none" if not self.splices else ("prompt" if d.instruction or templated else "prefix")  # no prompt text:
+        # the visual tokens go first, then the caption
         return PromptTokenizer(self.codec, d.instruction, d.chat, self.num_visual_tokens, at, d.max_length)
 
     def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
