@@ -219,11 +219,12 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
 def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
                       data_cfg: DataConfig | None = None, image_size: int = ImageTowerConfig.image_size,
                       batch_size: int = 256, device: str | torch.device = "cpu",
-                      reader: SampleReader | None = None) -> dict:
+                      reader: SampleReader | None = None, dataset: Any = None) -> dict:
     """Top-1 / top-5 accuracy, mean per-class recall and the confusion matrix of zero-shot classification.
 
     Unusable rows (see :func:`iterate_images`) are left out and counted under ``skipped`` ({cause: n}); ``reader``
-    defaults to one with ``data_cfg``'s ``max_image_pixels`` and ``strict``."""
+    defaults to one with ``data_cfg``'s ``max_image_pixels`` and ``strict``. ``dataset``: the task's rows when the
+    caller opened them already (:func:`task_dataset`)."""
     model.eval()
     classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
     C = len(task.classnames)
@@ -231,7 +232,7 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
     if reader is None:
         reader = SampleReader.of(data_cfg) if data_cfg is not None else SampleReader()
     n = 0
-    ds = task_dataset(task, data_cfg, image_size)
+    ds = dataset if dataset is not None else task_dataset(task, data_cfg, image_size)
     all_logits, all_labels = [], []
     for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, reader):
         logits = model.similarity(model.encode_image(pixels.to(device)), classifier.t())  # (B, C)
@@ -264,14 +265,20 @@ ZEROSHOT_KEYS = ("top1", "top5", "mean_per_class_recall")
 
 def zeroshot_metrics(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask | str | Path, *,
                      device: str | torch.device = "cpu", data_cfg: DataConfig | None = None,
-                     image_size: int = ImageTowerConfig.image_size, batch_size: int = 256) -> dict[str, float]:
+                     image_size: int = ImageTowerConfig.image_size, batch_size: int = 256,
+                     dataset: Any = None) -> dict[str, float]:
     """Zero-shot top-1, top-5 and mean per-class recall of ``model`` on a task (or task file) as plain floats,
-    keyed ``zeroshot/<task>/<metric>``; the model is left in the training mode it came in."""
+    keyed as :func:`zeroshot_metric_names` says; the model is left in the training mode it came in."""
     task = task if isinstance(task, ZeroShotTask) else load_task(task)
     was_training = model.training
     try:
         r = evaluate_zeroshot(model, preprocess, tokenizer, task, data_cfg=data_cfg, image_size=image_size,
-                              batch_size=batch_size, device=device)
+                              batch_size=batch_size, device=device, dataset=dataset)
     finally:
         model.train(was_training)
-    return {f"zeroshot/{task.name}/{k}": float(r[k]) for k in ZEROSHOT_KEYS}
+    return dict(zip(zeroshot_metric_names(task), (float(r[k]) for k in ZEROSHOT_KEYS)))
+
+
+def zeroshot_metric_names(task: ZeroShotTask) -> list[str]:
+    """The names :func:`zeroshot_metrics` gives a task's figures: ``zeroshot/<task>/<metric>``."""
+    return [f"zeroshot/{task.name}/{k}" for k in ZEROSHOT_KEYS]

@@ -1,73 +1,206 @@
-"""Evaluation while training: the recipe's zero-shot tasks and retrieval on a held-out split, as plain floats for
-metrics.jsonl and TensorBoard, and the best value of a named metric for keeping the best checkpoint.
+"""Evaluation while training: a list of evaluation parts (the recipe's zero-shot tasks, retrieval on a held-out
+split), each giving plain floats for metrics.jsonl and TensorBoard and saying beforehand which metric names it
+gives; and the best value of a named metric for keeping the best checkpoint.
+
+A part is opened when the run is set up (its task file read, its data opened and checked), so a bad one stops the run
+before its first step; a part that fails while the run evaluates is reported with the ``contrast eval`` command that
+reruns it on a checkpoint. A new kind of evaluation is one more class with the :class:`EvalPart` methods.
 
 Every rank evaluates the same images (an FSDP model's forward needs every rank; a DDP rank's bare model needs
 none), so no rank waits for another past a collective timeout and no rank leaves the process group early; only the
-main process logs. Task files and the retrieval split are opened when the run is set up, so a bad one stops the
-run before its first step.
+main process logs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import shlex
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import Protocol
 
 import torch
+import torch.distributed as dist
 
-from contrast.config import Config, ConfigError
+from contrast.config import Config, ConfigError, DataConfig
 from contrast.data import load_source
 from contrast.data.decode import SampleReader
 from contrast.data.transforms import build_transform
+from contrast.errors import UserError
 from contrast.evaluate.retrieval import evaluate_retrieval
-from contrast.evaluate.zeroshot import load_task, zeroshot_metrics
+from contrast.evaluate.tasks import RETRIEVAL_KS
+from contrast.evaluate.zeroshot import load_task, task_dataset, zeroshot_metric_names, zeroshot_metrics
 from contrast.models import Model
 from contrast.tokenizer import build_tokenizer
 from contrast.train.fsdp import evaluating
 
 
+class EvalPart(Protocol):
+    """One evaluation of a run: what it is called in messages, the metric names it gives, how to run it, and the
+    ``contrast eval`` command that runs it again on a checkpoint."""
+
+    name: str
+
+    def metric_names(self) -> list[str]: ...
+
+    def __call__(self, model: Model) -> dict[str, float]: ...
+
+    def command(self, checkpoint: str | Path) -> str: ...
+
+
+@dataclasses.dataclass
+class Inputs:
+    """What every part encodes with: the model's eval transform and tokenizer, the device, the run's config."""
+
+    cfg: Config
+    preprocess: Callable
+    tokenizer: Callable
+    device: torch.device
+
+
+class ZeroShotPart:
+    """A zero-shot task file; its data is opened (and its columns and class count checked) when the part is made."""
+
+    def __init__(self, path: str, inputs: Inputs):
+        self.path, self.inputs = path, inputs
+        self.task = load_task(path)
+        self.name = f"zero-shot task '{self.task.name}' ({path})"
+        cfg = inputs.cfg
+        self.dataset = task_dataset(self.task, cfg.data, cfg.model.image.image_size)
+        if len(self.dataset) == 0:
+            where = f" where {self.task.where}" if self.task.where else ""
+            raise ConfigError(f"{self.name}: no rows of {self.task.data} (split {self.task.split}{where}) to "
+                              "classify; point the task at data that has them, or drop it from eval.tasks")
+
+    def metric_names(self) -> list[str]:
+        return zeroshot_metric_names(self.task)
+
+    def __call__(self, model: Model) -> dict[str, float]:
+        i = self.inputs
+        return zeroshot_metrics(model, i.preprocess, i.tokenizer, self.task, device=i.device, data_cfg=i.cfg.data,
+                                image_size=i.cfg.model.image.image_size, batch_size=i.cfg.eval.batch_size,
+                                dataset=self.dataset)
+
+    def command(self, checkpoint: str | Path) -> str:
+        return f"contrast eval zeroshot --checkpoint {shlex.quote(str(checkpoint))} --task {shlex.quote(self.path)}"
+
+
+class RetrievalPart:
+    """Image-text retrieval on ``eval.retrieval_split`` of the training source (at most ``eval.retrieval_limit``
+    rows), opened when the part is made."""
+
+    def __init__(self, inputs: Inputs):
+        self.inputs = inputs
+        cfg = inputs.cfg
+        self.split, self.limit = cfg.eval.retrieval_split, cfg.eval.retrieval_limit
+        self.name = f"retrieval on the '{self.split}' split of {_source_name(cfg.data)}"
+        ds = load_source(cfg.data, self.split, cfg.model.image.image_size)
+        self.pairs = ds.select(range(min(self.limit, len(ds)))) if self.limit else ds
+
+    def metric_names(self) -> list[str]:
+        return [f"retrieval/{d}/R@{k}" for d in ("image_to_text", "text_to_image") for k in RETRIEVAL_KS]
+
+    def __call__(self, model: Model) -> dict[str, float]:
+        i = self.inputs
+        r = evaluate_retrieval(model, i.preprocess, i.tokenizer, self.pairs, ks=RETRIEVAL_KS,
+                               batch_size=i.cfg.eval.batch_size, device=i.device, reader=SampleReader.of(i.cfg.data))
+        return {f"retrieval/{d}/R@{k}": float(r[d][f"R@{k}"]) for d in ("image_to_text", "text_to_image")
+                for k in RETRIEVAL_KS}
+
+    def command(self, checkpoint: str | Path) -> str:
+        data = self.inputs.cfg.data
+        args = ["contrast", "eval", "retrieval", "--checkpoint", str(checkpoint), "--data", _source_name(data),
+                "--split", str(self.split)]
+        if self.limit:
+            args += ["--limit", str(self.limit)]
+        if data.image_column != "image":
+            args += ["--image-column", data.image_column]
+        if data.caption_column != "caption":
+            args += ["--caption-column", data.caption_column]
+        return shlex.join(args)
+
+
+def _source_name(data: DataConfig) -> str:
+    return data.source if isinstance(data.source, str) else ",".join(data.source)
+
+
+@dataclasses.dataclass
+class Failure:
+    """A part that raised: its index in :attr:`Evaluator.parts` (-1: on another process) and the error, one line."""
+
+    part: int
+    error: str
+
+
+class EvaluationError(UserError):
+    """Evaluations failed; the message names each and the command that reruns it."""
+
+
 class Evaluator:
-    """Runs ``cfg.eval.tasks`` (zero-shot) and, with ``eval.retrieval_split``, image-text retrieval on that split of
-    the training source (at most ``eval.retrieval_limit`` pairs); ``__call__(model) -> {name: value}``."""
+    """``cfg.eval.tasks`` (zero-shot) and, with ``eval.retrieval_split``, retrieval on that split, as a list of
+    :class:`EvalPart`; ``__call__(model) -> {name: value}``, :meth:`run` also returns the parts that failed."""
 
     def __init__(self, cfg: Config, model: Model, device: torch.device):
-        self.cfg, self.device = cfg, device
-        self.tasks = [load_task(t) for t in cfg.eval.tasks]
         if not model.supports("embed"):
             raise ConfigError(f"eval.tasks and eval.retrieval_split need a model that embeds images and texts; "
                               f"{type(model).__name__} (model.kind {cfg.model.kind}) does not: remove them")
-        self.preprocess: Callable = build_transform(cfg.model.image)
-        self.tokenizer: Callable = build_tokenizer(cfg.model.text)
-        self.pairs = self._retrieval_pairs() if cfg.eval.retrieval_split else None
+        inputs = Inputs(cfg, build_transform(cfg.model.image), build_tokenizer(cfg.model.text), device)
+        self.parts: list[EvalPart] = [ZeroShotPart(t, inputs) for t in cfg.eval.tasks]
+        if cfg.eval.retrieval_split:
+            self.parts.append(RetrievalPart(inputs))
 
-    def _retrieval_pairs(self) -> Any:
-        cfg = self.cfg
-        ds = load_source(cfg.data, cfg.eval.retrieval_split, cfg.model.image.image_size)
-        return ds.select(range(min(cfg.eval.retrieval_limit, len(ds)))) if cfg.eval.retrieval_limit else ds
+    def metric_names(self) -> list[str]:
+        """Every metric name the parts give, known before anything is evaluated."""
+        return [n for part in self.parts for n in part.metric_names()]
 
     @torch.no_grad()
-    def __call__(self, model: Model) -> dict[str, float]:
+    def run(self, model: Model) -> tuple[dict[str, float], list[Failure]]:
+        """Every part, in order; a part that raises is recorded and the others still run."""
         was_training = model.training
         model.eval()
+        metrics: dict[str, float] = {}
+        failures: list[Failure] = []
         try:
-            metrics: dict[str, float] = {}
             with evaluating(model):  # an FSDP model's eval methods run as sharded forwards
-                for task in self.tasks:
-                    metrics.update(zeroshot_metrics(model, self.preprocess, self.tokenizer, task, device=self.device,
-                                                    data_cfg=self.cfg.data, image_size=self.cfg.model.image.image_size,
-                                                    batch_size=self.cfg.eval.batch_size))
-                if self.pairs is not None:
-                    metrics.update(self._retrieval(model))
-            return metrics
+                for n, part in enumerate(self.parts):
+                    try:
+                        metrics.update(part(model))
+                    except dist.DistError:  # a lost process: the run's fault handling names it
+                        raise
+                    except Exception as e:
+                        failures.append(Failure(n, f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"))
         finally:
             model.train(was_training)
+        return metrics, failures
 
-    def _retrieval(self, model: Model) -> dict[str, float]:
-        r = evaluate_retrieval(model, self.preprocess, self.tokenizer, self.pairs, batch_size=self.cfg.eval.batch_size,
-                               device=self.device, reader=SampleReader.of(self.cfg.data))
-        return {f"retrieval/{direction}/{k}": float(v) for direction in ("image_to_text", "text_to_image")
-                for k, v in r[direction].items() if k.startswith("R@")}
+    def __call__(self, model: Model) -> dict[str, float]:
+        metrics, failures = self.run(model)
+        if failures:
+            raise EvaluationError(self.describe(failures))
+        return metrics
+
+    def describe(self, failures: list[Failure], checkpoint: str | Path | None = None) -> str:
+        """One line naming each failed part and its error; with ``checkpoint``, the command to rerun it there."""
+        said = []
+        for f in failures:
+            if f.part < 0:
+                said.append(f.error)
+                continue
+            part = self.parts[f.part]
+            rerun = f" (rerun it with: {part.command(checkpoint)})" if checkpoint is not None else ""
+            said.append(f"{part.name} failed: {f.error}{rerun}")
+        return "; ".join(said)
+
+
+def check_best_metric(metric: str, evaluator: Evaluator | None) -> None:
+    """``train.best_metric`` must be one the configured evaluations give; else an error naming those."""
+    if evaluator is None:
+        raise ConfigError("train.best_metric needs eval.tasks or eval.retrieval_split to evaluate")
+    names = evaluator.metric_names()
+    if metric not in names:
+        raise ConfigError(f"train.best_metric '{metric}' is not among the eval metrics the configured evaluations "
+                          f"will produce: {', '.join(names)}; set it to one of them, or to null")
 
 
 @dataclasses.dataclass
@@ -91,3 +224,12 @@ class Best:
 
     def state(self) -> dict:
         return {"metric": self.metric, "value": self.value, "step": self.step}
+
+
+def failure_elsewhere() -> Failure:
+    """What a process whose own evaluations all ran reports when another process's failed."""
+    return Failure(-1, "an evaluation failed on another process (its output names it)")
+
+
+__all__ = ["Best", "EvalPart", "EvaluationError", "Evaluator", "Failure", "RetrievalPart", "ZeroShotPart",
+           "check_best_metric", "failure_elsewhere"]

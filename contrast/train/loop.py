@@ -23,11 +23,26 @@ from contrast.data.batches import StreamLoader
 from contrast.errors import UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
-from contrast.runs import CHECKPOINTS, build, resolve_checkpoint, step_dir, text_tokenizer
+from contrast.runs import (
+    CHECKPOINTS,
+    WEIGHTS,
+    atomic_write_bytes,
+    build,
+    resolve_checkpoint,
+    step_dir,
+    text_tokenizer,
+)
 from contrast.train import checkpoint as C
 from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, to_device, total_skips
-from contrast.train.evals import Best, Evaluator
+from contrast.train.evals import (
+    Best,
+    EvaluationError,
+    Evaluator,
+    Failure,
+    check_best_metric,
+    failure_elsewhere,
+)
 from contrast.train.faults import SigtermStops, exit_when_lost, explain
 from contrast.train.heads import check_head_init, init_heads
 from contrast.train.host import keep_freed_memory
@@ -191,8 +206,7 @@ def _eval_setup(run: Run) -> None:
         raise ConfigError("train.eval_every needs something to evaluate: set eval.tasks (task files) and/or "
                           "eval.retrieval_split (e.g. val)")
     if cfg.train.best_metric:
-        if run.evaluator is None:
-            raise ConfigError("train.best_metric needs eval.tasks or eval.retrieval_split to evaluate")
+        check_best_metric(cfg.train.best_metric, run.evaluator)  # now, not after the steps
         run.best = Best(cfg.train.best_metric)
 
 
@@ -237,19 +251,38 @@ def _save(run: Run, step: int, keep: int | None = None) -> Path | None:
     return path
 
 
-def _evaluate(run: Run, log: RunLog, step: int) -> tuple[dict[str, float], bool]:
+def _evaluate(run: Run, log: RunLog, step: int) -> tuple[dict[str, float], bool, list[Failure]]:
     """Every rank evaluates; the main process's metrics decide, the same way on every rank, whether ``step`` is the
-    best so far. Returns the metrics and that decision (the caller then checkpoints ``step`` and calls
-    :func:`_mark_best`), made before the checkpoint so that the checkpoint holds it."""
-    metrics = D.broadcast_object(run.evaluator(run.model))
-    improved = run.best is not None and run.best.update(metrics, step)
+    best so far. Returns the metrics, that decision (the caller then checkpoints ``step`` and calls
+    :func:`_mark_best`), made before the checkpoint so that the checkpoint holds it, and the evaluations that failed
+    (the same list on every rank; the caller checkpoints and stops, :func:`_evaluation_failed`)."""
+    metrics, failures = run.evaluator.run(run.model)
+    anywhere = bool(D.any_rank(torch.tensor(bool(failures), device=run.device)))
+    metrics, failures = D.broadcast_object((metrics, failures))
+    if anywhere and not failures:
+        failures = [failure_elsewhere()]
+    improved = not failures and run.best is not None and run.best.update(metrics, step)
     log.evaluation(step, metrics, run.best.state() if run.best is not None else None)
-    return metrics, improved
+    return metrics, improved, failures
 
 
 def _mark_best(run: Run, path: Path | None) -> None:
     if run.dist.is_main and path is not None:
         C.point(run.run_dir / CHECKPOINTS / "best", path)
+
+
+def _evaluation_failed(run: Run, step: int, failures: list[Failure], final: bool) -> EvaluationError:
+    """The error that ends a run whose evaluation at ``step`` failed, once the checkpoint of ``step`` is written: it
+    names each failed evaluation and the command that reruns it on that checkpoint (consolidated first when sharded,
+    so that the command can load it)."""
+    ckpt = step_dir(run.run_dir, step)
+    if F.is_sharded(run.model) and run.dist.is_main and not (ckpt / WEIGHTS).is_file():
+        C.consolidate(ckpt)
+    D.barrier()
+    then = ("training is complete" if final else
+            "once it is fixed, continue training with --resume latest")
+    return EvaluationError(f"evaluation at step {step} failed: {run.evaluator.describe(failures, ckpt)}. The "
+                           f"checkpoint of step {step} is saved in {ckpt}; {then}")
 
 
 # --------------------------------------------------------------------------------------------------- the loop
@@ -299,20 +332,38 @@ def _steps(run: Run, log: RunLog, result: RunResult) -> None:
 
 
 def _finish(run: Run, log: RunLog, result: RunResult) -> None:
-    """The end-of-run evaluation, the final checkpoint, FSDP consolidation."""
-    step, improved = result.step, False
-    if run.evaluator is not None:
-        result.metrics, improved = _evaluate(run, log, step)
-        result.best = run.best.state() if run.best is not None else None
+    """The final checkpoint (FSDP: consolidated), then the end-of-run evaluation, which re-points ``best`` at the
+    final checkpoint when it wins; a failing evaluation leaves the checkpoint and ends the run naming it."""
+    step = result.step
     if not (run.resumed and step == run.start):  # a run resumed at its last step has its checkpoint
         result.checkpoint = _save(run, step)
     elif run.dist.is_main:
         result.checkpoint = step_dir(run.run_dir, step)
-    if improved:
-        _mark_best(run, result.checkpoint)
-    if F.is_sharded(run.model) and result.checkpoint is not None and result.checkpoint.is_dir():
+    if F.is_sharded(run.model) and result.checkpoint is not None and not (result.checkpoint / WEIGHTS).is_file():
         C.consolidate(result.checkpoint)  # the final checkpoint gets model.safetensors: main rank only, others wait
     D.barrier()
+    if run.evaluator is None:
+        return
+    result.metrics, improved, failures = _evaluate(run, log, step)
+    result.best = run.best.state() if run.best is not None else None
+    if improved:
+        _record_best(run, result.checkpoint)
+    if failures:
+        raise _evaluation_failed(run, step, failures, final=True)
+
+
+def _record_best(run: Run, path: Path | None) -> None:
+    """``path`` (written before its evaluation) becomes the best checkpoint: its state's best, then the pointer."""
+    if not run.dist.is_main or path is None:
+        return
+    import io
+
+    state = C.load_state(path)
+    state["best"] = run.best.state()
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    atomic_write_bytes(path / C.STATE, buf.getvalue())
+    _mark_best(run, path)
 
 
 def _summarise(run: Run, log: RunLog, result: RunResult, started: float, status: str, gather: bool = False) -> None:
@@ -351,11 +402,13 @@ def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) 
         extra = {"grad_norm": float(run.stepper.grad_norm), **run.stepper.guard.report()}
         log.write(step, value, losses, out, run.optimizer.param_groups[0]["lr"], extra)
     log.advance()
-    improved = False
+    improved, failures = False, []
     if t.eval_every and step % t.eval_every == 0 and step < t.steps:  # the last step's evaluation ends the run
-        _, improved = _evaluate(run, log, step)
-    if saving or improved:  # the best evaluation's step is checkpointed even between checkpoint steps
+        _, improved, failures = _evaluate(run, log, step)
+    if saving or improved or failures:  # the best evaluation's step is checkpointed even between checkpoint steps
         result.checkpoint = _save(run, step)
     if improved:
         _mark_best(run, result.checkpoint)
+    if failures:
+        raise _evaluation_failed(run, step, failures, final=False)
     return step
