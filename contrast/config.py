@@ -156,6 +156,7 @@ class BridgeConfig:
     taps: list[int] = field(default_factory=lambda: [-3, -1])  # xattn: tower blocks concatenated along features
     xattn_every: int = 1  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ...
     xattn_layers: list[int] = field(default_factory=list)  # xattn: explicit decoder layers (instead of xattn_every)
+    max_num_tiles: int = 1  # xattn: above 1, images are cut into up to this many tower-sized tiles (Mllama)
     use_images: bool = True  # false: a learned prompt without image content in place of the image (the reference)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 

@@ -24,14 +24,17 @@ class Generated:
     logprob: float  # the sum of the answer tokens' log-probabilities
 
 
-def prompt_batch(tokenizer: PromptTokenizer, pixels: torch.Tensor, instruction: str | None = None
-                 ) -> dict[str, torch.Tensor]:
-    """Left-padded prompts for ``pixels`` (B, 3, H, W), with ``instruction`` in place of the recipe's when given."""
+def prompt_batch(tokenizer: PromptTokenizer, pixels: torch.Tensor | dict[str, torch.Tensor],
+                 instruction: str | None = None) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for ``pixels`` (B, 3, H, W) (or a tiled model's ``{pixels, tile_mask, aspect_ratio_ids}``),
+    with ``instruction`` in place of the recipe's when given."""
     if instruction is not None:
         tokenizer = PromptTokenizer(tokenizer.codec, instruction, "auto" if tokenizer.chat else "never",
                                     tokenizer.image_tokens, tokenizer.image_at, tokenizer.max_length)
-    batch = tokenizer.prompts(pixels.shape[0])
-    return {**{k: v.to(pixels.device) for k, v in batch.items()}, "pixels": pixels}
+    images = pixels if isinstance(pixels, dict) else {"pixels": pixels}
+    dev = images["pixels"].device
+    batch = tokenizer.prompts(images["pixels"].shape[0])
+    return {**{k: v.to(dev) for k, v in batch.items()}, **images}
 
 
 def _cut(ids: list[int], eos: set[int]) -> list[int]:
@@ -124,7 +127,8 @@ def beam_search(model: Model, batch: dict[str, torch.Tensor], beams: int = 3, ma
     return [(_cut(ids[b * K + int(best[b])].tolist(), eos), float(scores[b, best[b]])) for b in range(B)]
 
 
-def generate(model: Model, tokenizer: PromptTokenizer, pixels: torch.Tensor, instruction: str | None = None,
+def generate(model: Model, tokenizer: PromptTokenizer, pixels: torch.Tensor | dict[str, torch.Tensor],
+             instruction: str | None = None,
              beams: int = 1, max_new_tokens: int = MAX_NEW_TOKENS, length_penalty: float = 1.0) -> list[Generated]:
     """Answers for a batch of preprocessed images; ``beams == 1`` is greedy decoding."""
     if not model.supports("decoder"):

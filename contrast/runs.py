@@ -30,7 +30,7 @@ from torch import nn
 
 from contrast.config import Config, DecoderConfig, ImageTowerConfig, ModelConfig, load_config
 from contrast.data.lm_fetch import lm_folder
-from contrast.data.transforms import build_transform
+from contrast.data.transforms import model_transform
 from contrast.decoders import HFCodec, HFLanguageModel
 from contrast.errors import CheckpointError
 from contrast.models import Blip2Stage1, CaptionLM, Model, Parts, build_model, own_lm
@@ -221,7 +221,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, C
     ``preprocess(PIL.Image) -> (3, H, W)``, ``tokenizer(list[str]) -> token ids``."""
     cfg, ckpt = load_config_of(path)
     model = _restore(cfg, ckpt, device)
-    return model, build_transform(cfg.model.image), text_tokenizer(cfg, model)
+    return model, model_transform(cfg.model), text_tokenizer(cfg, model)
 
 
 def text_tokenizer(cfg: Config, model: Model) -> Callable:

@@ -162,13 +162,13 @@ def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_im
     with torch.no_grad():
         bare = model.lm.hf(input_ids=batch["input_ids"], attention_mask=mask).logits
         h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
-                               model.cross_hook(model.visual_tokens(batch["pixels"]), batch["image_rows"]))
+                               model.cross_hook(model.visual_tokens(batch["pixels"]), None, batch["image_rows"]))
         assert torch.equal(model.lm.logits(h)[mask.bool()], bare[mask.bool()])
         for blk in model.xattn.values():
             blk.gate_attn.fill_(1.0)
             blk.gate_mlp.fill_(1.0)
         h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
-                               model.cross_hook(model.visual_tokens(batch["pixels"]), batch["image_rows"]))
+                               model.cross_hook(model.visual_tokens(batch["pixels"]), None, batch["image_rows"]))
         opened = model.lm.logits(h)
     before = mask.bool() & ~batch["image_rows"]  # the system turn and the user turn's start: no image to read
     assert before.sum() > 5
@@ -367,3 +367,43 @@ def test_bad_decoder_inputs_are_one_line_errors(tmp_path, capsys):
     assert main(["train", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "contrast: error:" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+# --------------------------------------------------------------------------------------------------- tiled images
+
+
+def test_tiled_cross_attention_reads_real_tiles_only(lm_dirs, tmp_path):
+    from PIL import Image
+
+    from contrast.data.collate import stack_images
+    from contrast.data.transforms import model_transform
+
+    cfg = _cfg(lm_dirs["llama"], mode="xattn", steps=2)
+    cfg.model.bridge.max_num_tiles = 4
+    model = _model(cfg)
+    tf = model_transform(cfg.model)
+    images = [Image.new("RGB", size, colour) for size, colour in (((64, 16), (250, 0, 0)), ((16, 16), (0, 250, 0)),
+                                                                   ((20, 40), (0, 0, 250)))]
+    batch = {**model.text_tokenizer()(CAPTIONS), **stack_images([tf(im) for im in images])}
+    assert batch["pixels"].shape == (3, 4, 3, 16, 16)
+    assert batch["tile_mask"].sum(1).tolist() == [4, 1, 2]  # a 1x4 strip, one tile, a 2x1 column
+    with torch.no_grad():
+        for blk in model.xattn.values():
+            blk.gate_attn.fill_(1.0)
+            blk.gate_mlp.fill_(1.0)
+        model.tile_embed.weight.normal_()
+        out = model(batch).lm.logits
+        noisy = dict(batch, pixels=batch["pixels"].clone())
+        noisy["pixels"][~batch["tile_mask"]] = torch.randn_like(noisy["pixels"][~batch["tile_mask"]])
+        torch.testing.assert_close(model(noisy).lm.logits, out)  # padded tiles are never read
+        other = dict(batch, aspect_ratio_ids=batch["aspect_ratio_ids"].flip(0))
+        assert not torch.allclose(model(other).lm.logits, out)  # the tiles' places in their grid matter
+    cached = [ids for ids, _ in greedy(model, prompt_batch(model.text_tokenizer(), {k: batch[k] for k in (
+        "pixels", "tile_mask", "aspect_ratio_ids")}), 6)]
+    assert cached == greedy_uncached(model, prompt_batch(model.text_tokenizer(), {k: batch[k] for k in (
+        "pixels", "tile_mask", "aspect_ratio_ids")}), 6)
+    run = train(cfg, tmp_path / "tiled", progress=False)  # the training data path tiles the built-in images
+    assert run.step == 2 and load(run.run_dir)[1](images[0])["pixels"].shape == (4, 3, 16, 16)
+    cfg.model.bridge.mode = "unified"
+    with pytest.raises(ValueError, match="cross-attention bridge"):
+        build(cfg.model)

@@ -10,10 +10,9 @@ from __future__ import annotations
 import argparse
 import json
 
-import torch
-
 from contrast.cli.caption import _read_images
 from contrast.cli.common import device, user_errors
+from contrast.data.collate import stack_images
 from contrast.data.decode import SampleReader
 from contrast.errors import UserError
 from contrast.runs import load, load_config_of
@@ -36,7 +35,7 @@ def _generate(args: argparse.Namespace) -> int:
     paths, pixels = _read_images(args.images, preprocess, SampleReader.of(cfg.data))
     with user_errors():
         for lo in range(0, len(pixels), args.batch_size):
-            chunk = torch.stack(pixels[lo : lo + args.batch_size]).to(dev)
+            chunk = {k: v.to(dev) for k, v in stack_images(pixels[lo : lo + args.batch_size]).items()}
             found = generate(model, tokenizer, chunk, args.prompt, args.beams, args.max_new_tokens, args.length_penalty)
             for path, g in zip(paths[lo : lo + args.batch_size], found):
                 if args.json:

@@ -92,7 +92,8 @@ class ImageSamples:
         plan = self.transform.crop_plan(rng)  # the random crop, drawn on the full-size image as the decoder opens it
         img = load_image(row.get("image"), max_pixels=self.max_pixels, draft=plan or self.transform.decode_size)
         pixels = self.transform.pixels(img, rng, plan)  # uint8: normalised on the training device
-        sample = {"pixels": pixels, "caption": caption, "index": int(row.get("__index__", -1)), "note": note}
+        image = pixels if isinstance(pixels, dict) else {"pixels": pixels}  # a tiled image brings its tile mask and ratio
+        sample = {**image, "caption": caption, "index": int(row.get("__index__", -1)), "note": note}
         for k in self.keep:
             if k not in row:
                 raise ConfigError(f"data.group_column '{k}' is not a column of the training rows (they have "
@@ -109,6 +110,15 @@ class FeatureSamples:
         return {**row, "caption": caption, "note": note}
 
 
+IMAGE_KEYS = ("pixels", "aspect_ratio_ids", "tile_mask")  # what an image brings to a batch (tiled: the last two)
+
+
+def stack_images(images: Sequence[dict | torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Preprocessed images (tensors, or a tiled transform's dicts) -> ``{pixels, ...}`` stacked along a batch axis."""
+    items = [x if isinstance(x, dict) else {"pixels": x} for x in images]
+    return {k: torch.stack([x[k] for x in items]) for k in IMAGE_KEYS if k in items[0]}
+
+
 class Collator:
     """Samples -> ``{pixels (B, 3, H, W) uint8, input_ids, index}`` (a decoder's prompt tokenizer adds
     ``attention_mask``, ``labels``, ``visual_mask`` and ``image_rows``), and ``pair_ids`` (B, K) int64 hashes of each
@@ -119,8 +129,7 @@ class Collator:
 
     def __call__(self, samples: list[dict]) -> dict[str, torch.Tensor]:
         text = self.tokenizer([s["caption"] for s in samples])  # ids, or a prompt tokenizer's dict of (B, T) tensors
-        batch = {"pixels": torch.stack([s["pixels"] for s in samples]),
-                 "index": torch.tensor([s["index"] for s in samples]),
+        batch = {**stack_images(samples), "index": torch.tensor([s["index"] for s in samples]),
                  **(text if isinstance(text, dict) else {"input_ids": text})}
         if self.id_keys:
             batch["pair_ids"] = torch.tensor([[id_hash(s[k]) for k in self.id_keys] for s in samples],

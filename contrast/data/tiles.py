@@ -180,3 +180,30 @@ def tiled_features(tower_fn: Callable[[torch.Tensor], torch.Tensor], pixels: tor
         out = out.index_copy(0, real, feats)
     context_mask = tile_mask[:, :, None].expand(b, t, n_tok).reshape(b, t * n_tok)  # (B, T*N)
     return out.reshape(b, t * n_tok, dim), context_mask  # (B, T*N, D)
+
+
+class TileTransform:
+    """The transform of a tiled model: ``pixels(img)`` -> ``{pixels: uint8 (T, 3, S, S), aspect_ratio_ids: (), tile_mask:
+    (T,)}`` (the whole image tiled, no random crop: tiling is about keeping its shape), ``tf(img)`` the same with the
+    pixels normalised. It stands where :class:`~contrast.data.transforms.ImageTransform` stands in the data path."""
+
+    views = 0
+    decode_size = None
+
+    def __init__(self, cfg, max_num_tiles: int):
+        _check_sizes(int(cfg.image_size), max_num_tiles)
+        self.size, self.max_num_tiles = int(cfg.image_size), int(max_num_tiles)
+        self.mean = torch.as_tensor(cfg.mean, dtype=torch.float32).view(-1, 1, 1)
+        self.std = torch.as_tensor(cfg.std, dtype=torch.float32).view(-1, 1, 1)
+
+    def crop_plan(self, rng) -> None:
+        return None
+
+    def pixels(self, img, rng=None, plan=None) -> dict[str, torch.Tensor]:
+        t = tile_image(img, self.size, self.max_num_tiles)
+        mask = aspect_ratio_mask(torch.tensor([t.num_tiles]), self.max_num_tiles)[0]
+        return {"pixels": t.pixels, "aspect_ratio_ids": torch.tensor(t.aspect_ratio_id), "tile_mask": mask}
+
+    def __call__(self, img, rng=None) -> dict[str, torch.Tensor]:
+        out = self.pixels(img)
+        return {**out, "pixels": out["pixels"].float().div_(255).sub_(self.mean).div_(self.std)}

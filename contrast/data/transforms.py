@@ -133,6 +133,17 @@ def build_transform(cfg: ImageTowerConfig, augment: AugmentConfig | None = None)
     return ImageTransform(cfg, augment)
 
 
+def model_transform(model_cfg, augment: AugmentConfig | None = None):
+    """The transform a model's images take: a tiled cross-attention decoder's (``model.bridge.max_num_tiles`` > 1:
+    :class:`~contrast.data.tiles.TileTransform`), else the tower's."""
+    tiles = model_cfg.bridge.max_num_tiles if model_cfg.kind == "decoder" else 1
+    if tiles > 1:
+        from contrast.data.tiles import TileTransform
+
+        return TileTransform(model_cfg.image, tiles)
+    return build_transform(model_cfg.image, augment)
+
+
 def _check_augment(a: AugmentConfig) -> None:
     lo, hi = a.scale
     if not 0 < lo <= hi <= 1:

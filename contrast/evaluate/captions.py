@@ -14,6 +14,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from contrast.data.collate import stack_images
 from contrast.data.decode import SampleReader, describe_cell
 from contrast.evaluate.retrieval import undecoded
 from contrast.models import Model
@@ -36,7 +37,7 @@ def caption_batches(dataset: Any, preprocess: Callable, tokenizer: Callable, rea
                 pixels.append(preprocess(img))
                 captions.append(text)
         if captions:
-            yield {**tokenizer(captions), "pixels": torch.stack(pixels)}
+            yield {**tokenizer(captions), **stack_images(pixels)}
 
 
 @torch.no_grad()

@@ -19,6 +19,7 @@ from torch import nn
 
 from contrast.bridges import GatedCrossAttention, MultiLayerTaps, UnifiedBridge
 from contrast.config import DecoderModelConfig
+from contrast.data.tiles import supported_aspect_ratios, tiled_features
 from contrast.decoders import Codec, LanguageModel, LayerHook, PromptTokenizer
 from contrast.models.decoding import DecoderModel, check_trainable, null_prompt, resolve_stage
 from contrast.towers import ImageTower
@@ -63,7 +64,16 @@ class VisionLanguageDecoder(DecoderModel):
             self.bridge = MultiLayerTaps(self._widths(list(b.taps)), W, b.taps)
             at = xattn_layers(list(b.xattn_layers), b.xattn_every, lm.num_layers)
             self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W) for i in at})
-        self.num_visual_tokens = self._count_visual_tokens()
+        self.num_visual_tokens = self._count_visual_tokens()  # per image, or per tile of a tiled one
+        if b.max_num_tiles < 1:
+            raise ValueError(f"model.bridge.max_num_tiles must be >= 1, got {b.max_num_tiles}")
+        self.tiles = b.max_num_tiles > 1
+        if self.tiles:
+            if self.splices:
+                raise ValueError("model.bridge.max_num_tiles is for the cross-attention bridge (mode xattn); the unified "
+                                 "bridge reads one image per sample")
+            self.tile_embed = nn.Embedding((len(supported_aspect_ratios(b.max_num_tiles)) + 1) * b.max_num_tiles, W)
+            nn.init.zeros_(self.tile_embed.weight)
         if not self.use_images:
             std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
             self.null = null_prompt(self.num_visual_tokens, W, std)
@@ -142,16 +152,34 @@ class VisionLanguageDecoder(DecoderModel):
         return self.bridge(self.visual_features(pixels))
 
     def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if self.use_images and self.tiles:
+            return self.tiled_context(batch)
         if self.use_images:
             return self.visual_tokens(batch["pixels"])
         B = batch["input_ids"].shape[0]
         return self.null[None].expand(B, -1, -1)
 
-    def cross_hook(self, context: torch.Tensor, rows: torch.Tensor) -> LayerHook:
+    def context_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        if not (self.tiles and self.use_images):
+            return None
+        return batch["tile_mask"].repeat_interleave(self.num_visual_tokens, dim=1)  # (B, T * N)
+
+    def cross_hook(self, context: torch.Tensor, context_mask: torch.Tensor | None, rows: torch.Tensor) -> LayerHook:
+        keys = context_mask[:, None, None, :] if context_mask is not None else None  # (B, 1, 1, N): real positions
+
         def hook(i: int, h: torch.Tensor) -> torch.Tensor:
             blk = self.xattn[str(i)] if str(i) in self.xattn else None
-            return h if blk is None else blk(h, context.to(h.dtype), None, rows[:, -h.shape[1]:])
+            return h if blk is None else blk(h, context.to(h.dtype), keys, rows[:, -h.shape[1]:])
         return hook
+
+    def tiled_context(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(B, T * N, W): every real tile's context tokens (the tower runs on those only), plus a learned embedding of
+        the tile's place in its grid (zero at initialisation), as Mllama conditions tiles on the aspect ratio."""
+        mask = batch["tile_mask"]  # (B, T)
+        feats, _ = tiled_features(self.visual_features, batch["pixels"], mask)  # (B, T * N, D)
+        B, T = mask.shape
+        place = batch["aspect_ratio_ids"][:, None] * T + torch.arange(T, device=mask.device)  # (B, T)
+        return self.bridge(feats) + self.tile_embed(place).repeat_interleave(self.num_visual_tokens, dim=1)
 
     def bridge_state(self) -> dict[str, torch.Tensor]:
         """The bridge's tensors (projector / taps + gated cross-attention), exported beside the tower."""

@@ -56,6 +56,7 @@ class DecodeState:
     attention_mask: torch.Tensor  # (B, past)
     context: torch.Tensor | None  # (B, N, W) cross-attention context (xattn), None otherwise
     rows: torch.Tensor  # (B, past) the positions that may attend to the image
+    context_mask: torch.Tensor | None = None  # (B, N) real context positions (tiled images), None: all
 
 
 class DecoderModel(Model):
@@ -70,20 +71,27 @@ class DecoderModel(Model):
         """(B, N, W): the visual tokens / soft prompt / cross-attention context of the batch's images, or None."""
         return None
 
-    def cross_hook(self, context: torch.Tensor, rows: torch.Tensor) -> LayerHook | None:
+    def context_mask(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        """(B, N) bool: the cross-attention context positions that are real (tiled images: not padding), or None."""
         return None
 
-    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, LayerHook | None, torch.Tensor | None]:
+    def cross_hook(self, context: torch.Tensor, context_mask: torch.Tensor | None, rows: torch.Tensor
+                   ) -> LayerHook | None:
+        return None
+
+    def _inputs(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, LayerHook | None, torch.Tensor | None,
+                                                               torch.Tensor | None]:
         x = self.lm.embed(batch["input_ids"])  # (B, T, W)
         visual = self.visual_input(batch)
         if visual is None:
-            return x, None, None
+            return x, None, None, None
         if self.splices:
-            return splice(x, visual, batch["visual_mask"]), None, None
-        return x, self.cross_hook(visual, batch["image_rows"]), visual
+            return splice(x, visual, batch["visual_mask"]), None, None, None
+        cmask = self.context_mask(batch)
+        return x, self.cross_hook(visual, cmask, batch["image_rows"]), visual, cmask
 
     def forward(self, batch: dict[str, torch.Tensor]) -> ModelOutput:
-        x, hook, _ = self._inputs(batch)
+        x, hook, _, _ = self._inputs(batch)
         h, _ = self.lm.hidden(x, batch["attention_mask"], hook)
         return ModelOutput(lm=answer_output(h, batch["labels"], self.lm.logits))
 
@@ -98,10 +106,10 @@ class DecoderModel(Model):
     @torch.no_grad()
     def prefill(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, DecodeState]:
         """Run the (left-padded) prompts; returns the next-token logits (B, V) and the state to extend."""
-        x, hook, context = self._inputs(batch)
+        x, hook, context, cmask = self._inputs(batch)
         mask = batch["attention_mask"]
         h, cache = self.lm.hidden(x, mask, hook, use_cache=True)
-        return self.lm.logits(h[:, -1]).float(), DecodeState(cache, mask, context, batch["image_rows"])
+        return self.lm.logits(h[:, -1]).float(), DecodeState(cache, mask, context, batch["image_rows"], cmask)
 
     @torch.no_grad()
     def extend(self, state: DecodeState, ids: torch.Tensor) -> tuple[torch.Tensor, DecodeState]:
@@ -109,14 +117,16 @@ class DecoderModel(Model):
         ones = torch.ones_like(ids)[:, None]
         mask = torch.cat([state.attention_mask, ones], dim=1)
         rows = torch.cat([state.rows, ones.bool()], dim=1)
-        hook = self.cross_hook(state.context, rows) if state.context is not None else None
+        hook = self.cross_hook(state.context, state.context_mask, rows) if state.context is not None else None
         h, cache = self.lm.hidden(self.lm.embed(ids[:, None]), mask, hook, cache=state.cache, use_cache=True)
-        return self.lm.logits(h[:, -1]).float(), DecodeState(cache, mask, state.context, rows)
+        return self.lm.logits(h[:, -1]).float(), DecodeState(cache, mask, state.context, rows, state.context_mask)
 
     def reorder(self, state: DecodeState, rows: torch.Tensor) -> DecodeState:
         """The state of batch rows ``rows`` (beam search keeps the best continuations)."""
         ctx = state.context[rows] if state.context is not None else None
-        return DecodeState(self.lm.reorder_cache(state.cache, rows), state.attention_mask[rows], ctx, state.rows[rows])
+        cmask = state.context_mask[rows] if state.context_mask is not None else None
+        return DecodeState(self.lm.reorder_cache(state.cache, rows), state.attention_mask[rows], ctx, state.rows[rows],
+                           cmask)
 
     @property
     def eos_token_ids(self) -> tuple[int, ...]:

@@ -31,7 +31,7 @@ from contrast.data.stream import (
     decode_plans,
     encode_plans,
 )
-from contrast.data.transforms import build_transform, normalise_batch
+from contrast.data.transforms import model_transform, normalise_batch
 from contrast.errors import CheckpointError
 from contrast.features import build_feature_data
 from contrast.tokenizer import TrimmedTokenizer
@@ -115,7 +115,7 @@ def build_spec(cfg: Config, tokenizer: Callable, split: str, dist: D.DistInfo, p
         exact = cfg.model.text.kind == "clip" and cfg.model.text.causal and not cfg.model.text.tokenizer  # BPE only
         keys = pair_id_keys(cfg)  # loss.positives: the caption / group column hashed into pair_ids
         collate = Collator(TrimmedTokenizer(tokenizer) if exact else tokenizer, keys)
-        prepare = ImageSamples(build_transform(cfg.model.image, cfg.data.augment), cfg.data.max_image_pixels, keys)
+        prepare = ImageSamples(model_transform(cfg.model, cfg.data.augment), cfg.data.max_image_pixels, keys)
     _check_size(sources, t.batch_size * dist.world_size, dist.world_size * per_rank)
     return StreamSpec(_stream_factory(sources, weights, cfg, dist), prepare, collate, t.batch_size, t.seed, dist.rank,
                       dist.world_size, per_rank, offset, cfg.data.strict)
