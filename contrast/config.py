@@ -112,6 +112,9 @@ class DecoderConfig:
     chat: str = "auto"  # auto (the tokenizer's chat template when it has one) | always (required) | never
     max_length: int = 64  # most tokens of a sample: prompt (visual tokens included) + answer
     stage: str = "auto"  # align (bridge only) | finetune (bridge + LM) | auto (finetune a fresh own LM, else align)
+    lora_rank: int = 0  # finetune: above 0, low-rank adapters of this rank train instead of the LM's own weights
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])  # LM linear layers given adapters
     previous_stage: str | None = None  # a run of an earlier stage: its trained tensors start this one
 
 

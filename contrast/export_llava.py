@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from contrast.decoders import HFLanguageModel
+from contrast.decoders.lora import merged_weight
 from contrast.export import ExportError, ExportReport, _check, _hf_preprocessor, _write_preprocess_note
 from contrast.models.decoder import VisionLanguageDecoder
 from contrast.towers.convert import hf_clip_problems, vit_to_hf_clip
@@ -112,6 +113,10 @@ def _load(llava, model: VisionLanguageDecoder, vision_sd: dict[str, torch.Tensor
             theirs.bias.copy_(ours.bias)
         hf = model.lm.hf
         lm_sd = dict(hf.base_model.state_dict())
+        where = {id(m): n for n, m in hf.base_model.named_modules()}
+        for key, adapter in model.lora.items():  # low-rank adapters folded into their layers' weights
+            layer = model.lm.get_submodule(key.replace("__", "."))
+            lm_sd[f"{where[id(layer)]}.weight"] = merged_weight(layer, adapter)
         emb_key = next(k for k, v in lm_sd.items() if v is hf.get_input_embeddings().weight or
                        v.data_ptr() == hf.get_input_embeddings().weight.data_ptr())
         lm_sd[emb_key] = _grown(lm_sd[emb_key], vocab)

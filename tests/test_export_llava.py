@@ -85,3 +85,15 @@ def test_what_llava_cannot_hold_is_refused(lm, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(tmp_path / "nothing"), "--format", "llava", "--out",
                  str(tmp_path / "z")]) == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+def test_llava_export_folds_lora_adapters_into_the_lm(lm, tmp_path):
+    cfg = _cfg(lm)
+    cfg.model.bridge.decoder.stage, cfg.model.bridge.decoder.lora_rank = "finetune", 2
+    torch.manual_seed(0)
+    model = build(cfg.model).eval()
+    with torch.no_grad():
+        for adapter in model.lora.values():
+            adapter.B.normal_(std=0.5)
+    report = export_llava(model, tmp_path / "llava")  # reloaded logits checked against the adapted model
+    assert report.checks["next_token_logits"] < 1e-5

@@ -407,3 +407,32 @@ def test_tiled_cross_attention_reads_real_tiles_only(lm_dirs, tmp_path):
     cfg.model.bridge.mode = "unified"
     with pytest.raises(ValueError, match="cross-attention bridge"):
         build(cfg.model)
+
+
+def test_lora_adapters_start_as_the_bare_lm_and_train_alone(lm_dirs, tmp_path):
+    from contrast.decoders.lora import merged_weight
+
+    cfg = _cfg(lm_dirs["qwen2"], steps=3, stage="finetune", lora_rank=4)
+    model = _model(cfg)
+    assert _trainable(model) == _names(model, "bridge", "image", "lora") and len(model.lora) == 4  # q, v x 2 layers
+    ids = torch.randint(3, 250, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(model.lm.logits(model.lm.hidden(model.lm.embed(ids))[0]),
+                                   model.lm.hf(input_ids=ids).logits, rtol=0, atol=0)  # B = 0: the bare LM
+    result = train(cfg, tmp_path / "lora", progress=False)
+    saved = read_weights(resolve(result.run_dir) / "model.safetensors")
+    assert {k.split(".")[0] for k in saved} == {"bridge", "image", "lora"}  # the LM is read from its folder
+    trained, _, _ = load(result.run_dir)
+    fresh = _model(cfg)
+    for name, p in trained.lm.state_dict().items():
+        assert torch.equal(p, fresh.lm.state_dict()[name])
+    key, adapter = next(iter(trained.lora.items()))
+    assert adapter.B.abs().max() > 0  # the adapters moved
+    layer = trained.lm.get_submodule(key.replace("__", "."))
+    x = torch.randn(3, layer.in_features)
+    with torch.no_grad():  # the merged weight computes what the hooked layer computes
+        torch.testing.assert_close(layer(x), x @ merged_weight(layer, adapter).t() + layer.bias, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="finetune stage"):
+        build(_cfg(lm_dirs["qwen2"], stage="align", lora_rank=4).model)
+    with pytest.raises(ValueError, match="no linear layer"):
+        build(_cfg(lm_dirs["gpt2"], stage="finetune", lora_rank=4).model)  # GPT-2's projections are Conv1D

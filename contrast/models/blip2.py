@@ -26,7 +26,7 @@ from torch import nn
 
 from contrast.config import Blip2ModelConfig, ModelConfig
 from contrast.decoders import Codec, LanguageModel, PromptTokenizer
-from contrast.models.decoding import DecoderModel, check_trainable, null_prompt, resolve_stage
+from contrast.models.decoding import DecoderModel, check_trainable, null_prompt
 from contrast.models.lm import packed_targets, trim_padding
 from contrast.models.outputs import ITMOutput, LMOutput, Model, ModelOutput, clamped_scale, unit
 from contrast.models.qformer import QFormer
@@ -199,11 +199,9 @@ class Blip2Stage2(DecoderModel):
         if not self.use_images:
             std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
             self.null = null_prompt(self.qformer.num_queries, lm.width, std)
-        self.stage = resolve_stage(cfg.blip2.decoder.stage, fresh_lm=False)  # BLIP-2 keeps its LM frozen by default
-        if self.stage == "align":
-            self.lm.requires_grad_(False)
+        self.lm_frozen = self.set_stage(cfg.blip2.decoder, fresh_lm=False)  # BLIP-2 keeps its LM frozen by default
         self.rebuilt_prefixes = tuple(p for p, rebuilt in (
-            ("lm.", lm_pretrained and self.stage == "align"),
+            ("lm.", lm_pretrained and self.lm_frozen),
             ("tower.", bool(cfg.blip2.stage1 or cfg.blip2.tower))) if rebuilt)
         check_trainable(self, f"model.blip2.decoder.stage {self.stage}")
 
@@ -218,7 +216,7 @@ class Blip2Stage2(DecoderModel):
     def train(self, mode: bool = True) -> Blip2Stage2:
         super().train(mode)
         self.tower.eval()
-        if self.stage == "align":
+        if self.lm_frozen:
             self.lm.eval()
         return self
 

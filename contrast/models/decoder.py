@@ -21,7 +21,7 @@ from contrast.bridges import GatedCrossAttention, MultiLayerTaps, UnifiedBridge
 from contrast.config import DecoderModelConfig
 from contrast.data.tiles import supported_aspect_ratios, tiled_features
 from contrast.decoders import Codec, LanguageModel, LayerHook, PromptTokenizer
-from contrast.models.decoding import DecoderModel, check_trainable, null_prompt, resolve_stage
+from contrast.models.decoding import DecoderModel, check_trainable, null_prompt
 from contrast.towers import ImageTower
 
 MODES = ("unified", "xattn")
@@ -77,10 +77,10 @@ class VisionLanguageDecoder(DecoderModel):
         if not self.use_images:
             std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
             self.null = null_prompt(self.num_visual_tokens, W, std)
-        self.stage = resolve_stage(d.stage, fresh_lm=not lm_pretrained)
+        self.lm_frozen = self.set_stage(d, fresh_lm=not lm_pretrained)
         self._freeze(cfg)
         self.rebuilt_prefixes = tuple(p for p, rebuilt in (
-            ("lm.", lm_pretrained and self.stage == "align"),
+            ("lm.", lm_pretrained and self.lm_frozen),
             ("image.", tower_frozen and not cfg.image.unlocked_groups)) if rebuilt)
         check_trainable(self, f"model.bridge.decoder.stage {self.stage}")
 
@@ -110,8 +110,6 @@ class VisionLanguageDecoder(DecoderModel):
             self.image.requires_grad_(False)
             if cfg.image.unlocked_groups:
                 self.image.lock(cfg.image.unlocked_groups)
-        if self.stage == "align":
-            self.lm.requires_grad_(False)
 
     @property
     def image_tower(self) -> ImageTower:
@@ -130,8 +128,8 @@ class VisionLanguageDecoder(DecoderModel):
         super().train(mode)
         if self.tower_frozen and not self.cfg.image.unlocked_groups:
             self.image.eval()
-        if self.stage == "align":
-            self.lm.eval()  # frozen: no dropout
+        if self.lm_frozen:
+            self.lm.eval()  # frozen (align, or adapters only): no dropout
         return self
 
     def text_tokenizer(self) -> PromptTokenizer:

@@ -16,7 +16,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from contrast.config import DecoderConfig
 from contrast.decoders import Codec, LanguageModel, LayerHook
+from contrast.decoders.lora import attach_lora
 from contrast.models.lm import answer_output
 from contrast.models.outputs import Model, ModelOutput
 
@@ -66,6 +68,21 @@ class DecoderModel(Model):
     lm: LanguageModel
     codec: Codec
     splices = True  # visual inputs are written at placeholder positions (False: read by cross-attention)
+
+    def set_stage(self, d: DecoderConfig, fresh_lm: bool) -> bool:
+        """Apply the decoder's stage preset to the LM: ``align`` freezes it, ``finetune`` trains it, or with
+        ``lora_rank`` > 0 freezes it and trains low-rank adapters (``self.lora``). Returns whether the LM's own
+        weights are frozen."""
+        self.stage = resolve_stage(d.stage, fresh_lm)
+        if d.lora_rank and self.stage != "finetune":
+            raise ValueError(f"the decoder's lora_rank is for the finetune stage; this one is {self.stage} (set the "
+                             "decoder's stage: finetune, or lora_rank: 0)")
+        frozen = self.stage == "align" or d.lora_rank > 0
+        if frozen:
+            self.lm.requires_grad_(False)
+        self.lora = attach_lora(self.lm, d.lora_rank, d.lora_alpha, list(d.lora_targets)) if d.lora_rank > 0 \
+            else nn.ModuleDict()
+        return frozen
 
     def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
         """(B, N, W): the visual tokens / soft prompt / cross-attention context of the batch's images, or None."""

@@ -13,6 +13,8 @@ from contrast.config import TrainConfig
 
 
 def tower_of(name: str) -> str:
+    if name.startswith(("lora.", "module.lora.")):  # a decoder model's low-rank adapters tune its language model
+        return "lm"
     for tower in ("image", "text", "lm"):  # "lm": a decoder model's language model
         if name.startswith(f"{tower}.") or name.startswith(f"module.{tower}."):
             return tower

@@ -38,7 +38,7 @@ print(json.dumps({"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_max
 """
 
 
-def prerequisites(runs: Path, bridges: list[str]) -> dict[str, str]:
+def prerequisites(runs: Path, bridges: list[str], stage1_steps: int | None = None) -> dict[str, str]:
     """The emoji sets, SmolLM2 and the runs the recipes start from (made when missing)."""
     from contrast.data.emoji import fetch_emoji
     from contrast.data.lm_fetch import fetch_lm
@@ -47,7 +47,8 @@ def prerequisites(runs: Path, bridges: list[str]) -> dict[str, str]:
              "lm": str(fetch_lm("smollm2-135m-instruct"))}
     needs = [("lit", "recipes/lit_emoji.yaml", [])]
     if "blip2" in bridges:
-        needs.append(("stage1", "recipes/blip2_stage1_emoji.yaml", [f"model.blip2.tower={runs / 'lit'}"]))
+        steps = [f"train.steps={stage1_steps}"] if stage1_steps else []
+        needs.append(("stage1", "recipes/blip2_stage1_emoji.yaml", [f"model.blip2.tower={runs / 'lit'}", *steps]))
     for name, recipe, sets in needs:
         out = runs / name
         if not (out / "checkpoints" / "latest").is_file():
@@ -105,12 +106,13 @@ def main() -> None:
     p.add_argument("--runs", default="runs/vlm_bench")
     p.add_argument("--bridges", default="unified,xattn,blip2")
     p.add_argument("--steps", type=int, default=None, help="train.steps of every run (default: the recipes')")
+    p.add_argument("--stage1-steps", type=int, default=None, help="train.steps of the BLIP-2 stage-1 run")
     p.add_argument("--limit", type=int, default=0, help="held-out rows scored (0: all 465)")
     args = p.parse_args()
     bridges = args.bridges.split(",")
     runs = Path(args.runs).resolve()
     runs.mkdir(parents=True, exist_ok=True)
-    paths = prerequisites(runs, bridges)
+    paths = prerequisites(runs, bridges, args.stage1_steps)
     common = [f"data.source={paths['google']}"] + ([f"train.steps={args.steps}"] if args.steps else [])
     rows, bare = [], None
     for b in bridges:
