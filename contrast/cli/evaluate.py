@@ -120,14 +120,37 @@ def _run_retrieval(args, cfg, model, preprocess, tokenizer) -> list:
     for task in tasks:
         data_cfg = cfg.data if task.data == "synthetic" else dataclasses.replace(cfg.data, source=task.data)
         with _user_errors():
-            ds = retrieval_dataset(task, cfg.data, cfg.model.image.image_size)
-            r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=task.group_by,
-                                   rerank_itm=args.rerank_itm, batch_size=args.batch_size,
-                                   device=device(args.device), reader=SampleReader.of(data_cfg))
+            r = _stream_retrieval(args, task, data_cfg, model, preprocess, tokenizer)
+            if r is None:
+                ds = retrieval_dataset(task, cfg.data, cfg.model.image.image_size)
+                r = evaluate_retrieval(model, preprocess, tokenizer, ds, group_by=task.group_by,
+                                       rerank_itm=args.rerank_itm, batch_size=args.batch_size,
+                                       device=device(args.device), reader=SampleReader.of(data_cfg))
         r.update(data=task.data, split=task.split)
         _print_retrieval(task.name, r, args.rerank_itm)
         sections.append(Section("retrieval", task.name, r))
     return sections
+
+
+def _stream_retrieval(args, task, data_cfg, model, preprocess, tokenizer) -> dict | None:
+    """Retrieval on the webdataset shards of the task's split, streamed (None when its data is not shards)."""
+    from contrast.data.decode import SampleReader
+    from contrast.data.sources import captions_per_line, shard_units
+    from contrast.errors import UserError
+    from contrast.evaluate.retrieval import evaluate_retrieval_stream
+
+    if task.data == "synthetic" or (not Path(task.data).expanduser().exists() and "{" not in task.data):
+        return None
+    units = shard_units(data_cfg, task.split)
+    if units is None:
+        return None
+    if args.rerank_itm or task.group_by:
+        raise UserError(f"{task.data} holds webdataset shards, read as a stream with one image per sample: drop "
+                        "--rerank-itm and --group-by for them")
+    rows = (row for unit in units for row in unit.rows(0, 1))
+    return evaluate_retrieval_stream(model, preprocess, tokenizer, rows, limit=task.limit, batch_size=args.batch_size,
+                                     device=device(args.device), reader=SampleReader.of(data_cfg),
+                                     split_lines=captions_per_line(data_cfg))
 
 
 def _retrieval(args: argparse.Namespace) -> int:
@@ -199,11 +222,13 @@ def _common(p: argparse.ArgumentParser, batch_size: int = 256) -> None:
 
 def _retrieval_args(p: argparse.ArgumentParser, data_required: bool) -> None:
     p.add_argument("--data", help="synthetic, a Karpathy-split JSON (dataset_coco.json, dataset_flickr30k.json), a "
-                   "folder with captions.jsonl/csv, a .parquet/.arrow file or a save_to_disk folder"
+                   "folder with captions.jsonl/csv, a .parquet/.arrow file, a save_to_disk folder, or webdataset "
+                   "shards (a folder with train/val/test subfolders of .tar, streamed; a folder of .tar without them "
+                   "with --split all)"
                    + (" (or give --retrieval-task)" if data_required else " (default: the run's data source)"))
     p.add_argument("--retrieval-task", nargs="+", metavar="TASK",
                    help="retrieval task file(s), e.g. eval/tasks/coco_karpathy.yaml (--data replaces their data)")
-    p.add_argument("--split", help="train | val | test (Karpathy JSON: also restval; default: the run's "
+    p.add_argument("--split", help="train | val | test | all (Karpathy JSON: also restval; default: the run's "
                    "data.eval_split)")
     p.add_argument("--images", help="Karpathy JSON: the folder its image paths are relative to (default: its folder)")
     p.add_argument("--max-captions", type=int, default=5,

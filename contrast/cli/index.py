@@ -19,9 +19,21 @@ from contrast.index.model import (
 )
 
 
+def _split(args: argparse.Namespace) -> str:
+    """``--split``, by default ``test``, or ``all`` for shards without split subfolders (one collection)."""
+    from contrast.data.sources import has_splits
+
+    return args.split or ("test" if has_splits(args.data) else "all")
+
+
+SPLIT_CHOICES = ["train", "val", "test", "all"]
+SPLIT_HELP = ("the split to index (all: every row; default test, or all for webdataset shards without train/val/test "
+              "subfolders, which are one collection)")
+
+
 def _build(args: argparse.Namespace) -> int:
     with user_errors():
-        ix = build_from_checkpoint(args.checkpoint, args.data, args.out, split=args.split, modality=args.modality,
+        ix = build_from_checkpoint(args.checkpoint, args.data, args.out, split=_split(args), modality=args.modality,
                                    factory=args.factory, on_disk=args.on_disk, memory_gib=args.memory,
                                    target_recall=args.target_recall, rerank=args.rerank, batch_size=args.batch_size,
                                    shard_size=args.shard_size, device=device(args.device), precision=args.precision,
@@ -44,7 +56,7 @@ def _build(args: argparse.Namespace) -> int:
 def _add(args: argparse.Namespace) -> int:
     with user_errors():
         before = len(open_index(args.index))
-        ix = add_from_checkpoint(args.index, args.checkpoint, args.data, split=args.split, batch_size=args.batch_size,
+        ix = add_from_checkpoint(args.index, args.checkpoint, args.data, split=_split(args), batch_size=args.batch_size,
                                  device=device(args.device), precision=args.precision, workers=args.workers,
                                  progress=not args.no_progress)
     entry = ix.manifest.additions[-1] if ix.manifest.additions else {}
@@ -137,9 +149,10 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("--checkpoint", required=True, help="run directory or checkpoint step directory")
     b.add_argument("--data", required=True, metavar="SOURCE",
                    help="synthetic | a folder with captions.jsonl/csv | a .parquet/.arrow file or folder | "
-                        "webdataset shards (a folder with train/val/test subfolders of .tar)")
+                        "webdataset shards (a folder with train/val/test subfolders of .tar, or a folder of .tar "
+                        "without them, as img2dataset writes it)")
     b.add_argument("--out", required=True, metavar="INDEX_DIR")
-    b.add_argument("--split", default="test", choices=["train", "val", "test"])
+    b.add_argument("--split", default=None, choices=SPLIT_CHOICES, help=SPLIT_HELP)
     b.add_argument("--factory", default="Flat",
                    help="faiss index factory string: Flat (exact), HNSW32, IVF4096,SQ8, IVF4096,PQ64,Refine(SQ8), "
                         "OPQ64,IVF4096,PQ64,RFlat, ...; or auto (with --memory) to choose by size (default Flat)")
@@ -161,7 +174,7 @@ def add_cli(subparsers: argparse._SubParsersAction) -> None:
     a.add_argument("index", metavar="INDEX_DIR")
     a.add_argument("--checkpoint", required=True, help="the model the index was built with")
     a.add_argument("--data", required=True, metavar="SOURCE")
-    a.add_argument("--split", default="test", choices=["train", "val", "test"])
+    a.add_argument("--split", default=None, choices=SPLIT_CHOICES, help=SPLIT_HELP)
     _encoding_args(a)
     a.set_defaults(func=_add)
 

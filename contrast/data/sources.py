@@ -30,6 +30,7 @@ from contrast.data.units import TABLE_EXTS, TableUnit, TarUnit, expand_shards, t
 from contrast.errors import UserError
 
 SPLITS = ("train", "val", "test")
+ALL = "all"  # every row of a source: its splits together, or the whole of a source without splits
 
 
 class DataError(UserError, ValueError):
@@ -113,6 +114,8 @@ def _text(value: Any) -> str | None:
 
 
 def _split_rows(ds: Dataset, split: str) -> Dataset:
+    if split == ALL:
+        return ds
     n = len(ds)
     n_val = n_test = max(1, n // 20) if n >= 20 else 0
     bounds = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}
@@ -125,6 +128,8 @@ def _split_rows(ds: Dataset, split: str) -> Dataset:
 
 def _from_dict_or_split(obj: Dataset | DatasetDict, split: str, where: str) -> Dataset:
     if isinstance(obj, DatasetDict):
+        if split == ALL:
+            return datasets.concatenate_datasets(list(obj.values()))
         if split in obj:
             return obj[split]
         alias = {"val": "validation"}.get(split)
@@ -139,13 +144,18 @@ def load_source(cfg: DataConfig, split: str, image_size: int = ImageTowerConfig.
 
     ``image_size`` is the model's (``model.image.image_size``): the built-in set is drawn at it.
     """
-    if split not in SPLITS:
-        raise DataError(f"split must be one of {SPLITS}, got '{split}'")
+    if split not in (*SPLITS, ALL):
+        raise DataError(f"split must be one of {', '.join((*SPLITS, ALL))}, got '{split}'")
     if cfg.source == "synthetic":
+        if split == ALL:
+            return datasets.concatenate_datasets([_synthetic(cfg, s, image_size) for s in SPLITS])
         return _synthetic(cfg, split, image_size)
-    if not isinstance(cfg.source, str) or expand_shards(cfg.source) is not None:
-        raise DataError(f"{cfg.source} names webdataset shards, which training reads as a stream; evaluate on a "
-                        "captions folder, parquet files or a save_to_disk folder (e.g. the source the shards came from)")
+    if not isinstance(cfg.source, str) or expand_shards(cfg.source) is not None or shard_units(cfg, split):
+        raise DataError(f"{cfg.source} names webdataset shards, which are read as a stream, not as a table: train on "
+                        "them, evaluate retrieval on their val / test shards (eval.retrieval_split, contrast eval "
+                        "retrieval --data) or index them (contrast index build --data; --split all takes a folder "
+                        "without split subfolders whole); for this command use the source the shards came from "
+                        "(a captions folder, parquet files or a save_to_disk folder)")
     path = Path(cfg.source).expanduser()
     if not path.exists():
         raise DataError(
@@ -213,24 +223,46 @@ def open_rows(cfg: DataConfig, split: str, image_size: int, spec: str | list[str
     return RowSource(name, rows=Rows(load_source(dataclasses.replace(cfg, source=spec), split, image_size)))
 
 
+SPLIT_FOLDERS = ("train", "val", "validation", "test")  # the subfolders of shards that make a source's splits
+
+
+def _shard_split_folders(folder: Path) -> list[Path]:
+    return [folder / s for s in SPLIT_FOLDERS if (folder / s).is_dir() and any((folder / s).glob("*.tar"))]
+
+
+def has_splits(spec: str | list[str]) -> bool:
+    """False for webdataset shards without split subfolders (a flat folder as img2dataset writes it, a brace
+    pattern, a list): one collection, whose only split is ``all`` (training also reads it as ``train``)."""
+    if isinstance(spec, str) and Path(spec).expanduser().is_dir() and (
+            _shard_split_folders(Path(spec).expanduser()) or any((Path(spec).expanduser() / s).is_dir() for s in SPLITS)):
+        return True
+    return expand_shards(spec) is None
+
+
 def _split_shards(spec: str | list[str], split: str) -> list[str] | None:
-    """Tar shards of ``split``: a folder's ``split`` subfolder of shards, else the shards themselves (train only)."""
+    """Tar shards of ``split``: a folder's ``split`` subfolder of shards (``all``: of every split folder), else the
+    shards themselves (``all``, or ``train`` for training)."""
     if isinstance(spec, str) and Path(spec).expanduser().is_dir():
         folder = Path(spec).expanduser()
+        present = _shard_split_folders(folder)
+        if split == ALL and present:
+            return [s for d in present for s in expand_shards(str(d))]
         subs = [folder / s for s in (split, {"val": "validation"}.get(split, split))]
-        sub = next((d for d in subs if d.is_dir() and any(d.glob("*.tar"))), None)
+        sub = next((d for d in subs if d in present), None)
         if sub is not None:
             return expand_shards(str(sub))
-        if any(any((folder / s).glob("*.tar")) for s in SPLITS if (folder / s).is_dir()):
-            raise DataError(f"{folder} has split folders of .tar shards but none named '{split}'")
+        if present:
+            raise DataError(f"{folder} has split folders of .tar shards but none named '{split}' (it has "
+                            f"{', '.join(d.name for d in present)}); choose one of them, or all (--split all)")
         if any((folder / s).is_dir() for s in SPLITS):
             return None  # split folders of another kind (a save_to_disk DatasetDict, image folders)
     shards = expand_shards(spec)
     if shards is None:
         return None
-    if split != "train":
-        raise DataError(f"the shards {spec} are one training set without a '{split}' split; put train / val / test "
-                        "subfolders of shards in one folder to give it splits")
+    if split not in ("train", ALL):
+        raise DataError(f"the shards {spec} are one collection without train / val / test subfolders, so they have "
+                        f"no '{split}' split: take them whole with split 'all' (--split all), or put train / val / "
+                        "test subfolders of shards in one folder to give them splits")
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not Path(s).is_file()]
     if missing:
         raise DataError(f"{len(missing)} of {len(shards)} shards do not exist, e.g. {missing[0]}; fix data.source")
@@ -251,7 +283,8 @@ def _table_units(cfg: DataConfig, spec: Any, split: str) -> list[TableUnit] | No
     counts = [table_rows(f) for f in files]
     n = sum(counts)
     n_val = n_test = max(1, n // 20) if n >= 20 else 0
-    lo, hi = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n)}[split]
+    lo, hi = {"train": (0, n - n_val - n_test), "val": (n - n_val - n_test, n - n_test), "test": (n - n_test, n),
+              ALL: (0, n)}[split]
     units, start = [], 0
     for f, c in zip(files, counts):
         a, b = max(lo, start) - start, min(hi, start + c) - start
@@ -261,3 +294,18 @@ def _table_units(cfg: DataConfig, spec: Any, split: str) -> list[TableUnit] | No
     if not units:
         raise DataError(f"the '{split}' split of {spec} is empty ({n} rows in all)")
     return units
+
+
+def shard_units(cfg: DataConfig, split: str) -> list[TarUnit] | None:
+    """The tar shards of ``split`` of ``cfg.source`` as units to stream (None when the source is not shards)."""
+    shards = None if cfg.source == "synthetic" else _split_shards(cfg.source, split)
+    return None if shards is None else [TarUnit(s) for s in shards]
+
+
+def captions_per_line(cfg: DataConfig) -> bool:
+    """True for a CLIP_benchmark retrieval folder (``dataset_type.txt`` says retrieval): each sample's text holds
+    its image's captions, one a line."""
+    if not isinstance(cfg.source, str):
+        return False
+    kind = Path(cfg.source).expanduser() / "dataset_type.txt"
+    return kind.is_file() and kind.read_text(errors="replace").strip() == "retrieval"

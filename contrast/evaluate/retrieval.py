@@ -16,11 +16,15 @@ without any usable caption is left out too. The result counts them: ``skipped`` 
 Re-ranking (BLIP, Li et al. 2022, section 4.2): each query's top-k shortlist by embedding similarity is re-ordered
 by an image-text matching head. A model takes part when it offers ``itm_score(pixels, input_ids) -> (B,)`` match
 logits (models with the ``itm`` capability).
+
+Streams (webdataset shards, :func:`evaluate_retrieval_stream`): the samples are read once, in order, and only the
+embeddings of the first ``limit`` usable ones are kept; each sample is one image with its caption (several, one a
+line, in CLIP_benchmark's retrieval shards). The same bad-sample rules and counts apply.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -284,4 +288,91 @@ def evaluate_retrieval(
             }
     finally:
         model.train(was_training)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------- streams
+
+
+@dataclass
+class _Batch:
+    pixels: list = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    owners: list[int] = field(default_factory=list)  # image number of each caption
+
+
+def _sample_pairs(rows: Iterable[dict], preprocess: Callable, reader: SampleReader, limit: int, split_lines: bool,
+                  dropped: dict[str, int]) -> Iterator[tuple[torch.Tensor, list[str]]]:
+    """(pixels, captions) of each usable sample, at most ``limit`` (0: all); bad ones are counted (``reader.skips``;
+    the captions of unreadable images in ``dropped``) and left out. Captions are read first, as for tables."""
+    n = 0
+    for row in rows:
+        where = str(row.get("__key__", "a sample"))
+        raw = row.get("caption")
+        parts = raw.splitlines() if split_lines and isinstance(raw, str) else [raw]
+        captions = [c for c in (reader.caption(p, where) for p in parts) if c is not None]
+        if not captions:
+            dropped["images_without_captions"] += 1
+            continue
+        img = reader.image(row.get("image"), where)
+        if img is None:
+            dropped["captions_of_skipped_images"] += len(captions)
+            continue
+        yield preprocess(img), captions
+        n += 1
+        if limit and n >= limit:
+            return
+
+
+@torch.no_grad()
+def evaluate_retrieval_stream(
+    model: Any,
+    preprocess: Callable,
+    tokenizer: Callable,
+    rows: Iterable[dict],
+    *,
+    limit: int = 0,
+    ks: Sequence[int] = (1, 5, 10),
+    batch_size: int = 64,
+    device: str | torch.device = "cpu",
+    reader: SampleReader | None = None,
+    split_lines: bool = False,
+) -> dict[str, Any]:
+    """Retrieval metrics of ``model`` on a stream of samples (webdataset shards: ``image`` bytes and ``caption``
+    text, each sample its own image), read once and never listed: only the embeddings of the first ``limit`` usable
+    images (0: all) and their captions are kept. ``split_lines``: a caption text holds one caption per line
+    (CLIP_benchmark's retrieval shards). Bad samples are left out and counted as in :func:`evaluate_retrieval`."""
+    reader = reader if reader is not None else SampleReader()
+    was_training = model.training
+    model.eval()
+    img_embs, txt_embs, owners = [], [], []
+    n_images, dropped = 0, {"captions_of_skipped_images": 0, "images_without_captions": 0}
+
+    def flush(batch: _Batch) -> None:
+        img_embs.append(model.encode_image(torch.stack(batch.pixels).to(device)).float().cpu())  # (b, E)
+        ids = tokenizer(batch.captions)
+        txt_embs.append(model.encode_text(ids.to(device)).float().cpu())
+        owners.extend(batch.owners)
+
+    try:
+        batch = _Batch()
+        for pixels, captions in _sample_pairs(rows, preprocess, reader, limit, split_lines, dropped):
+            batch.pixels.append(pixels)
+            batch.captions.extend(captions)
+            batch.owners.extend([n_images] * len(captions))
+            n_images += 1
+            if len(batch.pixels) == batch_size:
+                flush(batch)
+                batch = _Batch()
+        if batch.pixels:
+            flush(batch)
+    finally:
+        model.train(was_training)
+    if not n_images:
+        raise ValueError(f"no usable image-caption pairs are in the retrieval data ({reader.skips.summary()})")
+    owner = torch.tensor(owners, dtype=torch.long)
+    result: dict[str, Any] = {"num_images": n_images, "num_texts": len(owners),
+                              "captions_grouped_by": "sample (the captions of one shard sample)",
+                              "definition": RETRIEVAL_DEFINITION, "skipped": reader.skips.as_dict(), **dropped}
+    result.update(retrieval_from_embeddings(torch.cat(img_embs), torch.cat(txt_embs), owner, ks, model.similarity))
     return result

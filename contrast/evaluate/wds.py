@@ -9,16 +9,21 @@ The layout (as written by ``clip_benchmark_export_wds`` and published as ``clip-
       zeroshot_classification_templates.txt   one template per line, {c} where the class name goes
       dataset_type.txt                        optional; "retrieval" folders hold captions instead of labels
 
-A split is read once into a ``datasets`` Dataset (an on-disk Arrow cache keyed by the shards' names, sizes and
-modification times, so memory does not grow with the data) with the columns ``image`` and the task's label column.
-``split: all`` reads the shards of every split folder.
+For the linear probe, which needs random access, a split is read once into a ``datasets`` Dataset (an on-disk
+Arrow cache keyed by the shards' names, sizes and modification times, so memory does not grow with the data) with
+the columns ``image`` and the task's label column. Zero-shot evaluation streams the shards instead
+(:class:`ShardRows`): read in order on every pass, never listed or copied. Streams also read the shards `contrast
+data shard` writes, whose labels are fields of each sample's ``.json``. ``split: all`` reads the shards of every
+split folder.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +115,44 @@ def load_wds_split(root: str | Path, split: str, label_column: str = "label", ca
     finally:
         if quiet:
             datasets.enable_progress_bars()
+
+
+def _meta(value: Any) -> dict:
+    """A sample's ``.json`` member as a dict ({} when it is missing or unreadable)."""
+    try:
+        meta = json.loads(value) if value is not None else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def stream_rows(shards: list[str], label_column: str) -> Iterator[dict]:
+    """The samples of ``shards``, in order: the fields of each one's ``.json``, then ``image`` ({bytes, path}) and
+    ``label_column`` (the ``.cls`` class index when the sample has one, else the ``.json`` field of that name)."""
+    from webdataset.tariterators import tarfile_samples
+
+    def stop(exc: Exception) -> bool:  # a damaged shard ends there; its readable samples stay
+        return False
+
+    for shard in shards:
+        for sample in tarfile_samples([{"url": shard}], handler=stop):
+            meta = _meta(sample.get("json"))
+            key = f"{Path(shard).name}:{sample.get('__key__')}"
+            image = next((sample[e] for e in IMAGE_KEYS if e in sample), None)
+            label = _label(sample.get("cls")) if "cls" in sample else meta.get(label_column)
+            yield {**meta, "image": {"bytes": image, "path": key}, label_column: label}
+
+
+@dataclass
+class ShardRows:
+    """A task's shards as rows, streamed afresh on every iteration (never listed); ``where`` keeps the samples
+    whose fields equal its values."""
+
+    shards: list[str]
+    label_column: str
+    where: dict[str, Any] = field(default_factory=dict)
+
+    def __iter__(self) -> Iterator[dict]:
+        for row in stream_rows(self.shards, self.label_column):
+            if all(row.get(c) == v for c, v in self.where.items()):
+                yield row

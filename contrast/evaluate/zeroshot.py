@@ -34,10 +34,18 @@ from torchmetrics.classification import MulticlassAccuracy
 from contrast.config import ConfigError, DataConfig, ImageTowerConfig, from_dict
 from contrast.data import load_source
 from contrast.data.decode import SampleReader, describe_cell
+from contrast.data.units import expand_shards
 from contrast.evaluate.labelled import is_class_folder, load_class_folder, split_description
 from contrast.evaluate.metrics import classification_metrics
 from contrast.evaluate.taskfile import read_yaml, resolve_list
-from contrast.evaluate.wds import folder_classnames, folder_templates, is_wds_folder, load_wds_split
+from contrast.evaluate.wds import (
+    ShardRows,
+    folder_classnames,
+    folder_templates,
+    is_wds_folder,
+    load_wds_split,
+    split_shards,
+)
 
 
 @dataclass
@@ -178,6 +186,42 @@ def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
     return ds
 
 
+def _task_shards(task: ZeroShotTask) -> list[str] | None:
+    """The shards of the task's split when its data is webdataset shards (a folder with split subfolders of them, as
+    CLIP_benchmark and `contrast data shard` lay them out; or, with ``split: all``, a flat folder of them)."""
+    if task.data == "synthetic" or not Path(task.data).expanduser().exists():
+        return None
+    if is_wds_folder(task.data):
+        names = folder_classnames(task.data)
+        if names is not None:
+            _check_class_count(task, names, "class names in classnames.txt")
+        return [str(p) for p in split_shards(task.data, task.split)]
+    flat = expand_shards(str(Path(task.data).expanduser()))
+    if flat is not None and task.split != "all":
+        raise ConfigError(f"task '{task.name}': {task.data} is a folder of shards without train / val / test "
+                          "subfolders, one collection: set the task's split to all")
+    return flat
+
+
+def task_rows(task: ZeroShotTask, data_cfg: DataConfig | None = None, image_size: int = ImageTowerConfig.image_size):
+    """What zero-shot evaluation reads: a task on shards streamed (:class:`ShardRows`, checked on its first sample),
+    any other the table of :func:`task_dataset`."""
+    shards = _task_shards(task)
+    if shards is None:
+        return task_dataset(task, data_cfg, image_size)
+    rows = ShardRows(shards, task.label_column, dict(task.where))
+    first = next(iter(rows), None)
+    if first is None:
+        where = f" where {task.where}" if task.where else ""
+        raise ConfigError(f"task '{task.name}': no samples of {task.data} (split {task.split}{where}) to classify; "
+                          "point the task at data that has them")
+    if first[task.label_column] is None:
+        raise ConfigError(f"task '{task.name}': sample {first['image']['path']} has no label '{task.label_column}' "
+                          f"(no .cls member and no such field in its .json: {', '.join(sorted(first)[:12])}); set "
+                          "label_column to one of its fields")
+    return rows
+
+
 def describe_split(task: ZeroShotTask) -> str:
     """Which images of the task's data a result covers, in words."""
     if task.data != "synthetic" and is_class_folder(task.data) and not is_wds_folder(task.data):
@@ -189,17 +233,11 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
                    reader: SampleReader | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Batches of (pixels, label indices). Rows whose label is missing or damaged, or whose image cannot be read,
     are left out and counted in ``reader.skips`` (``data.strict`` readers stop at the first instead)."""
-    from datasets import Image as ImageFeature
-
     reader = reader if reader is not None else SampleReader()
-    if isinstance(ds.features.get("image"), ImageFeature):
-        ds = ds.cast_column("image", ImageFeature(decode=False))
     index = {c: i for i, c in enumerate(classnames)}
-    for lo in range(0, len(ds), batch_size):
-        rows = ds[lo : lo + batch_size]
+    for batch in _labelled_batches(ds, label_column, batch_size):
         pix, lab = [], []
-        for j, (cell, raw) in enumerate(zip(rows["image"], rows[label_column])):
-            where = describe_cell(cell, lo + j)
+        for cell, raw, where in batch:
             label = reader.label(raw, where)
             if label is None or (img := reader.image(cell, where)) is None:
                 continue
@@ -215,6 +253,28 @@ def iterate_images(ds, preprocess: Callable, label_column: str, classnames: list
             yield torch.stack(pix), torch.tensor(lab)
 
 
+def _labelled_batches(ds, label_column: str, batch_size: int) -> Iterator[list[tuple[Any, Any, str]]]:
+    """(image cell, raw label, where) of ``batch_size`` rows at a time, from a table or a stream of shards."""
+    if isinstance(ds, ShardRows):
+        batch = []
+        for row in ds:
+            batch.append((row["image"], row[label_column], row["image"]["path"]))
+            if len(batch) == batch_size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+        return
+    from datasets import Image as ImageFeature
+
+    if isinstance(ds.features.get("image"), ImageFeature):
+        ds = ds.cast_column("image", ImageFeature(decode=False))
+    for lo in range(0, len(ds), batch_size):
+        rows = ds[lo : lo + batch_size]
+        yield [(cell, raw, describe_cell(cell, lo + j)) for j, (cell, raw) in enumerate(zip(rows["image"],
+                                                                                         rows[label_column]))]
+
+
 @torch.no_grad()
 def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: ZeroShotTask, *,
                       data_cfg: DataConfig | None = None, image_size: int = ImageTowerConfig.image_size,
@@ -224,7 +284,7 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
 
     Unusable rows (see :func:`iterate_images`) are left out and counted under ``skipped`` ({cause: n}); ``reader``
     defaults to one with ``data_cfg``'s ``max_image_pixels`` and ``strict``. ``dataset``: the task's rows when the
-    caller opened them already (:func:`task_dataset`)."""
+    caller opened them already (:func:`task_rows`)."""
     model.eval()
     classifier = zeroshot_classifier(model, tokenizer, task.classnames, task.templates, device)  # (E, C)
     C = len(task.classnames)
@@ -232,7 +292,7 @@ def evaluate_zeroshot(model, preprocess: Callable, tokenizer: Callable, task: Ze
     if reader is None:
         reader = SampleReader.of(data_cfg) if data_cfg is not None else SampleReader()
     n = 0
-    ds = dataset if dataset is not None else task_dataset(task, data_cfg, image_size)
+    ds = dataset if dataset is not None else task_rows(task, data_cfg, image_size)
     all_logits, all_labels = [], []
     for pixels, labels in iterate_images(ds, preprocess, task.label_column, task.classnames, batch_size, reader):
         logits = model.similarity(model.encode_image(pixels.to(device)), classifier.t())  # (B, C)

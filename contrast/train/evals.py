@@ -26,11 +26,13 @@ import torch.distributed as dist
 from contrast.config import Config, ConfigError, DataConfig
 from contrast.data import load_source
 from contrast.data.decode import SampleReader
+from contrast.data.sources import captions_per_line, shard_units
 from contrast.data.transforms import build_transform
 from contrast.errors import UserError
-from contrast.evaluate.retrieval import evaluate_retrieval
+from contrast.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_stream
 from contrast.evaluate.tasks import RETRIEVAL_KS
-from contrast.evaluate.zeroshot import load_task, task_dataset, zeroshot_metric_names, zeroshot_metrics
+from contrast.evaluate.wds import ShardRows
+from contrast.evaluate.zeroshot import load_task, task_rows, zeroshot_metric_names, zeroshot_metrics
 from contrast.models import Model
 from contrast.tokenizer import build_tokenizer
 from contrast.train.fsdp import evaluating
@@ -67,8 +69,8 @@ class ZeroShotPart:
         self.task = load_task(path)
         self.name = f"zero-shot task '{self.task.name}' ({path})"
         cfg = inputs.cfg
-        self.dataset = task_dataset(self.task, cfg.data, cfg.model.image.image_size)
-        if len(self.dataset) == 0:
+        self.dataset = task_rows(self.task, cfg.data, cfg.model.image.image_size)  # shards: checked, streamed
+        if not isinstance(self.dataset, ShardRows) and len(self.dataset) == 0:
             where = f" where {self.task.where}" if self.task.where else ""
             raise ConfigError(f"{self.name}: no rows of {self.task.data} (split {self.task.split}{where}) to "
                               "classify; point the task at data that has them, or drop it from eval.tasks")
@@ -88,23 +90,34 @@ class ZeroShotPart:
 
 class RetrievalPart:
     """Image-text retrieval on ``eval.retrieval_split`` of the training source (at most ``eval.retrieval_limit``
-    rows), opened when the part is made."""
+    rows), opened when the part is made: a table (the first rows), or the split's webdataset shards, streamed (the
+    first usable samples; only their embeddings are kept)."""
 
     def __init__(self, inputs: Inputs):
         self.inputs = inputs
         cfg = inputs.cfg
         self.split, self.limit = cfg.eval.retrieval_split, cfg.eval.retrieval_limit
         self.name = f"retrieval on the '{self.split}' split of {_source_name(cfg.data)}"
-        ds = load_source(cfg.data, self.split, cfg.model.image.image_size)
-        self.pairs = ds.select(range(min(self.limit, len(ds)))) if self.limit else ds
+        self.units = shard_units(cfg.data, self.split)  # webdataset shards: streamed
+        self.pairs = None
+        if self.units is None:
+            ds = load_source(cfg.data, self.split, cfg.model.image.image_size)
+            self.pairs = ds.select(range(min(self.limit, len(ds)))) if self.limit else ds
 
     def metric_names(self) -> list[str]:
         return [f"retrieval/{d}/R@{k}" for d in ("image_to_text", "text_to_image") for k in RETRIEVAL_KS]
 
     def __call__(self, model: Model) -> dict[str, float]:
         i = self.inputs
-        r = evaluate_retrieval(model, i.preprocess, i.tokenizer, self.pairs, ks=RETRIEVAL_KS,
-                               batch_size=i.cfg.eval.batch_size, device=i.device, reader=SampleReader.of(i.cfg.data))
+        reader, batch = SampleReader.of(i.cfg.data), i.cfg.eval.batch_size
+        if self.units is not None:
+            rows = (row for unit in self.units for row in unit.rows(0, 1))
+            r = evaluate_retrieval_stream(model, i.preprocess, i.tokenizer, rows, limit=self.limit, ks=RETRIEVAL_KS,
+                                          batch_size=batch, device=i.device, reader=reader,
+                                          split_lines=captions_per_line(i.cfg.data))
+        else:
+            r = evaluate_retrieval(model, i.preprocess, i.tokenizer, self.pairs, ks=RETRIEVAL_KS, batch_size=batch,
+                                   device=i.device, reader=reader)
         return {f"retrieval/{d}/R@{k}": float(r[d][f"R@{k}"]) for d in ("image_to_text", "text_to_image")
                 for k in RETRIEVAL_KS}
 
