@@ -5,6 +5,8 @@ the loss on the answer only; generation through the KV cache; training stages an
 from __future__ import annotations
 
 import json
+import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -436,3 +438,23 @@ def test_lora_adapters_start_as_the_bare_lm_and_train_alone(lm_dirs, tmp_path):
         build(_cfg(lm_dirs["qwen2"], stage="align", lora_rank=4).model)
     with pytest.raises(ValueError, match="no linear layer"):
         build(_cfg(lm_dirs["gpt2"], stage="finetune", lora_rank=4).model)  # GPT-2's projections are Conv1D
+
+
+SMOLLM2 = Path("~/.cache/contrast/lm/smollm2-135m-instruct").expanduser()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not SMOLLM2.is_dir(), reason="contrast data fetch lm smollm2-135m-instruct has not been run")
+def test_one_align_step_on_smollm2(tmp_path):
+    from contrast.config import load_recipe
+
+    cfg = load_recipe(str(Path(__file__).parents[1] / "recipes/vlm_unified_emoji.yaml"), [
+        "model.bridge.tower=null", "data.source=synthetic", "data.synthetic.train_size=64", "data.num_workers=0",
+        "train.steps=1", "train.batch_size=2", "train.checkpoint_every=0", "train.tensorboard=false",
+        f"model.bridge.decoder.hf_path={SMOLLM2}"])
+    result = train(cfg, tmp_path / "run", progress=False)
+    assert result.step == 1 and math.isfinite(result.last_loss)
+    model, _, tok = load(result.run_dir)
+    batch = tok(["red circle"])
+    assert model.codec.tok.decode(batch["labels"][0][batch["labels"][0] != -100]) == "red circle<|im_end|>"
+    assert int(batch["visual_mask"].sum()) == model.num_visual_tokens == 9
