@@ -224,6 +224,25 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Model, C
     return model, model_transform(cfg.model), text_tokenizer(cfg, model)
 
 
+def tower_embedder(cfg: Config, model: Model) -> tuple[Model, Callable]:
+    """A model that embeds images and texts, for zero-shot and retrieval evaluation, and its tokenizer: ``model``
+    itself when it embeds; for a decoder run, the CLIP run its tower came from (``model.bridge.tower``) with the
+    decoder's own image tower in place (equal to it while the tower stayed frozen; what training moved shows)."""
+    if model.supports("embed"):
+        return model, build_tokenizer(cfg.model.text)
+    source = cfg.model.bridge.tower if cfg.model.kind == "decoder" else None
+    clip_cfg = load_config_of(source)[0] if source and not (Path(source) / "config.json").is_file() else None
+    if clip_cfg is None or clip_cfg.model.kind != "clip":
+        raise CheckpointError(f"{type(model).__name__} (model.kind {cfg.model.kind}) embeds no text; zero-shot and "
+                              "retrieval of its tower use the text tower of the CLIP run the tower came from, and "
+                              f"model.bridge.tower names {'no run' if not source else source + ', which is not one'}")
+    clip = load_model(source)
+    embedder = build_model(clip_cfg.model)
+    embedder.load_state_dict(clip.state_dict())
+    embedder.image_tower.load_state_dict(model.image_tower.state_dict())
+    return embedder.to(next(model.parameters()).device).eval(), build_tokenizer(clip_cfg.model.text)
+
+
 def text_tokenizer(cfg: Config, model: Model) -> Callable:
     """The tokenizer of a model's text: a decoder model's prompt tokenizer (its LM's own tokenizer and template),
     else the text tower's."""

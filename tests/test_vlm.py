@@ -458,3 +458,25 @@ def test_one_align_step_on_smollm2(tmp_path):
     batch = tok(["red circle"])
     assert model.codec.tok.decode(batch["labels"][0][batch["labels"][0] != -100]) == "red circle<|im_end|>"
     assert int(batch["visual_mask"].sum()) == model.num_visual_tokens == 9
+
+
+def test_a_decoder_runs_tower_embeds_through_its_clip_run(lm_dirs, tmp_path, data_cache):
+    from conftest import tiny_config
+
+    from contrast.runs import load_model, tower_embedder
+
+    clip_run = train(tiny_config(data_cache, steps=2), tmp_path / "clip", progress=False).run_dir
+    cfg = _cfg(lm_dirs["llama"], steps=1)
+    cfg.model.image = load_model(clip_run).image_tower.cfg
+    cfg.model.bridge.tower, cfg.model.bridge.layer = str(clip_run), -1  # the tiny tower has one block
+    run = train(cfg, tmp_path / "vlm", progress=False).run_dir
+    decoder, _, _ = load(run)
+    clip, _, clip_tok = load(clip_run)
+    embedder, tok = tower_embedder(cfg, decoder)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():  # the frozen tower is the CLIP run's: the same embeddings as that run
+        torch.testing.assert_close(embedder.encode_image(x), clip.encode_image(x))
+        ids = tok(["a red circle"])
+        torch.testing.assert_close(embedder.encode_text(ids), clip.encode_text(clip_tok(["a red circle"])))
+    with pytest.raises(ValueError, match="embeds no text"):
+        tower_embedder(_cfg(lm_dirs["llama"]), decoder)
