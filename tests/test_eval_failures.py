@@ -147,6 +147,7 @@ def test_a_failing_periodic_evaluation_checkpoints_its_step_and_the_run_resumes_
     message = str(info.value)
     ckpt = R.step_dir(run, 4)
     assert message.startswith("evaluation at step 4 failed: retrieval on the 'val' split of synthetic failed")
+    assert _summary(run)["steps"] == 4 and _summary(run)["status"] == f"stopped: {message}"
     assert "continue training with --resume latest" in message
     assert R.resolve_checkpoint(run) == ckpt and (ckpt / R.WEIGHTS).is_file()
     monkeypatch.undo()

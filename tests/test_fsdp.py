@@ -375,3 +375,28 @@ def test_sharded_checkpoint_resumes_in_one_process(runs, capsys):
     assert got["fsdp"] == pytest.approx(got["ddp"], rel=1e-5)
     assert "trains unsharded" in capsys.readouterr().out  # train.fsdp in one process says so, once per run
     assert not (R.step_dir(runs["fsdp"].parent / "fsdp_one_process", 5) / R.SHARDED).exists()
+
+
+def test_a_failing_evaluation_of_an_fsdp_run_leaves_a_loadable_checkpoint(runs, tmp_path):
+    """A zero-shot task whose data holds a label it does not list fails at step 2 on every rank: the run stops
+    naming it and the rerun command, and the step-2 checkpoint is consolidated so that the command can load it."""
+    import subprocess
+    import sys
+
+    task = tmp_path / "short.yaml"
+    task.write_text("name: short\ndata: synthetic\nsplit: test\nlabel_column: shape\nwhere: {n_shapes: 1}\n"
+                    "classnames: [circle, square]\ntemplates: ['a {}']\n")
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                           str(WORLD), "-m", "contrast", "train", str(runs["recipe"]), "--out", str(run),
+                           "--no-progress", "--set", "train.fsdp=true", "--set", f"eval.tasks=[{task}]",
+                           "--set", "train.best_metric=null"], env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    ckpt = R.step_dir(run, 2)
+    assert f"contrast eval zeroshot --checkpoint {ckpt} --task {task}" in proc.stderr
+    assert "label 'triangle'" in proc.stderr or "is not among the task's 2 classnames" in proc.stderr
+    assert (ckpt / R.WEIGHTS).is_file() and not R.step_dir(run, 3).exists()
+    model, _, _ = R.load(ckpt)
+    assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())

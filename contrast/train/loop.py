@@ -390,6 +390,7 @@ def _one_step(run: Run, batch: dict, step: int, log: RunLog, result: RunResult) 
     t = run.cfg.train
     losses, out = train_step(run, batch)
     step += 1
+    result.step = step  # taken, whatever stops the run on this step (a failed evaluation or checkpoint write)
     log.count(batch["input_ids"].shape[0] * run.dist.world_size)
     logged = step % t.log_every == 0 or step == t.steps
     saving = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps  # the last: in _finish
