@@ -369,6 +369,8 @@ class EvalConfig:
     batch_size: int = 256
     retrieval_split: str | None = None  # also image-text retrieval on this split of data.source (e.g. val)
     retrieval_limit: int = 1000  # at most this many pairs of it (0: all)
+    caption_split: str | None = None  # decoder models: the held-out caption loss on this split of data.source
+    caption_limit: int = 500  # at most this many rows of it (0: all)
 
 
 @dataclass

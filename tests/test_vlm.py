@@ -480,3 +480,23 @@ def test_a_decoder_runs_tower_embeds_through_its_clip_run(lm_dirs, tmp_path, dat
         torch.testing.assert_close(embedder.encode_text(ids), clip.encode_text(clip_tok(["a red circle"])))
     with pytest.raises(ValueError, match="embeds no text"):
         tower_embedder(_cfg(lm_dirs["llama"]), decoder)
+
+
+def test_caption_loss_is_evaluated_during_training_and_keeps_the_best(lm_dirs, tmp_path, capsys):
+    cfg = _cfg(lm_dirs["llama"], steps=4)
+    cfg.train.lr, cfg.train.eval_every, cfg.train.best_metric = 3e-3, 2, "caption/nats_per_token"
+    cfg.eval.caption_split, cfg.eval.caption_limit, cfg.eval.batch_size = "val", 8, 4
+    result = train(cfg, tmp_path / "run", progress=False)
+    rows = [json.loads(x) for x in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["eval"]["caption/nats_per_token"] for r in rows if "eval" in r}
+    assert sorted(evals) == [2, 4]
+    best_step = min(evals, key=evals.get)  # a loss: the lowest is kept
+    assert resolve(result.run_dir / "checkpoints" / "best").name == f"step_{best_step:08d}"
+    capsys.readouterr()
+    assert main(["eval", "caption", "--checkpoint", str(result.run_dir / "checkpoints" / "best"), "--split", "val",
+                 "--limit", "8", "--batch-size", "4", "--json", "--device", "cpu"]) == 0
+    again = json.loads(capsys.readouterr().out.splitlines()[-1])["with_images"]["nats_per_token"]
+    assert abs(again - evals[best_step]) < 1e-5
+    cfg.eval.caption_split, cfg.eval.tasks = None, ["eval/tasks/shapes.yaml"]
+    with pytest.raises(ValueError, match="contrast eval zeroshot --checkpoint RUN"):
+        train(cfg, tmp_path / "other", progress=False)

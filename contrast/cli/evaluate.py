@@ -15,7 +15,8 @@ from typing import Any
 from contrast.cli.common import device
 from contrast.cli.common import user_errors as _user_errors
 from contrast.cli.generate import add_caption_eval
-from contrast.runs import load, load_config_of, run_dir_of
+from contrast.data.transforms import build_transform
+from contrast.runs import load, load_config_of, run_dir_of, tower_embedder
 
 # the evaluators import torchmetrics (seconds): each command imports what it runs, so `contrast --help` stays quick
 
@@ -24,6 +25,9 @@ def _setup(args: argparse.Namespace) -> tuple[Any, Any, Any, Any]:
     """(run config, model, preprocess, tokenizer) of ``--checkpoint``."""
     cfg, _ = load_config_of(args.checkpoint)
     model, preprocess, tokenizer = load(args.checkpoint, device=device(args.device))
+    if not model.supports("embed"):  # a decoder run: its tower, with the text tower of the CLIP run it came from
+        model, tokenizer = tower_embedder(cfg, model)
+        preprocess = build_transform(cfg.model.image)
     return cfg, model, preprocess, tokenizer
 
 

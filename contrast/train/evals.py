@@ -27,8 +27,9 @@ from contrast.config import Config, ConfigError, DataConfig
 from contrast.data import load_source
 from contrast.data.decode import SampleReader
 from contrast.data.sources import captions_per_line, shard_units
-from contrast.data.transforms import build_transform
+from contrast.data.transforms import build_transform, model_transform
 from contrast.errors import UserError
+from contrast.evaluate.captions import caption_batches, caption_loss
 from contrast.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_stream
 from contrast.evaluate.tasks import RETRIEVAL_KS
 from contrast.evaluate.wds import ShardRows
@@ -134,6 +135,35 @@ class RetrievalPart:
         return shlex.join(args)
 
 
+class CaptionLossPart:
+    """A decoder model's held-out caption loss (nats per answer token) on ``eval.caption_split`` of the training
+    source (at most ``eval.caption_limit`` rows), opened when the part is made; lower is better."""
+
+    def __init__(self, inputs: Inputs):
+        self.inputs = inputs
+        cfg = inputs.cfg
+        self.split, self.limit = cfg.eval.caption_split, cfg.eval.caption_limit
+        self.name = f"caption loss on the '{self.split}' split of {_source_name(cfg.data)}"
+        self.dataset = load_source(cfg.data, self.split, cfg.model.image.image_size)
+
+    def metric_names(self) -> list[str]:
+        return ["caption/nats_per_token"]
+
+    def __call__(self, model: Model) -> dict[str, float]:
+        i = self.inputs
+        batches = caption_batches(self.dataset, i.preprocess, i.tokenizer, SampleReader.of(i.cfg.data),
+                                  i.cfg.eval.batch_size, self.limit)
+        return {"caption/nats_per_token": caption_loss(model, batches, i.device)["nats_per_token"]}
+
+    def command(self, checkpoint: str | Path) -> str:
+        args = ["contrast", "eval", "caption", "--checkpoint", str(checkpoint), "--data",
+                _source_name(self.inputs.cfg.data), "--split", str(self.split), "--limit", str(self.limit)]
+        return shlex.join(args)
+
+
+LOWER_IS_BETTER = frozenset({"caption/nats_per_token"})
+
+
 def _source_name(data: DataConfig) -> str:
     return data.source if isinstance(data.source, str) else ",".join(data.source)
 
@@ -155,13 +185,21 @@ class Evaluator:
     :class:`EvalPart`; ``__call__(model) -> {name: value}``, :meth:`run` also returns the parts that failed."""
 
     def __init__(self, cfg: Config, model: Model, device: torch.device):
-        if not model.supports("embed"):
+        if (cfg.eval.tasks or cfg.eval.retrieval_split) and not model.supports("embed"):
             raise ConfigError(f"eval.tasks and eval.retrieval_split need a model that embeds images and texts; "
-                              f"{type(model).__name__} (model.kind {cfg.model.kind}) does not: remove them")
-        inputs = Inputs(cfg, build_transform(cfg.model.image), build_tokenizer(cfg.model.text), device)
-        self.parts: list[EvalPart] = [ZeroShotPart(t, inputs) for t in cfg.eval.tasks]
-        if cfg.eval.retrieval_split:
-            self.parts.append(RetrievalPart(inputs))
+                              f"{type(model).__name__} (model.kind {cfg.model.kind}) does not: remove them (a decoder "
+                              "run's tower is evaluated after training: contrast eval zeroshot --checkpoint RUN)")
+        if cfg.eval.caption_split and not model.supports("decoder"):
+            raise ConfigError(f"eval.caption_split needs a decoder model; {type(model).__name__} (model.kind "
+                              f"{cfg.model.kind}) has none: remove it")
+        self.parts: list[EvalPart] = []
+        if cfg.eval.tasks or cfg.eval.retrieval_split:
+            inputs = Inputs(cfg, build_transform(cfg.model.image), build_tokenizer(cfg.model.text), device)
+            self.parts += [ZeroShotPart(t, inputs) for t in cfg.eval.tasks]
+            if cfg.eval.retrieval_split:
+                self.parts.append(RetrievalPart(inputs))
+        if cfg.eval.caption_split:
+            self.parts.append(CaptionLossPart(Inputs(cfg, model_transform(cfg.model), model.text_tokenizer(), device)))
 
     def metric_names(self) -> list[str]:
         """Every metric name the parts give, known before anything is evaluated."""
@@ -218,7 +256,8 @@ def check_best_metric(metric: str, evaluator: Evaluator | None) -> None:
 
 @dataclasses.dataclass
 class Best:
-    """The best value of ``metric`` so far (higher is better) and its step; kept in the checkpoint state."""
+    """The best value of ``metric`` so far (higher is better; lower for a loss, :data:`LOWER_IS_BETTER`) and its step;
+    kept in the checkpoint state."""
 
     metric: str
     value: float = -math.inf
@@ -230,7 +269,8 @@ class Best:
             raise ConfigError(f"train.best_metric '{self.metric}' is not among the eval metrics: "
                               f"{', '.join(sorted(metrics)) or 'none (set eval.tasks or eval.retrieval_split)'}")
         value = metrics[self.metric]
-        if not value > self.value:
+        lower = self.metric in LOWER_IS_BETTER  # a loss: the lowest is the best
+        if self.value != -math.inf and not (value < self.value if lower else value > self.value):
             return False
         self.value, self.step = value, step
         return True

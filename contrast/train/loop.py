@@ -200,11 +200,11 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
 def _eval_setup(run: Run) -> None:
     """The eval tasks and the tracked metric, opened before the first step so a bad task file stops the run now."""
     cfg = run.cfg
-    if cfg.eval.tasks or cfg.eval.retrieval_split:
+    if cfg.eval.tasks or cfg.eval.retrieval_split or cfg.eval.caption_split:
         run.evaluator = Evaluator(cfg, run.model, run.device)
     if cfg.train.eval_every and run.evaluator is None:
-        raise ConfigError("train.eval_every needs something to evaluate: set eval.tasks (task files) and/or "
-                          "eval.retrieval_split (e.g. val)")
+        raise ConfigError("train.eval_every needs something to evaluate: set eval.tasks (task files), "
+                          "eval.retrieval_split (e.g. val) or, for a decoder model, eval.caption_split")
     if cfg.train.best_metric:
         check_best_metric(cfg.train.best_metric, run.evaluator)  # now, not after the steps
         run.best = Best(cfg.train.best_metric)
