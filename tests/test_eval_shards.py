@@ -171,3 +171,31 @@ def test_zero_shot_tasks_read_shards_as_a_stream(shard_run, shards, data_cache, 
     bad.write_text(yaml.safe_dump({**task, "data": str(shards), "label_column": "shapes"}))
     with pytest.raises(ConfigError, match="has no label 'shapes'.*set label_column to one of its fields"):
         task_rows(load_task(bad), cfg.data, 16)
+
+
+def test_the_linear_probe_reads_a_task_on_shards(shard_run, shards, data_cache, tmp_path, capsys):
+    """The linear probe on a task over the shards (train / val / test shards, labels and where: from .json) equals
+    the probe on the same task over the source the shards came from; contrast eval linear-probe runs it."""
+    import dataclasses
+
+    import yaml
+
+    from contrast.evaluate.linear_probe import evaluate_linear_probe
+    from contrast.evaluate.zeroshot import load_task, task_dataset
+
+    task = yaml.safe_load(open("eval/tasks/shapes.yaml"))
+    on_shards = tmp_path / "shards.yaml"
+    on_shards.write_text(yaml.safe_dump({**task, "name": "shards", "data": str(shards)}))
+    model, preprocess, _ = R.load(shard_run)
+    cfg = _data_config(data_cache)
+    got = {}
+    for name, t in (("source", load_task("eval/tasks/shapes.yaml")), ("shards", load_task(on_shards))):
+        splits = [task_dataset(dataclasses.replace(t, split=s), cfg.data, 16) for s in ("train", "test", "val")]
+        got[name] = evaluate_linear_probe(model, preprocess, *splits, label_column="shape", classnames=t.classnames,
+                                          l2_grid=[1e-2, 1.0])
+    for key in ("num_train", "num_val", "num_test", "test_accuracy", "best_l2"):
+        assert got["shards"][key] == got["source"][key], key
+    assert got["shards"]["num_train"] > 0
+    assert main(["eval", "linear-probe", "--checkpoint", str(shard_run), "--task", str(on_shards), "--device", "cpu",
+                 "--l2", "0.01", "1", "--out-dir", str(tmp_path / "probe")]) == 0
+    assert f"linear probe test accuracy {got['source']['test_accuracy']:.3f}" in capsys.readouterr().out

@@ -84,32 +84,33 @@ def _label(value: Any) -> int | None:
     return int(text) if re.fullmatch(r"-?\d+", text) else None
 
 
-def _rows(shards: list[str], label_column: str) -> Iterator[dict]:
-    from webdataset.tariterators import tarfile_samples
-
-    def stop(exc: Exception) -> bool:  # a damaged shard ends there; its readable samples stay
-        return False
-
-    for shard in shards:
-        for sample in tarfile_samples([{"url": shard}], handler=stop):
-            key = f"{Path(shard).name}:{sample.get('__key__')}"
-            image = next((sample[e] for e in IMAGE_KEYS if e in sample), None)
-            yield {"image": {"bytes": image, "path": key}, label_column: _label(sample.get("cls"))}
+def _table_rows(shards: list[str], label_column: str, where: dict[str, Any]) -> Iterator[dict]:
+    for row in ShardRows(shards, label_column, where):
+        yield {"image": row["image"], label_column: row[label_column]}
 
 
-def load_wds_split(root: str | Path, split: str, label_column: str = "label", cache_dir: str | None = None) -> Any:
-    """One split of a CLIP_benchmark-style folder as a Dataset with ``image`` and ``label_column`` (class index)."""
+def load_wds_split(root: str | Path, split: str, label_column: str = "label", cache_dir: str | None = None,
+                   where: dict[str, Any] | None = None) -> Any:
+    """One split of a shard folder as a Dataset with ``image`` and ``label_column``: the class index of CLIP_benchmark
+    folders, or a field of each sample's ``.json`` (shards `contrast data shard` wrote); only the samples whose
+    fields equal ``where``'s values."""
     import datasets
     from datasets import Dataset, Features, Value
     from datasets import Image as ImageFeature
 
     shards = [str(p) for p in split_shards(root, split)]
-    stamp = [(s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns) for s in shards]
-    features = Features({"image": ImageFeature(decode=False), label_column: Value("int64")})
+    where = dict(where or {})
+    first = next(iter(ShardRows(shards, label_column, where)), None)
+    if first is None:
+        raise ConfigError(f"{root} has no samples in split '{split}'" + (f" where {where}" if where else ""))
+    kind = "string" if isinstance(first[label_column], str) else "int64"
+    stamp = [(s, Path(s).stat().st_size, Path(s).stat().st_mtime_ns) for s in shards] + [label_column, kind, where]
+    features = Features({"image": ImageFeature(decode=False), label_column: Value(kind)})
     quiet = datasets.is_progress_bar_enabled()
     datasets.disable_progress_bars()
     try:
-        return Dataset.from_generator(_rows, gen_kwargs={"shards": shards, "label_column": label_column},
+        return Dataset.from_generator(_table_rows, gen_kwargs={"shards": shards, "label_column": label_column,
+                                                               "where": where},
                                       features=features, cache_dir=cache_dir,
                                       config_name="wds-" + hashlib.sha1(repr(stamp).encode()).hexdigest()[:16])
     finally:

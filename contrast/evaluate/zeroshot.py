@@ -150,7 +150,7 @@ def _labelled_source(task: ZeroShotTask, data_cfg: DataConfig | None):
         if names is not None:
             _check_class_count(task, names, "class names in classnames.txt")
         cache = data_cfg.cache_dir if data_cfg is not None else None
-        return load_wds_split(task.data, task.split, task.label_column, cache)
+        return load_wds_split(task.data, task.split, task.label_column, cache, where=task.where)  # where: applied
     if is_class_folder(task.data):  # ROOT/CLASS/*.jpg: labels index the sorted class folder names
         ds = load_class_folder(task.data, task.split, task.label_column)
         _check_class_count(task, ds.features[task.label_column].names, "class folders")
@@ -177,7 +177,8 @@ def task_dataset(task: ZeroShotTask, data_cfg: DataConfig | None = None,
         raise missing_data_error(task.name, task.data, task.get, None)
     else:
         ds = _labelled_source(task, data_cfg)
-    for col, value in task.where.items():
+    filtered = task.data != "synthetic" and is_wds_folder(task.data)  # shard folders apply where: as they read
+    for col, value in ({} if filtered else task.where).items():
         if col not in ds.column_names:
             raise ConfigError(f"task '{task.name}': where-column '{col}' is not in the data ({ds.column_names})")
         ds = ds.filter(lambda v, value=value: v == value, input_columns=col)
