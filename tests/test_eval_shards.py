@@ -133,6 +133,10 @@ def test_a_flat_folder_of_shards_is_indexed_whole(shard_run, shards, tmp_path, c
     assert main(["index", "build", "--data", str(flat), "--out", str(tmp_path / "ix"), *common]) == 0
     out = capsys.readouterr().out
     assert f"{sum(SPLIT_SIZES.values())} image vectors" in out
+    assert main(["index", "eval", str(tmp_path / "ix"), "--queries", "image", "--device", "cpu"]) == 2
+    assert "--queries text" in capsys.readouterr().err  # no held-out images in a collection without splits
+    assert main(["index", "eval", str(tmp_path / "ix"), "--queries", "text", "-k", "1", "10", "--device", "cpu"]) == 0
+    assert "text->image" in capsys.readouterr().out
     assert main(["index", "build", "--data", str(flat), "--split", "test", "--out", str(tmp_path / "ix2"), *common]) == 2
     err = capsys.readouterr().err
     assert "--split all" in err and "Traceback" not in err

@@ -92,9 +92,25 @@ def _eval_doc(r: QueryEval) -> dict:
             "exact_hit": None if r.exact_hit is None else {str(k): v for k, v in r.exact_hit.items()}, **r.search}
 
 
+def _check_held_out(ix, args: argparse.Namespace) -> None:
+    """Queries of the index's own modality come from another split; an index of a whole collection without splits
+    has none: say which queries work."""
+    from contrast.data.sources import has_splits
+    from contrast.errors import UserError
+
+    m = ix.manifest
+    own = "image" if m.modality == "image" else "text"
+    if own in args.queries and not args.query_split and m.split == "all" and m.source and not has_splits(m.source):
+        other = "text" if own == "image" else "image"
+        raise UserError(f"{ix.path} indexes the whole of {m.source}, which has no splits, so there are no held-out "
+                        f"{own} queries: pass --queries {other} (the pairs of indexed rows) or --queries stored, or "
+                        "--query-split with a split of a source that has one")
+
+
 def _eval(args: argparse.Namespace) -> int:
     with user_errors():
         ix = open_index(args.index)
+        _check_held_out(ix, args)
         results = evaluate_from_checkpoint(ix, queries=args.queries, query_split=args.query_split,
                                            num_queries=args.num_queries, ks=args.k, checkpoint=args.checkpoint,
                                            device=device(args.device), nprobe=args.nprobe, ef_search=args.ef_search,
