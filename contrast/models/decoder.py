@@ -110,6 +110,23 @@ class VisionLanguageDecoder(DecoderModel):
             self.image.requires_grad_(False)
             if cfg.image.unlocked_groups:
                 self.image.lock(cfg.image.unlocked_groups)
+        self._freeze_unread_tower_parts()
+
+    def _freeze_unread_tower_parts(self) -> None:
+        """Tower parameters the bridge never reads (blocks after the tapped ones, final norm, head, projection) are
+        frozen: they would get no gradient, which DDP takes for an error and AdamW would still decay."""
+        trainable = [p for p in self.image.parameters() if p.requires_grad]
+        if not trainable:
+            return
+        S = self.image.cfg.image_size
+        was = self.image.training
+        self.image.eval()
+        grads = torch.autograd.grad(self.bridge.features(self.image, torch.zeros(1, 3, S, S)).sum(), trainable,
+                                    allow_unused=True)
+        self.image.train(was)
+        for p, g in zip(trainable, grads):
+            if g is None:
+                p.requires_grad_(False)
 
     @property
     def image_tower(self) -> ImageTower:
