@@ -43,7 +43,8 @@ def test_param_groups_exempt_norms_biases_and_logit_scale():
     model = build_model(cfg.model)
     cfg.train.image_lr, cfg.train.text_lr = 1e-4, 2e-4
     groups = {g["name"]: g for g in param_groups(model, cfg.train)}
-    assert set(groups) == {"image", "image_no_decay", "text", "text_no_decay", "head_no_decay"}
+    assert set(groups) == {"image", "image_no_decay", "text", "text_no_decay", "head", "head_no_decay"}
+    assert id(model.image.proj.weight) in {id(p) for p in groups["head"]["params"]}  # projections train at train.lr
     assert groups["image"]["lr"] == 1e-4 and groups["text"]["lr"] == 2e-4
     no_decay_ids = {id(p) for g in groups.values() if g["weight_decay"] == 0 for p in g["params"]}
     assert id(model.logit_scale) in no_decay_ids

@@ -11,8 +11,14 @@ from torch import nn
 
 from contrast.config import TrainConfig
 
+HEADS = ("image.proj.", "text.proj.")  # the towers' projections: new heads, trained at train.lr like the logit scale
+
 
 def tower_of(name: str) -> str:
+    """The learning-rate group of a parameter: ``image`` / ``text`` (the towers' own layers: train.image_lr /
+    train.text_lr), ``lm``, or ``head`` (projections, logit scale, bridges: train.lr)."""
+    if name.removeprefix("module.").startswith(HEADS):
+        return "head"
     if name.startswith(("lora.", "module.lora.")):  # a decoder model's low-rank adapters tune its language model
         return "lm"
     for tower in ("image", "text", "lm"):  # "lm": a decoder model's language model
