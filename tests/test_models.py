@@ -31,9 +31,12 @@ def _model(kind: str) -> tuple[Model, object]:
     return build_model(cfg.model), cfg
 
 
-def _batch() -> dict[str, torch.Tensor]:
+def _batch(model: Model | None = None) -> dict[str, torch.Tensor]:
+    """Four images and captions; a decoder model's captions through its own prompt tokenizer."""
     g = torch.Generator().manual_seed(0)
-    return {"pixels": torch.randn(4, 3, 16, 16, generator=g), "input_ids": ClipTokenizer(16)(CAPTIONS)}
+    text = model.text_tokenizer()(CAPTIONS) if model is not None and model.supports("decoder") else {
+        "input_ids": ClipTokenizer(16)(CAPTIONS)}
+    return {"pixels": torch.randn(4, 3, 16, 16, generator=g), **text}
 
 
 def test_every_family_is_covered():
@@ -44,7 +47,7 @@ def test_every_family_is_covered():
 def test_forward_feeds_the_family_default_objective(kind):
     model, cfg = _model(kind)
     assert isinstance(model, Model)
-    out = model(_batch())
+    out = model(_batch(model))
     assert isinstance(out, ModelOutput)
     losses = build_objective(cfg.loss)(out)  # the family's default terms all find their parts
     assert torch.isfinite(losses.total) and set(losses.parts) == {
@@ -57,7 +60,7 @@ def test_forward_feeds_the_family_default_objective(kind):
 def test_capabilities_are_what_the_model_declares(kind):
     model, _ = _model(kind)
     model.eval()
-    b = _batch()
+    b = _batch(model)
     with torch.no_grad():
         if model.supports("embed"):
             img, txt = model.encode_image(b["pixels"]), model.encode_text(b["input_ids"])
@@ -97,4 +100,4 @@ def test_a_loss_the_model_cannot_produce_is_named():
     model, _ = _model("caption_lm")
     loss = from_dict({"model": {"kind": "caption_lm"}, "loss": {"itm": 1.0}}).loss
     with pytest.raises(ValueError, match="loss.itm is on but this model produces no itm"):
-        build_objective(loss)(model(_batch()))
+        build_objective(loss)(model(_batch(model)))

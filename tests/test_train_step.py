@@ -24,9 +24,11 @@ from contrast.train.step import cached_step, mean_step, whole_step
 CAPTIONS = [f"a {s} {c} {k}" for s in ("small", "large") for c in ("red", "blue") for k in ("circle", "star")] * 2
 
 
-def _batch(n: int = 16) -> dict[str, torch.Tensor]:
+def _batch(n: int = 16, model=None) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(1)
-    return {"pixels": torch.randn(n, 3, 16, 16, generator=g), "input_ids": ClipTokenizer(16)(CAPTIONS[:n])}
+    text = model.text_tokenizer()(CAPTIONS[:n]) if model is not None and model.supports("decoder") else {
+        "input_ids": ClipTokenizer(16)(CAPTIONS[:n])}
+    return {"pixels": torch.randn(n, 3, 16, 16, generator=g), **text}
 
 
 def _run(model_section: dict, loss: dict):
@@ -41,7 +43,7 @@ def _run(model_section: dict, loss: dict):
 def _grads(run, fn, size: int, seed: int = 5) -> tuple[float, dict[str, torch.Tensor]]:
     run.model.zero_grad(set_to_none=True)
     torch.manual_seed(seed)
-    losses, _ = fn(run, _batch(), size, lambda t: t.backward())
+    losses, _ = fn(run, _batch(model=run.model), size, lambda t: t.backward())
     return float(losses.total.detach()), {n: p.grad.clone() for n, p in run.model.named_parameters() if p.grad is not None}
 
 
@@ -158,7 +160,7 @@ def test_activation_checkpointing_gives_the_plain_gradients(kind):
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = build_objective(cfg.loss)(model(family_batch())).total
+            loss = build_objective(cfg.loss)(model(family_batch(model))).total
         loss.backward()
         grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
     _assert_same(grads[1], grads[0], rtol=1e-5, atol=1e-7)

@@ -554,3 +554,28 @@ def test_fsdp_decoder_steps_equal_ddp_steps(tmp_path):
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "r.pt"), tok), nprocs=2, join=True)
     r = torch.load(tmp_path / "r.pt", weights_only=True)
     assert r["fsdp"] == pytest.approx(r["ddp"], rel=1e-5) and r["ddp"][0] != r["ddp"][1]
+
+
+@pytest.mark.parametrize("mode", ["unified", "xattn"])
+def test_checkpointed_and_bf16_steps_match_the_plain_one(mode, lm_dirs):
+    """Activation checkpointing gives the plain step's loss and gradients (the cross-attention hook runs outside the
+    layers' checkpoints); a bf16 autocast forward stays within bf16's precision of the fp32 loss."""
+    from contrast.objectives import build_objective
+
+    cfg = _cfg(lm_dirs["llama"], mode=mode, stage="finetune")
+    batch = {**_model(cfg).text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
+    grads, losses = [], []
+    for checkpointing in (False, True):
+        model = _model(cfg).train()
+        model.set_grad_checkpointing(checkpointing)
+        loss = build_objective(cfg.loss)(model(batch)).total
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(losses[1], losses[0])
+    assert grads[0].keys() == grads[1].keys() and any(n.startswith("lm.") for n in grads[0])
+    for n, g in grads[0].items():
+        torch.testing.assert_close(grads[1][n], g, atol=1e-6, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        low = build_objective(cfg.loss)(_model(cfg).train()(batch)).total
+    assert abs(float(low) - float(losses[0])) < 0.02 * float(losses[0])

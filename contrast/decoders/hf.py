@@ -87,10 +87,13 @@ class HFLanguageModel(LanguageModel):
         return cache
 
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        if enable:
+        newer = hasattr(self.hf, "activation_checkpointing_enable")  # transformers 5 renamed the methods
+        if enable and newer:
+            self.hf.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        elif enable:
             self.hf.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         else:
-            self.hf.gradient_checkpointing_disable()
+            (self.hf.activation_checkpointing_disable if newer else self.hf.gradient_checkpointing_disable)()
 
 
 def _eos_of(model: nn.Module) -> tuple[int, ...]:

@@ -121,8 +121,9 @@ class VisionLanguageDecoder(DecoderModel):
         S = self.image.cfg.image_size
         was = self.image.training
         self.image.eval()
-        grads = torch.autograd.grad(self.bridge.features(self.image, torch.zeros(1, 3, S, S)).sum(), trainable,
-                                    allow_unused=True)
+        with torch.enable_grad():  # a model may be built under no_grad
+            grads = torch.autograd.grad(self.bridge.features(self.image, torch.zeros(1, 3, S, S)).sum(), trainable,
+                                        allow_unused=True)
         self.image.train(was)
         for p, g in zip(trainable, grads):
             if g is None:
