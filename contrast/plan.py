@@ -55,7 +55,7 @@ from contrast.train.step import exact_split
 
 GiB = 1024**3
 PROBE_BATCHES = (2, 4)  # micro-step batch sizes; every measured figure is linear in the batch between and beyond
-TOWERS = ("image", "text", "head")
+TOWERS = ("image", "text", "lm", "head")  # the optimizer's groups (lm: a decoder model's language model)
 CAPTION = "a photo of a small red circle next to a large blue square on a white background"
 
 
@@ -255,14 +255,17 @@ def batch_maker(cfg: Config, model: Model, tokenizer: Callable, b: int) -> Calla
     captions = [" ".join(itertools.islice(itertools.cycle(words[i % 3:] + words), 4 * cfg.model.text.context_length))
                 for i in range(b)]
     size = cfg.model.image.image_size
+    if model.supports("decoder"):  # a decoder model reads prompts from its own language model's tokenizer
+        tokenizer = model.text_tokenizer()
 
     def make() -> dict:
         pixels = torch.randn(b, 3, size, size)
-        batch = {"pixels": pixels, "input_ids": tokenizer(captions)}
+        text = tokenizer(captions)
+        text = text if isinstance(text, dict) else {"input_ids": text}
         if cfg.model.features_dir:
             with torch.no_grad():
-                batch = {"image_feats": model.image_tower.forward_tokens(pixels), "input_ids": batch["input_ids"]}
-        return batch
+                return {"image_feats": model.image_tower.forward_tokens(pixels), **text}
+        return {"pixels": pixels, **text}
 
     return make
 

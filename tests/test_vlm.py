@@ -579,3 +579,13 @@ def test_checkpointed_and_bf16_steps_match_the_plain_one(mode, lm_dirs):
     with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
         low = build_objective(cfg.loss)(_model(cfg).train()(batch)).total
     assert abs(float(low) - float(losses[0])) < 0.02 * float(losses[0])
+
+
+def test_plan_measures_a_decoder_recipe_with_its_own_prompts(lm_dirs):
+    from contrast.plan import measure
+
+    cfg = _cfg(lm_dirs["llama"])
+    m = measure(cfg)
+    lm_params = sum(p.numel() for p in _model(cfg).lm.parameters())
+    assert m.params["lm"] == {"total": lm_params, "trainable": 0}  # align: the LM is frozen
+    assert m.params["head"]["trainable"] > 0 and m.flops_step.per_sample > 0
