@@ -375,6 +375,7 @@ def hf_causal_lm(d: DecoderConfig) -> tuple[nn.Module, object]:
         import transformers
     except ImportError as e:
         raise CheckpointError("a decoder of source hf needs the transformers package (pip install transformers)") from e
+    transformers.utils.logging.disable_progress_bar()  # one bar per tensor group, on every load: noise here
     if d.hf_path:
         folder = lm_folder(d.hf_path)
         model = transformers.AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=torch.float32)
