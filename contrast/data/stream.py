@@ -27,6 +27,7 @@ left (``O(units)``, never ``O(rows)``) and are shared by all streams; the cursor
 
 from __future__ import annotations
 
+import abc
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -195,7 +196,7 @@ class Plan:
     items: list[tuple[int, int]]
 
 
-class DealtStream:
+class DealtStream(abc.ABC):
     """Stream ``g`` of ``S`` over epochs of items dealt by index: the items of an epoch are the positions
     ``0 .. count(parts) - 1`` (``parts`` fixed when the epoch begins, by the layout then), or the items of its
     :class:`Plan`; this stream reads items ``g, g + S, ...`` and each item's rows in a fixed order.
@@ -207,12 +208,13 @@ class DealtStream:
         self._rows: Iterator[dict] | None = None
         self._at = (0, 0, 0, 0)  # (epoch, parts, unit, first row) of the open item
 
+    @abc.abstractmethod
     def _count(self, parts: int) -> int:
-        raise NotImplementedError
+        """How many items an epoch dealt under ``parts`` has."""
 
+    @abc.abstractmethod
     def _unit_rows(self, epoch: int, parts: int, pos: int, skip: int) -> tuple[int, Iterator[dict]]:
         """(the unit at ``pos`` of the epoch, its rows after the first ``skip``)."""
-        raise NotImplementedError
 
     def _item(self, epoch: int, k: int) -> tuple[int, int, int] | None:
         """(parts, position in the epoch's items, rows to drop) of this stream's k-th item of ``epoch``."""

@@ -9,6 +9,7 @@ says which ids end a generation. Its tokenizer (with the chat template, when it 
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -24,7 +25,7 @@ def positions_of(attention_mask: torch.Tensor, new: int) -> torch.Tensor:
     return pos[:, -new:]
 
 
-class LanguageModel(nn.Module):
+class LanguageModel(nn.Module, abc.ABC):
     """A causal LM over input embeddings. Implementations set ``width``, ``vocab_size``, ``num_layers``,
     ``num_heads`` and ``eos_token_ids`` and implement the methods below."""
 
@@ -34,10 +35,11 @@ class LanguageModel(nn.Module):
     num_heads: int
     eos_token_ids: tuple[int, ...] = ()
 
+    @abc.abstractmethod
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         """(B, T) ids -> (B, T, W) input embeddings."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def hidden(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor | None = None,
                layer_hook: LayerHook | None = None, cache: Any = None, use_cache: bool = False
                ) -> tuple[torch.Tensor, Any]:
@@ -46,15 +48,15 @@ class LanguageModel(nn.Module):
         ``attention_mask`` (B, past + L) marks real positions (1) and padding (0), cached ones included;
         ``layer_hook(i, h)`` runs on the hidden states entering layer ``i``; ``cache`` is what an earlier call returned
         (``use_cache=True`` starts one)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """(..., W) final hidden states -> (..., V) next-token logits."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def reorder_cache(self, cache: Any, rows: torch.Tensor) -> Any:
         """The cache of the batch rows ``rows`` (beam search)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        raise NotImplementedError
+        """Activation checkpointing in the LM's layers (the answer's gradient still passes a frozen LM)."""

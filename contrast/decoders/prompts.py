@@ -17,6 +17,7 @@ Where the image goes:
 
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import torch
@@ -32,7 +33,7 @@ class PromptError(UserError, ValueError):
     """A prompt that cannot be built as configured (the message names why and the fix)."""
 
 
-class Codec:
+class Codec(abc.ABC):
     """The few things a prompt needs from a tokenizer: ``encode`` (no special tokens added), ``decode``, the start /
     end / pad ids, the ids of its special tokens and its chat template (None when it has none)."""
 
@@ -41,11 +42,13 @@ class Codec:
     pad_id: int
     special_ids: frozenset[int]
 
+    @abc.abstractmethod
     def encode(self, text: str) -> list[int]:
-        raise NotImplementedError
+        """Token ids of ``text``, no special tokens added."""
 
+    @abc.abstractmethod
     def decode(self, ids: list[int]) -> str:
-        raise NotImplementedError
+        """The text of ``ids``, special tokens left out."""
 
     def render(self, instruction: str, answer: str | None) -> str | None:
         """The chat template over one user turn (and the assistant's answer, or the generation prompt when None)."""
