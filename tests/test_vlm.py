@@ -589,3 +589,20 @@ def test_plan_measures_a_decoder_recipe_with_its_own_prompts(lm_dirs):
     lm_params = sum(p.numel() for p in _model(cfg).lm.parameters())
     assert m.params["lm"] == {"total": lm_params, "trainable": 0}  # align: the LM is frozen
     assert m.params["head"]["trainable"] > 0 and m.flops_step.per_sample > 0
+
+
+def test_a_decoder_trained_from_shards_evaluates_its_caption_loss_on_the_val_shards(lm_dirs, tmp_path, capsys):
+    from contrast.data.shard import write_shards
+
+    cfg = _cfg(lm_dirs["llama"], steps=2)
+    for split in ("train", "val"):
+        write_shards(cfg.data, tmp_path / "shards" / split, split=split, shard_size=8, image_size=16)
+    cfg.data.source = str(tmp_path / "shards")
+    cfg.eval.caption_split, cfg.eval.caption_limit, cfg.eval.batch_size = "val", 8, 4
+    result = train(cfg, tmp_path / "run", progress=False)
+    streamed = result.metrics["caption/nats_per_token"]
+    capsys.readouterr()  # the same checkpoint on the table the shards were written from: the same first 8 rows
+    assert main(["eval", "caption", "--checkpoint", str(result.run_dir), "--data", "synthetic", "--split", "val",
+                 "--limit", "8", "--batch-size", "4", "--json", "--device", "cpu"]) == 0
+    table = json.loads(capsys.readouterr().out.splitlines()[-1])["with_images"]["nats_per_token"]
+    assert abs(streamed - table) < 1e-5

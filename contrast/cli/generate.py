@@ -49,7 +49,7 @@ def _caption_eval(args: argparse.Namespace) -> int:
     import dataclasses
 
     from contrast.data import load_source
-    from contrast.evaluate.captions import caption_batches, caption_loss
+    from contrast.evaluate.captions import caption_batches, caption_loss, caption_rows
 
     dev = device(args.device)
     cfg, model, preprocess, tokenizer = _load_decoder(args.checkpoint, dev)
@@ -60,7 +60,7 @@ def _caption_eval(args: argparse.Namespace) -> int:
         result = {}
         for images in ([True, False] if args.no_images else [True]):
             reader = SampleReader.of(data_cfg)
-            batches = caption_batches(ds, preprocess, tokenizer, reader, args.batch_size, args.limit)
+            batches = caption_batches(caption_rows(ds), preprocess, tokenizer, reader, args.batch_size, args.limit)
             r = caption_loss(model, batches, dev, images=images)
             result["with_images" if images else "images_off"] = {**r, "skipped": reader.skips.as_dict()}
     for name, r in result.items():

@@ -20,24 +20,32 @@ from contrast.evaluate.retrieval import undecoded
 from contrast.models import Model
 
 
-def caption_batches(dataset: Any, preprocess: Callable, tokenizer: Callable, reader: SampleReader,
+def caption_rows(dataset: Any) -> Iterable[dict]:
+    """The rows of a table (a ``datasets.Dataset``), images left undecoded."""
+    return iter(undecoded(dataset))
+
+
+def caption_batches(rows: Iterable[dict], preprocess: Callable, tokenizer: Callable, reader: SampleReader,
                     batch_size: int = 32, limit: int = 0) -> Iterable[dict[str, torch.Tensor]]:
-    """Batches of ``{pixels, input_ids, attention_mask, labels, ...}`` from the dataset's usable rows, in order."""
-    dataset = undecoded(dataset)
-    n = len(dataset) if not limit else min(limit, len(dataset))
-    for lo in range(0, n, batch_size):
-        rows = dataset.select(range(lo, min(n, lo + batch_size)))
-        pixels, captions = [], []
-        for j, (cell, cap) in enumerate(zip(rows["image"], rows["caption"])):
-            if isinstance(cap, list | tuple):
-                cap = cap[0] if cap else None
-            text = reader.caption(cap, f"row {lo + j}")
-            img = reader.image(cell, describe_cell(cell, lo + j)) if text is not None else None
-            if img is not None:
-                pixels.append(preprocess(img))
-                captions.append(text)
-        if captions:
+    """Batches of ``{pixels, input_ids, attention_mask, labels, ...}`` from the usable ones among the first ``limit``
+    rows (0: all) of ``rows``: a table's (:func:`caption_rows`) or a shard split's, streamed; nothing is listed."""
+    pixels, captions = [], []
+    for n, row in enumerate(rows):
+        if limit and n >= limit:
+            break
+        cap = row.get("caption")
+        if isinstance(cap, list | tuple):
+            cap = cap[0] if cap else None
+        text = reader.caption(cap, f"row {n}")
+        img = reader.image(row.get("image"), describe_cell(row.get("image"), n)) if text is not None else None
+        if img is not None:
+            pixels.append(preprocess(img))
+            captions.append(text)
+        if len(captions) == batch_size:
             yield {**tokenizer(captions), **stack_images(pixels)}
+            pixels, captions = [], []
+    if captions:
+        yield {**tokenizer(captions), **stack_images(pixels)}
 
 
 @torch.no_grad()

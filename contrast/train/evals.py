@@ -29,7 +29,7 @@ from contrast.data.decode import SampleReader
 from contrast.data.sources import captions_per_line, shard_units
 from contrast.data.transforms import build_transform, model_transform
 from contrast.errors import UserError
-from contrast.evaluate.captions import caption_batches, caption_loss
+from contrast.evaluate.captions import caption_batches, caption_loss, caption_rows
 from contrast.evaluate.retrieval import evaluate_retrieval, evaluate_retrieval_stream
 from contrast.evaluate.tasks import RETRIEVAL_KS
 from contrast.evaluate.wds import ShardRows
@@ -144,15 +144,18 @@ class CaptionLossPart:
         cfg = inputs.cfg
         self.split, self.limit = cfg.eval.caption_split, cfg.eval.caption_limit
         self.name = f"caption loss on the '{self.split}' split of {_source_name(cfg.data)}"
-        self.dataset = load_source(cfg.data, self.split, cfg.model.image.image_size)
+        self.units = shard_units(cfg.data, self.split)  # webdataset shards: streamed
+        self.dataset = None if self.units is not None else load_source(cfg.data, self.split, cfg.model.image.image_size)
 
     def metric_names(self) -> list[str]:
         return ["caption/nats_per_token"]
 
     def __call__(self, model: Model) -> dict[str, float]:
         i = self.inputs
-        batches = caption_batches(self.dataset, i.preprocess, i.tokenizer, SampleReader.of(i.cfg.data),
-                                  i.cfg.eval.batch_size, self.limit)
+        rows = (caption_rows(self.dataset) if self.units is None
+                else (row for unit in self.units for row in unit.rows(0, 1)))
+        batches = caption_batches(rows, i.preprocess, i.tokenizer, SampleReader.of(i.cfg.data), i.cfg.eval.batch_size,
+                                  self.limit)
         return {"caption/nats_per_token": caption_loss(model, batches, i.device)["nats_per_token"]}
 
     def command(self, checkpoint: str | Path) -> str:

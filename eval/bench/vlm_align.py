@@ -75,11 +75,11 @@ def held_out(run: Path, twitter: str, images: bool = True, limit: int = 0) -> fl
 
     import contrast
     from contrast.data.decode import SampleReader
-    from contrast.evaluate.captions import caption_batches, caption_loss
+    from contrast.evaluate.captions import caption_batches, caption_loss, caption_rows
 
     model, preprocess, tokenizer = contrast.load(run)
     ds = load_from_disk(twitter)["test"]
-    batches = caption_batches(ds, preprocess, tokenizer, SampleReader(), 32, limit)
+    batches = caption_batches(caption_rows(ds), preprocess, tokenizer, SampleReader(), 32, limit)
     return caption_loss(model, batches, images=images)["nats_per_token"]
 
 
