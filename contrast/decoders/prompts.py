@@ -18,6 +18,7 @@ Where the image goes:
 from __future__ import annotations
 
 import abc
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -128,7 +129,6 @@ class PromptTokenizer:
         self.image_tokens, self.image_at, self.max_length = int(image_tokens), image_at, int(max_length)
         if image_at != "none" and self.image_tokens < 1:
             raise PromptError(f"image place '{image_at}' needs at least one visual token, got {image_tokens}")
-        self.vocab_size = None
 
     # ------------------------------------------------------------------------------------------------- pieces
     def _prompt(self) -> Encoded:
@@ -153,10 +153,15 @@ class PromptTokenizer:
             return self.instruction
         return f"{IMAGE_MARKER}\n{self.instruction}" if self.instruction else IMAGE_MARKER
 
+    @functools.cached_property
+    def _fixed(self) -> tuple[Encoded, str | None]:
+        """The prompt's tokens and its rendered generation prompt: the same for every sample, made once."""
+        return self._prompt(), (self.codec.render(self._user(), None) if self.chat else None)
+
     def _answer(self, caption: str) -> list[int]:
         c = self.codec
         if self.chat:
-            prompt = c.render(self._user(), None)
+            prompt = self._fixed[1]
             full = c.render(self._user(), caption)
             if not full.startswith(prompt):
                 raise PromptError("the decoder's chat template does not extend the generation prompt with the answer "
@@ -167,7 +172,7 @@ class PromptTokenizer:
         return c.encode(f" {caption}" if self.instruction else caption) + [c.eos_id]
 
     def encode(self, caption: str) -> Encoded:
-        p = self._prompt()
+        p = self._fixed[0]
         ans = self._answer(caption)
         room = self.max_length - len(p.ids)
         if room < 2:
@@ -183,7 +188,7 @@ class PromptTokenizer:
 
     def prompts(self, n: int) -> dict[str, torch.Tensor]:
         """``n`` generation prompts (all alike here), ending where the answer starts."""
-        return self._pad([self._prompt() for _ in range(n)], left=True)
+        return self._pad([self._fixed[0]] * n, left=True)
 
     def _pad(self, rows: list[Encoded], left: bool) -> dict[str, torch.Tensor]:
         T = max(len(r.ids) for r in rows)
