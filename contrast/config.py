@@ -343,6 +343,18 @@ class TrainConfig:
     nonfinite: str = "stop"  # a step whose loss or gradients are NaN/inf: stop | skip (not applied, counted)
     max_nonfinite: int = 10  # nonfinite skip: stop after this many consecutive skipped steps
     seed: int = 0
+    # a run (directory or step directory) whose weights start this one, e.g. an imported CLIP / SigLIP to fine-tune:
+    # its model section is this run's (keys under model: override it), its weights load strictly at step 0, and the
+    # optimizer starts fresh (--resume continues a run; init_from starts a new one from another run's weights)
+    init_from: str | None = None
+    # layer-wise learning-rate decay of the towers (BEiT / EVA-CLIP fine-tuning), e.g. 0.75: a tower's last layer
+    # group trains at its tower's lr x layer_decay, each earlier group at layer_decay times the next one's; the
+    # projections, logit scale and everything after the last group keep the full lr. None: off
+    layer_decay: float | None = None
+    # exponential moving average of the trainable weights, e.g. 0.999 (0: off): updated after every step (decay
+    # min(ema, (1 + n) / (10 + n)) at the n-th update), evaluated beside the weights (metrics ema/...), saved in each
+    # checkpoint (ema.safetensors) and written at the end as a run of its own, RUN/ema, that every command takes
+    ema: float = 0.0
     # none | cca: before the first step the projections become the ridge-regularised CCA of the towers' pooled
     # features on the first head_init_batches training batches (kind clip; with steps 0 that is the whole training)
     head_init: str = "none"
@@ -629,7 +641,44 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Config:
     if not isinstance(data, dict):
         raise ConfigError(f"recipe {p} must be a mapping of sections (model:, data:, train:, ...)")
     data = apply_overrides(data, overrides or [])
-    return from_dict(data)
+    return from_dict(with_init_model(data))
+
+
+def init_run_config(path: str | Path) -> Path:
+    """The ``config.yaml`` of the run that ``train.init_from`` names (a run directory or one of its step
+    directories); a one-line :class:`ConfigError` when there is none."""
+    p = Path(path).expanduser()
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / "config.yaml").is_file():
+            return cand / "config.yaml"
+    what = "does not exist" if not p.exists() else "holds no config.yaml (nor do its parents)"
+    raise ConfigError(f"train.init_from {p} {what}: name a run directory (contrast train --out, contrast import --out) "
+                      "or one of its step directories")
+
+
+def _merged(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def with_init_model(data: dict) -> dict:
+    """With ``train.init_from``, the model section is that run's, with the recipe's ``model:`` keys over it."""
+    train = data.get("train")
+    source = train.get("init_from") if isinstance(train, dict) else None
+    if not source:
+        return data
+    if not isinstance(source, str):
+        raise ConfigError(f"train.init_from must be a path to a run, got {source!r}")
+    saved = upgrade_saved(read_yaml(init_run_config(source), "run config") or {})
+    model = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(model, dict):
+        raise ConfigError(f"train.init_from {source}: its config.yaml has no model section")
+    own = data.get("model") or {}
+    if not isinstance(own, dict):
+        raise ConfigError("model must be a mapping of keys")
+    return {**data, "model": _merged(model, own)}
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -113,6 +113,16 @@ class HFTextTower(nn.Module):
         hidden = self.encoder(input_ids=input_ids, attention_mask=mask, output_hidden_states=True).hidden_states
         return [hidden[i + 1] for i in take]  # hidden[0] is the embedding output
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters by depth for layer-wise learning-rate decay: the embeddings, then each encoder layer; a pooler,
+        final norm and the projection are in no group (full rate)."""
+        layers = [list(layer.parameters()) for layer in self.layers]
+        inside = {id(p) for ps in layers for p in ps}
+        embeddings = self.encoder.get_input_embeddings()
+        first = [p for n, p in self.encoder.named_parameters() if id(p) not in inside and "embed" in n.split(".")[0]]
+        first = first or list(embeddings.parameters())
+        return [first, *layers]
+
     def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the encoder except its last ``unlocked_groups`` layers; the projection stays trainable.
 

@@ -205,6 +205,16 @@ class ImageTower(nn.Module):
         groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=True), reverse=False)
         return list(groups.values())
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """The backbone's parameters by depth, input side first (timm's fine groups: the stem / patch embedding, then
+        each block; a final norm or head goes with the last group), for layer-wise learning-rate decay. The projection
+        is not in any group: it trains at the full rate."""
+        from timm.models import group_parameters
+
+        params = dict(self.backbone.named_parameters())
+        groups = group_parameters(self.backbone, self.backbone.group_matcher(coarse=False), reverse=False)
+        return [[params[n] for n in names] for names in groups.values()]
+
     def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze the backbone but its last ``unlocked_groups`` timm parameter groups; ``proj`` stays trainable.
 

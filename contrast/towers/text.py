@@ -95,6 +95,13 @@ class TextTower(TokenTransformer):
         layer_indices(len(self.transformer.blocks), indices)  # refuses bad indices (an empty list too) up front
         return self(input_ids, return_layers=indices)[1]
 
+    def layer_groups(self) -> list[list[nn.Parameter]]:
+        """Parameters by depth for layer-wise learning-rate decay: the embeddings, then each block; ``ln_final`` and the
+        projection are in no group (full rate)."""
+        blocks = [list(b.parameters()) for b in self.transformer.blocks]
+        inside = {id(p) for ps in blocks for p in ps} | {id(p) for m in (self.ln_final, self.proj) for p in m.parameters()}
+        return [[p for p in self.parameters() if id(p) not in inside], *blocks]
+
     def lock(self, unlocked_groups: int = 0, freeze_norm_stats: bool = True) -> None:
         """Freeze all but the last ``unlocked_groups`` layers (and then ln_final); ``proj`` stays trainable.
 

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from safetensors.torch import save_file
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (
@@ -84,10 +85,12 @@ def save_checkpoint(
     scheduler,
     extra: dict | None = None,
     keep: int = 2,
+    tensors: dict[str, dict[str, torch.Tensor]] | None = None,
 ) -> Path | None:
     """Checkpoint ``step``; every rank calls it. An FSDP model's ranks each write their shards
-    (:func:`_save_sharded`); otherwise the main process alone writes weights and state. Returns the step directory on
-    the main process, None elsewhere."""
+    (:func:`_save_sharded`); otherwise the main process alone writes weights and state, and each ``tensors`` entry
+    ``{file name: state dict}`` as a safetensors file beside them (the weight average, ``ema.safetensors``). Returns
+    the step directory on the main process, None elsewhere."""
     if is_sharded(model):
         return _save_sharded(step_dir(Path(run_dir), step), model, optimizer, training_state(step, scheduler, extra),
                              keep)
@@ -99,6 +102,8 @@ def save_checkpoint(
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         save_model_weights(model, tmp / WEIGHTS)
+        for name, sd in (tensors or {}).items():
+            save_file({k: v.detach().contiguous() for k, v in sd.items()}, str(tmp / name))
         torch.save({**training_state(step, scheduler, extra), "optimizer": optimizer.state_dict()}, tmp / STATE)
         return _publish(tmp, final, keep)
 

@@ -20,7 +20,7 @@ from torch import nn
 from contrast import distributed as D
 from contrast.config import Config, ConfigError, save_config, to_dict
 from contrast.data.batches import StreamLoader
-from contrast.errors import UserError
+from contrast.errors import CheckpointError, UserError
 from contrast.models import Model, ModelOutput
 from contrast.objectives import Comm, LossOutput, Objective, build_objective
 from contrast.runs import (
@@ -28,13 +28,18 @@ from contrast.runs import (
     WEIGHTS,
     atomic_write_bytes,
     build,
+    load_model_weights,
+    read_weights,
+    resolve,
     resolve_checkpoint,
+    save_model_weights,
     step_dir,
     text_tokenizer,
 )
 from contrast.train import checkpoint as C
 from contrast.train import fsdp as F
 from contrast.train.data import build_loader, loader_state, to_device, total_skips
+from contrast.train.ema import EMA_WEIGHTS, Ema
 from contrast.train.evals import (
     Best,
     EvaluationError,
@@ -49,6 +54,8 @@ from contrast.train.host import keep_freed_memory
 from contrast.train.log import RunLog
 from contrast.train.optim import build_optimizer, build_scheduler
 from contrast.train.step import PRECISIONS, NonFiniteLossError, Stepper, autocast, build_stepper
+
+EMA_RUN = "ema"  # train.ema: the averaged weights as a run of their own, inside the run directory
 
 __all__ = ["NonFiniteLossError", "Run", "RunResult", "setup", "train", "train_step"]
 
@@ -88,6 +95,8 @@ class Run:
     evaluator: Evaluator | None = None  # eval.tasks / eval.retrieval_split, run every train.eval_every and at the end
     best: Best | None = None  # train.best_metric's best value so far
     owns_group: bool = False  # setup created the process group (and train leaves it at the end)
+    ema: Ema | None = None  # train.ema: the average of the trainable weights, updated after every step
+    resumed_from: Path | None = None  # the checkpoint a resumed run started from
 
 
 def select_device(name: str) -> torch.device:
@@ -139,6 +148,7 @@ def _resume(run: Run, resume: str) -> tuple[int, dict | None]:
     state = C.load_state(ckpt)
     run.resumes = int(state.get("resumes", 0)) + 1
     C.load_weights_and_optimizer(ckpt, state, run.model, run.optimizer)  # sharded (DCP) or safetensors + optimizer
+    run.resumed_from = ckpt
     run.scheduler.load_state_dict(state["scheduler"])
     C.set_rng_state(state["rng"])
     run.resumed = state
@@ -170,7 +180,8 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     if cfg.train.grad_checkpointing:
         model.set_grad_checkpointing(True)
     tokenizer = text_tokenizer(cfg, model)  # a decoder model's: its LM's own tokenizer and template
-    if _fresh_start(run_dir, resume):  # a resumed run has its heads in its checkpoint
+    if _fresh_start(run_dir, resume):  # a resumed run has its weights and heads in its checkpoint
+        start_from(cfg, model, dist_info.is_main)
         init_heads(cfg, model, tokenizer, device, dist_info)
     else:
         check_head_init(cfg, model)
@@ -186,6 +197,7 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     data_state = None
     if resume:
         run.start, data_state = _resume(run, resume)
+    run.ema = _ema_setup(run)
     run.train_model = _wrap(model, cfg, dist_info, device)
     run.loader = build_loader(cfg, tokenizer, cfg.data.train_split, dist_info, run.start, data_state)
     run.stepper = build_stepper(run)
@@ -195,6 +207,44 @@ def setup(cfg: Config, out_dir: str | Path, resume: str | None = None) -> Run:
     if run.best is not None and saved_best and saved_best["metric"] == run.best.metric:
         run.best = Best(**saved_best)  # a resumed run keeps its best (unless it now tracks another metric)
     return run
+
+
+def start_from(cfg: Config, model: nn.Module, main: bool) -> None:
+    """``train.init_from``: the named run's weights into the freshly built ``model`` (strictly: every tensor, same
+    shapes); the optimizer, schedule and step start anew."""
+    source = cfg.train.init_from
+    if not source:
+        return
+    if cfg.train.head_init != "none":
+        raise ConfigError(f"train.head_init: {cfg.train.head_init} would replace the projections that train.init_from "
+                          f"({source}) brings; set head_init: none to fine-tune them, or drop init_from")
+    try:
+        ckpt = resolve(Path(source).expanduser())
+        load_model_weights(model, ckpt / WEIGHTS)
+    except CheckpointError as e:
+        raise ConfigError(f"train.init_from {source}: {str(e).splitlines()[0]} {' '.join(str(e).splitlines()[1:2])}"
+                          .strip() + "; the model section comes from that run's config.yaml: remove the model keys "
+                          "that change its shapes") from e
+    if main:
+        print(f"weights from {ckpt} (train.init_from); optimizer and schedule start at step 0")
+
+
+def _ema_setup(run: Run) -> Ema | None:
+    """``train.ema``: the average starts from the weights as they are now (fresh, or resumed: then from the
+    checkpoint's own average when it has one). Refused with FSDP, whose ranks hold shards of the weights."""
+    decay = run.cfg.train.ema
+    if not decay:
+        return None
+    if F.is_sharded(run.model):
+        raise ConfigError("train.ema keeps whole copies of the weights, which an FSDP run shards across processes; "
+                          "set train.fsdp: false (DDP) or train.ema: 0")
+    ema = Ema(run.model, decay)
+    saved = run.resumed_from / EMA_WEIGHTS if run.resumed_from is not None else None
+    if saved is not None and saved.is_file():
+        ema.load(read_weights(saved), int((run.resumed or {}).get("ema_updates", 0)))
+    elif saved is not None and run.dist.is_main:
+        print(f"{run.resumed_from} holds no {EMA_WEIGHTS} (train.ema was off): the average starts here")
+    return ema
 
 
 def _eval_setup(run: Run) -> None:
@@ -239,10 +289,14 @@ def _save(run: Run, step: int, keep: int | None = None) -> Path | None:
     extra = {"world_size": run.dist.world_size, "data": data, "resumes": run.resumes, **run.stepper.state()}
     if run.best is not None:
         extra["best"] = run.best.state()
+    tensors = None
+    if run.ema is not None:
+        extra["ema_updates"] = run.ema.updates
+        tensors = {EMA_WEIGHTS: run.ema.tensors()}
     failed, path = None, None
     try:
         path = C.save_checkpoint(run.run_dir, step, run.model, run.optimizer, run.scheduler, extra,
-                                 keep=run.cfg.train.keep_checkpoints if keep is None else keep)
+                                 keep=run.cfg.train.keep_checkpoints if keep is None else keep, tensors=tensors)
     except C.CheckpointWriteError as e:
         failed = e
     if bool(D.any_rank(torch.tensor(failed is not None, device=run.device))):  # one all-reduce per checkpoint
@@ -257,6 +311,10 @@ def _evaluate(run: Run, log: RunLog, step: int) -> tuple[dict[str, float], bool,
     :func:`_mark_best`), made before the checkpoint so that the checkpoint holds it, and the evaluations that failed
     (the same list on every rank; the caller checkpoints and stops, :func:`_evaluation_failed`)."""
     metrics, failures = run.evaluator.run(run.model)
+    if run.ema is not None and not failures:  # the same evaluations of the averaged weights: ema/<metric>
+        with run.ema.swapped(run.model):
+            averaged, failures = run.evaluator.run(run.model)
+        metrics.update({f"ema/{k}": v for k, v in averaged.items()})
     anywhere = bool(D.any_rank(torch.tensor(bool(failures), device=run.device)))
     metrics, failures = D.broadcast_object((metrics, failures))
     if anywhere and not failures:
@@ -341,6 +399,8 @@ def _finish(run: Run, log: RunLog, result: RunResult) -> None:
         result.checkpoint = step_dir(run.run_dir, step)
     if F.is_sharded(run.model) and result.checkpoint is not None and not (result.checkpoint / WEIGHTS).is_file():
         C.consolidate(result.checkpoint)  # the final checkpoint gets model.safetensors: main rank only, others wait
+    if run.ema is not None and run.dist.is_main:
+        _write_ema_run(run, step)
     D.barrier()
     if run.evaluator is None:
         return
@@ -350,6 +410,19 @@ def _finish(run: Run, log: RunLog, result: RunResult) -> None:
         _record_best(run, result.checkpoint)
     if failures:
         raise _evaluation_failed(run, step, failures, final=True)
+
+
+def _write_ema_run(run: Run, step: int) -> Path:
+    """RUN/ema: a run directory (this run's config, the averaged weights at ``step``) that every command loads."""
+    target = run.run_dir / EMA_RUN
+    ckpt = step_dir(target, step)
+    ckpt.mkdir(parents=True, exist_ok=True)
+    save_config(run.cfg, target / "config.yaml")
+    with run.ema.swapped(run.model):
+        save_model_weights(run.model, ckpt / WEIGHTS)
+    C.point(target / CHECKPOINTS / "latest", ckpt)
+    print(f"the weights' moving average (train.ema {run.cfg.train.ema}) at step {step}: {target}")
+    return target
 
 
 def _record_best(run: Run, path: Path | None) -> None:

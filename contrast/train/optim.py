@@ -9,7 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from contrast.config import TrainConfig
+from contrast.config import ConfigError, TrainConfig
 
 HEADS = ("image.proj.", "text.proj.")  # the towers' projections: new heads, trained at train.lr like the logit scale
 
@@ -34,23 +34,53 @@ def decays(p: torch.Tensor) -> bool:
     return sum(size > 1 for size in p.shape) >= 2
 
 
+def layer_scales(model: nn.Module, decay: float | None) -> dict[int, tuple[int, float]]:
+    """Layer-wise learning-rate decay (BEiT, Bao et al. 2021; EVA-CLIP): ``id(parameter) -> (depth, lr scale)`` for
+    the parameters of the model's image and text towers. A tower's ``layer_groups()`` lists its parameters by depth,
+    input side first; of n groups, group i trains at ``decay ** (n - i)`` of its tower's rate (the last block at
+    ``decay``); parameters in no group (projections, final norms, the logit scale) keep the full rate. Empty when
+    ``decay`` is None or 1."""
+    if decay is None or decay == 1.0:
+        return {}
+    if not 0.0 < decay <= 1.0:
+        raise ConfigError(f"train.layer_decay must lie in (0, 1] (e.g. 0.75), got {decay}")
+    scales: dict[int, tuple[int, float]] = {}
+    for tower in ("image", "text"):
+        groups = getattr(getattr(model, tower, None), "layer_groups", None)
+        if groups is None:
+            continue
+        layers = groups()
+        for i, params in enumerate(layers):
+            for p in params:
+                scales[id(p)] = (i, decay ** (len(layers) - i))
+    if not scales:
+        raise ConfigError(f"train.layer_decay applies to image and text towers; this model ({type(model).__name__}) "
+                          "has none with layers to decay: set it to null")
+    return scales
+
+
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
-    """One group per (tower, decay) pair; see :func:`decays` for which parameters get no weight decay."""
+    """One group per (tower, decay) pair, and per depth under ``train.layer_decay`` (:func:`layer_scales`); see
+    :func:`decays` for which parameters get no weight decay."""
     lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "lm": cfg.lm_lr or cfg.lr, "head": cfg.lr}
-    groups: dict[tuple[str, bool], dict] = {}
+    scales = layer_scales(model, cfg.layer_decay)
+    groups: dict[tuple[str, bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         tower = tower_of(name)
         decay = decays(p)
-        key = (tower, decay)
+        depth, scale = scales.get(id(p), (-1, 1.0)) if tower != "head" else (-1, 1.0)
+        key = (tower, decay, depth)
         if key not in groups:
             groups[key] = {
                 "name": f"{tower}{'' if decay else '_no_decay'}",
                 "params": [],
-                "lr": lrs[tower],
+                "lr": lrs[tower] * scale,
                 "weight_decay": cfg.weight_decay if decay else 0.0,
             }
+            if depth >= 0:
+                groups[key]["layer"] = depth
         groups[key]["params"].append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters; check the locked settings of the towers")

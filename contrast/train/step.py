@@ -322,6 +322,8 @@ class Stepper:
             torch.nn.utils.clip_grads_with_norm_(self.params, run.cfg.train.grad_clip, self.grad_norm)
         self._apply(skip)
         self.clamp_scale()
+        if run.ema is not None:
+            run.ema.update(skip)
         run.scheduler.step()
         return losses, out
 

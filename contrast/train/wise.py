@@ -9,7 +9,8 @@ projections and the logit scale (they start from a random draw, so there is no z
 the locked layers (unchanged anyway). A tensor comes from pretrained weights when it belongs to a tower whose config
 loads weights (``model.image.weights``; ``model.text.kind: hf``) and the model as built gives it the same value under
 two different seeds (weights load the same way every time; the tower's projection, drawn at random, does not).
-Dual encoders (``model.kind: clip``) only.
+Dual encoders (``model.kind: clip``) only. A run started from another run's weights (``train.init_from``: an imported
+CLIP or SigLIP being fine-tuned) averages every tensor with that run's value instead (:func:`starting_weights`).
 """
 
 from __future__ import annotations
@@ -21,9 +22,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from contrast.config import ModelConfig
-from contrast.errors import UserError
-from contrast.runs import WEIGHTS, build, load_config_of, read_weights, run_dir_of
+from contrast.config import Config, ModelConfig
+from contrast.errors import CheckpointError, UserError
+from contrast.runs import WEIGHTS, build, load_config_of, read_weights, resolve, run_dir_of
 
 
 class WiseError(UserError, ValueError):
@@ -53,6 +54,18 @@ def pretrained_names(cfg: ModelConfig) -> tuple[dict[str, torch.Tensor], set[str
     return first, same
 
 
+def starting_weights(cfg: Config) -> tuple[dict[str, torch.Tensor], set[str]]:
+    """A run that started from another run's weights (``train.init_from``, e.g. an imported CLIP): those weights, and
+    every floating tensor among them. All of them count as pretrained, the projections and the logit scale too, so
+    ``alpha = 0`` gives back the model the run started from, as in WiSE-FT's zero-shot end point."""
+    try:
+        initial = read_weights(resolve(Path(cfg.train.init_from).expanduser()) / WEIGHTS)
+    except CheckpointError as e:
+        raise WiseError(f"the run started from train.init_from {cfg.train.init_from}, whose weights WiSE-FT averages "
+                        f"with: {str(e).splitlines()[0]}") from e
+    return initial, {k for k, v in initial.items() if v.is_floating_point()}
+
+
 def interpolate(initial: dict[str, torch.Tensor], tuned: dict[str, torch.Tensor], alpha: float,
                 names: set[str]) -> dict[str, torch.Tensor]:
     """``tuned`` with each tensor of ``names`` replaced by ``(1 - alpha) * initial + alpha * tuned``."""
@@ -69,7 +82,7 @@ def wise_ft(run: str | Path, alpha: float, out: str | Path) -> tuple[Path, list[
     returns it and the names of the averaged tensors. Refuses a run that changed no pretrained tensor."""
     cfg, ckpt = load_config_of(run)
     tuned = read_weights(ckpt / WEIGHTS)
-    initial, pretrained = pretrained_names(cfg.model)
+    initial, pretrained = starting_weights(cfg) if cfg.train.init_from else pretrained_names(cfg.model)
     missing = sorted(set(initial) - set(tuned))
     if missing:
         raise WiseError(f"{ckpt / WEIGHTS} lacks tensors its config builds (e.g. {missing[0]}); is it this run's?")
