@@ -479,6 +479,7 @@ def memory(cfg: Config, meas: Measured, target: Target, s: Setting) -> dict[str,
         "weights": meas.weight_bytes / shard + (meas.unit_bytes if s.fsdp and shard > 1 else 0),
         "gradients": meas.grad_bytes / shard,
         "optimizer": meas.adam_bytes / shard,
+        "ema": meas.adam_bytes / 2 if cfg.train.ema else 0,  # train.ema: one fp32 copy of the trainable weights
         "activations": max(0.0, saved.at(s.micro)),
         "workspace": max(0.0, peak.at(s.micro) - saved.at(s.micro)),
         "loss": loss_bytes(cfg, meas, loss_batch, target.world),

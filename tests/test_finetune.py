@@ -208,3 +208,33 @@ def test_saved_config_of_an_init_from_run_stands_alone(tmp_path, data_cache):
     save_config(cfg, tmp_path / "saved.yaml")
     saved = yaml.safe_load((tmp_path / "saved.yaml").read_text())
     assert saved["model"]["embed_dim"] == 32 and saved["train"]["init_from"] == str(tmp_path / "a")
+
+
+@pytest.mark.parametrize("kind", ["clip", "siglip"])
+def test_finetune_recipes_train_an_imported_model(tmp_path, kind):
+    """The shipped fine-tuning recipes on a Hugging Face CLIPModel / SiglipModel imported by contrast import: every
+    tower layer trains (both towers unlocked), the loss is the family's own (SigLIP: the sigmoid term with its bias),
+    the run starts from the imported weights and leaves its moving average as RUN/ema."""
+    from test_import_hf_clip import _folder
+
+    from contrast.export import import_checkpoint
+
+    folder, _ = _folder(tmp_path, kind)
+    start = import_checkpoint(folder, tmp_path / "imported")
+    recipe = R.Path(__file__).resolve().parents[1] / "recipes" / f"finetune_{kind}_emoji.yaml"
+    cfg = load_recipe(recipe, [f"train.init_from={start}", "data.source=synthetic", "train.steps=2",
+                               "train.batch_size=8", "train.warmup_steps=1", "eval.tasks=[]",
+                               "eval.retrieval_split=null", "data.augment.enabled=false",
+                               "data.synthetic={train_size: 64, val_size: 16, test_size: 16}"])
+    assert (cfg.model.init_logit_bias is not None) == (kind == "siglip")
+    train(cfg, tmp_path / "ft", progress=False)
+    before = R.read_weights(R.resolve(start) / R.WEIGHTS)
+    after = R.read_weights(R.resolve(tmp_path / "ft") / R.WEIGHTS)
+    moved = {k.split(".")[0] for k in before if not torch.equal(before[k], after[k])}
+    assert {"image", "text"} <= moved
+    assert not torch.equal(after["image.backbone.patch_embed.proj.weight"],
+                           before["image.backbone.patch_embed.proj.weight"])  # the first layer trains too
+    rows = [json.loads(x) for x in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()]
+    terms = {k for r in rows for k in r if k.startswith("loss/")}
+    assert terms == ({"loss/sigmoid"} if kind == "siglip" else {"loss/itc"})
+    assert (tmp_path / "ft" / "ema" / "config.yaml").is_file()

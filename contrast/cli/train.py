@@ -35,7 +35,7 @@ def _wise(args: argparse.Namespace) -> int:
         raise UserError("contrast train wise needs a run, --alpha (0: pretrained towers .. 1: the fine-tuned run) "
                         "and --out, e.g. contrast train wise runs/lit --alpha 0.5 --out runs/lit_wise")
     out, names = wise_ft(args.checkpoint, args.alpha, args.out)
-    print(f"WiSE-FT (alpha {args.alpha}): {len(names)} unlocked pretrained tensors averaged; run directory {out}")
+    print(f"WiSE-FT (alpha {args.alpha}): {len(names)} pretrained tensors averaged; run directory {out}")
     return 0
 
 

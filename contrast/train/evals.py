@@ -252,6 +252,10 @@ def check_best_metric(metric: str, evaluator: Evaluator | None) -> None:
     if evaluator is None:
         raise ConfigError("train.best_metric needs eval.tasks or eval.retrieval_split to evaluate")
     names = evaluator.metric_names()
+    if metric.startswith("ema/") and metric.removeprefix("ema/") in names:
+        raise ConfigError(f"train.best_metric '{metric}': the moving average's metrics are reported, not tracked (a "
+                          "checkpoint is the live weights; the average is written to RUN/ema at the end); track "
+                          f"'{metric.removeprefix('ema/')}' or set best_metric: null")
     if metric not in names:
         raise ConfigError(f"train.best_metric '{metric}' is not among the eval metrics the configured evaluations "
                           f"will produce: {', '.join(names)}; set it to one of them, or to null")

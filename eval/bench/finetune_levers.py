@@ -1,0 +1,122 @@
+"""Fine-tuning an imported CLIP: each lever's held-out retrieval and zero-shot, before and after.
+
+The start is a checkpoint the project trains and exports itself: the real-tower LiT run (recipes/lit_emoji.yaml,
+trained on Google's emoji art) written in open_clip's format by ``contrast export --format open_clip`` and read back
+by ``contrast import``: an imported CLIP. Every row fine-tunes it with recipes/finetune_clip_emoji.yaml on a new art
+style, Twitter's (``train`` split), and is scored by eval/bench/lit_quality.py's ``evaluate`` (retrieval hit@k both
+ways with shared captions counted as matches, zero-shot Unicode-category top-1) on
+
+- Twitter ``test``: emoji never trained on, in the new style (what fine-tuning is for);
+- Google ``test``: emoji never trained on, in the style the start was made on (what fine-tuning keeps).
+
+Rows: ``imported`` (no training); ``lit`` (image tower locked, text tower and projections trained: LiT on top of the
+import); ``full`` (every layer at the towers' rate, no layer decay); ``full_ema`` (the same run's moving average,
+RUN/ema); ``full_wise`` (WiSE-FT of ``full`` at alpha 0.5: ``contrast train wise``); ``decay`` (layer-wise decay
+0.75, the recipe); ``decay_ema`` (its moving average). The runs differ only in the keys named; same steps, batches
+and seed.
+
+    python eval/bench/finetune_levers.py [--out runs/finetune_levers] [--steps 150] [--limit 0]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from lit_quality import contrast_encoder, emoji_sets, evaluate  # noqa: E402
+
+RECIPE = ROOT / "recipes/finetune_clip_emoji.yaml"
+ROWS = {  # row -> (training run, overrides) ; None: no training
+    "imported": None,
+    "lit": ("lit", ["model.image.locked=true", "train.layer_decay=null", "train.ema=0"]),
+    "full": ("full", ["train.layer_decay=null"]),
+    "full_ema": ("full", None),
+    "full_wise": ("full", None),
+    "decay": ("decay", []),
+    "decay_ema": ("decay", None),
+}
+
+
+def contrast_cli(*args: str) -> None:
+    subprocess.run([sys.executable, "-m", "contrast", *args], check=True, cwd=ROOT)
+
+
+def imported_start(out: Path) -> Path:
+    """The LiT run (trained when missing), exported to open_clip format and imported back."""
+    lit = out / "lit_emoji"
+    if not (lit / "checkpoints" / "latest").is_file():
+        contrast_cli("train", "recipes/lit_emoji.yaml", "--out", str(lit), "--set",
+                     f"data.source={emoji_sets()['google']}")
+    exported, imported = out / "lit_emoji_open_clip", out / "clip_imported"
+    if not (exported / "open_clip_config.json").is_file():
+        contrast_cli("export", "--checkpoint", str(lit), "--format", "open_clip", "--out", str(exported))
+    if not (imported / "config.yaml").is_file():
+        contrast_cli("import", "--weights", str(exported), "--out", str(imported))
+    return imported
+
+
+def fine_tune(name: str, overrides: list[str], out: Path, start: Path, twitter: Path, steps: int | None) -> float:
+    """Train one row's run (unless finished); its wall seconds."""
+    from contrast.config import load_recipe
+    from contrast.train.loop import train
+
+    run = out / name
+    if (run / "checkpoints" / "latest").is_file():
+        return float("nan")
+    sets = [f"train.init_from={start}", f"data.source={twitter}", "eval.tasks=[]", "eval.retrieval_split=null",
+            *(["train.steps=" + str(steps)] if steps else []), *overrides]
+    started = time.perf_counter()
+    train(load_recipe(RECIPE, sets), run, progress=False)
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=Path("runs/finetune_levers"))
+    ap.add_argument("--steps", type=int, default=None, help="train.steps of every run (default: the recipe's)")
+    ap.add_argument("--rows", default=",".join(ROWS))
+    args = ap.parse_args(argv)
+    from datasets import load_from_disk
+
+    out = args.out.resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    sets = emoji_sets()
+    start = imported_start(out)
+    rows = args.rows.split(",")
+    wall: dict[str, float] = {}
+    for row in rows:
+        spec = ROWS[row]
+        if spec is not None and spec[1] is not None:
+            wall[spec[0]] = fine_tune(spec[0], spec[1], out, start, sets["twitter"], args.steps)
+    if "full_wise" in rows and not (out / "full_wise" / "model.safetensors").is_file():
+        contrast_cli("train", "wise", str(out / "full"), "--alpha", "0.5", "--out", str(out / "full_wise"))
+    runs = {"imported": start, "lit": out / "lit", "full": out / "full", "full_ema": out / "full" / "ema",
+            "full_wise": out / "full_wise", "decay": out / "decay", "decay_ema": out / "decay" / "ema"}
+    eval_sets = {"twitter test (new style)": load_from_disk(str(sets["twitter"]))["test"],
+                 "google test (start's style)": load_from_disk(str(sets["google"]))["test"]}
+    results = {}
+    for row in rows:
+        with torch.no_grad():
+            enc = contrast_encoder(runs[row])
+            results[row] = {where: evaluate(enc, ds) for where, ds in eval_sets.items()}
+        print(json.dumps({"row": row, **results[row]}), flush=True)
+    cols = ["i2t@1", "i2t@10", "t2i@1", "t2i@10", "zs_top1"]
+    print("\n| row | " + " | ".join(f"{w.split(' (')[0]} {c}" for w in eval_sets for c in cols) + " | train s |")
+    print("|---" * (1 + len(cols) * len(eval_sets) + 1) + "|")
+    for row in rows:
+        spec = ROWS[row]
+        took = wall.get(spec[0], float("nan")) if spec is not None and spec[1] is not None else float("nan")
+        cells = [f"{results[row][w][c]:.3f}" for w in eval_sets for c in cols]
+        print(f"| {row} | " + " | ".join(cells) + f" | {took:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
