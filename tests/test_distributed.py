@@ -226,3 +226,25 @@ def test_gradient_caching_on_two_processes_equals_one_process_on_the_whole_batch
     b = R.read_weights(R.resolve(single) / R.WEIGHTS)
     for k in a:  # Adam turns float noise in near-zero gradients into ~1e-6 steps; a wrong gradient moves ~lr = 1e-3
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=k)
+
+
+def test_fine_tuning_levers_on_two_processes_equal_one_process(tmp_path, data_cache):
+    """train.init_from + train.layer_decay + train.ema with micro-batches under torchrun (2 gloo processes) train as
+    one process does on the whole batch: the same weights and the same moving average."""
+    from contrast.config import load_recipe
+    from contrast.train.loop import train
+
+    recipe = tmp_path / "clip_ft.yaml"
+    _torchrun_recipe(recipe, data_cache, steps=1, kind="clip")
+    train(load_recipe(recipe, [f"train.batch_size={WORLD * PER_RANK}"]), tmp_path / "start", progress=False)
+    levers = [f"train.init_from={tmp_path / 'start'}", "train.layer_decay=0.5", "train.ema=0.9", "train.steps=3"]
+    _torchrun(recipe, tmp_path / "ddp", *[x for s in levers + ["train.micro_batch_size=2"] for x in ("--set", s)])
+    single = tmp_path / "single"
+    train(load_recipe(recipe, [*levers, f"train.batch_size={WORLD * PER_RANK}"]), single, progress=False)
+    for name in (R.WEIGHTS, "ema.safetensors"):
+        a = R.read_weights(R.resolve(tmp_path / "ddp") / name)
+        b = R.read_weights(R.resolve(single) / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5, msg=f"{name}: {k}")
+    assert (tmp_path / "ddp" / "ema" / "checkpoints" / "latest").is_file()
