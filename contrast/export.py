@@ -15,7 +15,11 @@ silently wrong directory behind.
   ``preprocessor_config.json``) that ``CLIPVisionModel.from_pretrained`` also loads (LLaVA's vision tower);
   a ViT without class token and with an attention-pool head goes to ``SiglipVisionModel`` instead.
 - ``open_clip``: ``open_clip_config.json`` + ``open_clip_model.safetensors``, loadable with
-  ``open_clip.create_model("local-dir:DIR")`` (the whole dual encoder: open_clip models are image + text).
+  ``open_clip.create_model("local-dir:DIR")`` (the whole dual encoder: open_clip models are image + text). The image
+  tower is open_clip's own ViT where it has CLIP's layout, else a ``TimmModel`` trunk; the text tower CLIP's
+  transformer or, for a Hugging Face encoder, an ``HFTextEncoder`` whose config and tokenizer go to ``DIR/text_encoder``
+  (``hf_model_name``) and the tokenizer also to ``DIR`` (``open_clip.get_tokenizer("local-dir:DIR")``). Tensors
+  open_clip has no place for (the encoder's unused pooler) go to ``contrast_extra.safetensors`` for ``contrast import``.
 
 Each format's preprocessing config (timm's ``pretrained_cfg``, open_clip's ``preprocess_cfg``, Hugging Face's
 ``preprocessor_config.json``) reproduces our eval pixels: short side to the input size, bicubic, centre crop; every
@@ -24,6 +28,7 @@ export also states the steps in ``contrast_preprocess.json`` (with ``resize: pad
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from dataclasses import dataclass, field
@@ -34,12 +39,19 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from contrast.errors import UserError
-from contrast.import_checkpoints import import_checkpoint  # re-exported: `contrast import` lives there
+from contrast.import_checkpoints import (  # import_checkpoint re-exported: `contrast import` lives there
+    EXTRA_TENSORS,
+    copy_tokenizer,
+    import_checkpoint,
+)
 from contrast.models import DualEncoder
-from contrast.runs import load_model
+from contrast.runs import load_model, quiet_transformers
+from contrast.tokenizer import build_tokenizer
 from contrast.towers import ImageTower, TextTower
+from contrast.towers.adapters import hf_folder
 from contrast.towers.convert import (
     ConversionError,
+    clip_layout,
     clip_layout_problems,
     hf_clip_problems,
     open_clip_model_cfg,
@@ -47,6 +59,14 @@ from contrast.towers.convert import (
     vit_to_hf_clip,
     vit_to_hf_siglip,
 )
+from contrast.towers.convert_open_clip import (
+    clip_text_problems,
+    dual_encoder_to_open_clip,
+    fits_native_vit,
+    hf_text_problems,
+    timm_trunk_problems,
+)
+from contrast.towers.hf_text import HFTextTower
 
 TOLERANCE = 1e-5
 FORMATS = ("timm", "hf", "open_clip")
@@ -86,10 +106,11 @@ def _probe_pixels(tower: ImageTower, n: int = 2) -> torch.Tensor:
 
 
 def fitting_formats(tower: ImageTower, has_text: bool = True) -> list[str]:
+    """The formats the image tower fits; open_clip only where ``has_text`` (the model's text tower fits it too)."""
     fits = ["timm"]
     if not hf_clip_problems(tower.backbone, tower.cfg.pool) or not siglip_problems(tower.backbone, tower.cfg.pool):
         fits.append("hf")
-    if has_text and not clip_layout_problems(tower.backbone):
+    if has_text and (not clip_layout_problems(tower.backbone) or not _open_clip_image_problems(tower, _probe_pixels(tower))):
         fits.append("open_clip")
     return fits
 
@@ -300,28 +321,72 @@ def _export_hf_siglip(tower: ImageTower, out: Path) -> ExportReport:
 # --------------------------------------------------------------------------------------------------- open_clip
 
 
-def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
-    import open_clip
+HF_TEXT_FOLDER = "text_encoder"  # an open_clip export's Hugging Face text encoder: its config and tokenizer
+PROBE_TEXTS = ["a photo of a dog", "an emoji of a grinning face with big eyes, drawn in a flat style", "x"]
 
+
+def _open_clip_refusal(model: nn.Module, x: torch.Tensor) -> str | None:
+    """Why ``model`` cannot be written as open_clip (None: it can), naming the parts, then the formats that fit."""
     tower = model.image_tower
-    if not (isinstance(model, DualEncoder) and isinstance(model.text, TextTower)):
-        raise ExportError(
-            "open_clip checkpoints hold an image and a text tower; this model has no CLIP text tower. "
-            "Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False))
-        )
-    problems = clip_layout_problems(tower.backbone)
-    if problems:
-        raise ExportError(
-            "the image tower does not fit open_clip's ViT: " + "; ".join(problems)
-            + ". Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False))
-        )
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    report = ExportReport("open_clip", out)
+    if not (isinstance(model, DualEncoder) and isinstance(model.text, TextTower | HFTextTower)):
+        return ("open_clip checkpoints hold an image and a text tower; this model has no CLIP or Hugging Face text "
+                "tower. Formats that fit: " + ", ".join(fitting_formats(tower, has_text=False)))
+    text = model.text
+    if isinstance(text, TextTower) and not clip_layout_problems(tower.backbone):
+        return None  # native CLIP: open_clip's own ViT and text transformer (the text is checked after writing)
+    text_p = hf_text_problems(text) if isinstance(text, HFTextTower) else clip_text_problems(text)
+    image_p = _open_clip_image_problems(tower, x)
+    parts = [f"the image tower does not fit open_clip: {'; '.join(image_p)}"] if image_p else []
+    if text_p and isinstance(text, HFTextTower):
+        parts.append("the Hugging Face text tower does not fit open_clip's HFTextEncoder: " + "; ".join(text_p))
+    elif text_p:
+        parts.append("the text tower has options the open_clip export beside a timm trunk does not write: "
+                     + ", ".join(text_p))
+    if not parts:
+        return None
+    return "; ".join(parts) + ". Formats that fit: " + ", ".join(fitting_formats(tower, has_text=not text_p))
+
+
+def _open_clip_image_problems(tower: ImageTower, x: torch.Tensor) -> list[str]:
+    """Why the image tower is neither open_clip's own ViT nor a trunk of its TimmModel (empty: it is one)."""
+    if fits_native_vit(tower.backbone):
+        return []
+    trunk = timm_trunk_problems(tower.eval(), x)
+    if not trunk:
+        return []
+    vit = clip_layout_problems(tower.backbone) or [f"activation {clip_layout(tower.backbone).act}"]
+    return [f"not open_clip's ViT ({'; '.join(vit)}) nor a timm trunk of its TimmModel ({'; '.join(trunk)})"]
+
+
+def _open_clip_parts(model: DualEncoder, out: Path, x: torch.Tensor) -> tuple[dict, dict, dict]:
+    """(open_clip ``model_cfg``, state dict, our tensors open_clip has no place for) of a dual encoder."""
     try:
-        model_cfg, sd = open_clip_model_cfg(model)
+        if isinstance(model.text, TextTower) and not clip_layout_problems(model.image.backbone):
+            return (*open_clip_model_cfg(model), {})
+        logits = {"logit_scale": model.logit_scale}
+        if model.logit_bias is not None:
+            logits["logit_bias"] = model.logit_bias
+        folder = str((out / HF_TEXT_FOLDER).resolve())
+        return dual_encoder_to_open_clip(model.image, model.text, logits, folder, x)
     except ConversionError as e:
         raise ExportError(str(e)) from e
+
+
+def _write_hf_text_encoder(text: HFTextTower, out: Path) -> None:
+    """The Hugging Face text encoder's config and tokenizer in OUT/text_encoder (``hf_model_name``: open_clip builds
+    the encoder from that config), and the tokenizer also in OUT (``open_clip.get_tokenizer('local-dir:OUT')`` reads
+    it there, and ``contrast import`` finds it there)."""
+    config = copy.deepcopy(text.encoder.config)
+    config.pad_token_id = text.pad_token_id  # open_clip masks ids != pad_token_id, as we do (0 where unset)
+    config.save_pretrained(str(out / HF_TEXT_FOLDER))
+    src = Path(hf_folder(text.cfg.hf_path))
+    for dst in (out / HF_TEXT_FOLDER, out):
+        copy_tokenizer(src, dst, int(config.vocab_size), subdir="")
+
+
+def _write_open_clip(model: DualEncoder, out: Path, x: torch.Tensor) -> None:
+    tower = model.image
+    model_cfg, sd, extra = _open_clip_parts(model, out, x)
     config = {
         "model_cfg": model_cfg,
         "preprocess_cfg": {
@@ -335,17 +400,61 @@ def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=2))
     _write_preprocess_note(tower, out)
     save_file(sd, str(out / "open_clip_model.safetensors"))
+    (out / EXTRA_TENSORS).unlink(missing_ok=True)
+    if extra:  # e.g. the HF encoder's unused pooler: `contrast import` puts them back, so the round trip is exact
+        save_file(extra, str(out / EXTRA_TENSORS))
+    if isinstance(model.text, HFTextTower):
+        _write_hf_text_encoder(model.text, out)
 
-    oc = open_clip.create_model(f"local-dir:{out}").eval()
-    x = _probe_pixels(tower)
+
+def _probe_ids(model: DualEncoder, out: Path) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(ids for open_clip's text encoder, the same texts by the run's own tokenizer or None). A Hugging Face text
+    tower gets real texts through the exported tokenizer (padded to the context with the pad id, from which
+    open_clip's HFTextEncoder builds its attention mask); CLIP's, random ids with end-of-text mid-way and padding."""
+    import open_clip
+
+    if isinstance(model.text, HFTextTower):
+        theirs = open_clip.get_tokenizer(f"local-dir:{out}")(PROBE_TEXTS)
+        return theirs, build_tokenizer(model.text.cfg)(PROBE_TEXTS)
     g = torch.Generator().manual_seed(1)
     T = model.text.cfg.context_length
     ids = torch.randint(1, model.text.cfg.vocab_size - 1, (2, T), generator=g)
     ids[:, T // 2] = model.text.cfg.vocab_size - 1  # end-of-text (highest id) in the middle, padding after
     ids[:, T // 2 + 1 :] = 0
+    return ids, None
+
+
+def _verify_open_clip(model: DualEncoder, report: ExportReport, x: torch.Tensor) -> None:
+    """Load the folder with open_clip and compare its encoders, logit scale and bias with ours."""
+    import open_clip
+
+    try:
+        oc = open_clip.create_model(f"local-dir:{report.out}").eval()
+    except RuntimeError as e:  # a strict load that does not fit: name the tensors, in one line
+        raise ExportError(f"open_clip cannot load the export in {report.out}: {' '.join(str(e).split())[:600]}") from e
+    ids, own_ids = _probe_ids(model, report.out)
     with torch.no_grad():
         _check(report, "encode_image", model.image.embed(x), oc.encode_image(x))
         _check(report, "encode_text", model.text.embed(ids), oc.encode_text(ids))
+        if own_ids is not None:  # the exported tokenizer is the run's: its ids (padded shorter) embed the same
+            _check(report, "encode_text_run_tokenizer", model.text.embed(own_ids), oc.encode_text(ids))
+        _check(report, "logit_scale", model.logit_scale, oc.logit_scale)
+        if model.logit_bias is not None:
+            _check(report, "logit_bias", model.logit_bias, oc.logit_bias)
+
+
+def export_open_clip(model: nn.Module, out: str | Path) -> ExportReport:
+    """The whole dual encoder as an open_clip ``local-dir`` folder, verified by loading it with open_clip."""
+    model = model.eval()
+    x = _probe_pixels(model.image_tower)
+    refusal = _open_clip_refusal(model, x)
+    if refusal:
+        raise ExportError(refusal)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = ExportReport("open_clip", out)
+    _write_open_clip(model, out, x)
+    _verify_open_clip(model, report, x)
     return report
 
 
@@ -356,7 +465,8 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Expo
     """Export the image tower of a run directory / checkpoint in ``fmt`` (timm | hf | open_clip) and verify it."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format '{fmt}'; choose one of {', '.join(FORMATS)}")
-    model = load_model(checkpoint)
+    with quiet_transformers():  # a Hugging Face text tower loads from its folder
+        model = load_model(checkpoint)
     if fmt == "open_clip":
         return export_open_clip(model, out)
     tower = model.image_tower

@@ -11,6 +11,8 @@ What it reads (:data:`READS`):
 
 The run holds ``config.yaml``, the weights at step 0 and, where the text tower needs one, the tokenizer
 (``RUN/tokenizer``) and the Hugging Face text encoder's folder (``RUN/text_encoder``); config paths point into the run.
+An open_clip folder written by ``contrast export`` may hold :data:`EXTRA_TENSORS`, the run's tensors open_clip has no
+place for (a Hugging Face encoder's unused pooler); they are put back, so export then import gives the same weights.
 Conversion lives in :mod:`contrast.towers.convert` and its ``convert_*`` siblings; this module reads files, builds the
 model, loads it strictly and writes the run.
 """
@@ -19,15 +21,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from contrast.config import ClipModelConfig, Config, save_config
 from contrast.models import build_model
-from contrast.runs import WEIGHTS, save_model_weights, step_dir
+from contrast.runs import WEIGHTS, quiet_transformers, save_model_weights, step_dir
 from contrast.towers.adapters import read_state_dict
 from contrast.towers.convert import ConversionError, import_clip, load_foreign_state_dict
 from contrast.towers.convert_hf_clip import HF_KINDS, hf_kind, import_hf_dual_encoder
+
+if TYPE_CHECKING:
+    from contrast.towers.convert_open_clip import OpenClipImport
 
 READS = (
     "Hugging Face CLIPModel / SiglipModel / Siglip2Model folders (config.json + weights + tokenizer)",
@@ -37,6 +43,7 @@ READS = (
 )
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "spiece.model", "tokenizer.model")
 HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+EXTRA_TENSORS = "contrast_extra.safetensors"  # beside an open_clip export: our tensors under our names
 
 
 # --------------------------------------------------------------------------------------------------- writing
@@ -44,7 +51,8 @@ HF_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 
 def write_run(mcfg: ClipModelConfig, state: dict[str, torch.Tensor], out: Path) -> Path:
     """Build the model of ``mcfg``, load ``state`` strictly and save it as step 0 of a new run directory."""
-    model = build_model(mcfg)
+    with quiet_transformers():  # a Hugging Face text tower loads from its folder
+        model = build_model(mcfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected or missing:
         raise ConversionError(f"converted checkpoint does not fit the dual encoder: missing {missing}, "
@@ -133,8 +141,10 @@ def _open_clip_weights(folder: Path) -> Path:
 
 
 def import_open_clip(sd: dict[str, torch.Tensor], out: Path, oc_cfg: dict | None, pre: dict,
-                     quick_gelu: bool | None, tokenizer: str | Path | None) -> Path:
-    """An open_clip / OpenAI state dict (with open_clip's model config when known) -> a run directory."""
+                     quick_gelu: bool | None, tokenizer: str | Path | None,
+                     extra: dict[str, torch.Tensor] | None = None) -> Path:
+    """An open_clip / OpenAI state dict (with open_clip's model config when known) -> a run directory; ``extra``:
+    tensors of ours the open_clip model has no place for (:data:`EXTRA_TENSORS`), under our names."""
     from contrast.towers.convert_open_clip import import_open_clip_model, is_native_vit_clip
 
     mean, std = pre.get("mean"), pre.get("std")
@@ -144,6 +154,7 @@ def import_open_clip(sd: dict[str, torch.Tensor], out: Path, oc_cfg: dict | None
         state, mcfg = import_clip(sd, quick_gelu=quick_gelu, open_clip_cfg=oc_cfg, mean=mean, std=std)
         return write_run(mcfg, state, out)
     conv = import_open_clip_model(sd, oc_cfg, quick_gelu=quick_gelu, mean=mean, std=std)
+    _put_back(conv, extra or {})
     if conv.tokenizer_name is not None:  # an HF tokenizer (SigLIP's): from --tokenizer, never downloaded
         if tokenizer is None or not has_tokenizer(Path(tokenizer)):
             raise ConversionError(f"this open_clip model tokenizes with the Hugging Face tokenizer "
@@ -157,6 +168,16 @@ def import_open_clip(sd: dict[str, torch.Tensor], out: Path, oc_cfg: dict | None
         conv.config.text.hf_path = str(path)
         conv.state.update(encoder_state)
     return write_run(conv.config, conv.state, out)
+
+
+def _put_back(conv: OpenClipImport, extra: dict[str, torch.Tensor]) -> None:
+    """Our tensors that open_clip's model lacks back into the import: the HF encoder's into its state dict (they are
+    saved with its folder), the rest into the run's."""
+    for k, v in extra.items():
+        if k.startswith("text.encoder.") and conv.text_encoder is not None:
+            conv.text_encoder[k.removeprefix("text.encoder.")] = v
+        else:
+            conv.state[k] = v
 
 
 def save_text_encoder(name: str, state: dict[str, torch.Tensor], folder: Path,
@@ -177,7 +198,8 @@ def save_text_encoder(name: str, state: dict[str, torch.Tensor], folder: Path,
     if missing or unexpected:
         raise ConversionError(f"the open_clip text encoder does not fit {type(model).__name__} built from {src}: "
                               f"missing {missing[:8]}, unexpected {unexpected[:8]}")
-    model.save_pretrained(str(folder))
+    with quiet_transformers():
+        model.save_pretrained(str(folder))
     copy_tokenizer(tokenizer, folder, 10**9, subdir="")
     return folder.resolve(), {f"text.encoder.{k}": v for k, v in model.state_dict().items()}
 
@@ -206,7 +228,9 @@ def import_checkpoint(
         if (src / "open_clip_config.json").is_file():
             oc_cfg, pre = _read_open_clip_config(src / "open_clip_config.json")
             sd = load_foreign_state_dict(str(_open_clip_weights(src)))
-            return import_open_clip(sd, out, oc_cfg, pre, quick_gelu, tokenizer or (src if has_tokenizer(src) else None))
+            extra = read_state_dict(src / EXTRA_TENSORS) if (src / EXTRA_TENSORS).is_file() else None
+            return import_open_clip(sd, out, oc_cfg, pre, quick_gelu, tokenizer or (src if has_tokenizer(src) else None),
+                                    extra)
         if (src / "config.json").is_file():
             hf_kind(json.loads((src / "config.json").read_text()))  # names the model type it does not read
         raise ConversionError(f"{src} is neither a Hugging Face CLIP / SigLIP folder (config.json) nor an open_clip "

@@ -19,9 +19,11 @@ features directory (``model.blip2.features``) and a Hugging Face decoder (``sour
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -366,6 +368,24 @@ RESOLVERS: dict[str, Callable[[ModelConfig], Parts]] = {
     "caption_lm": _caption_lm_parts,
     "decoder": _bridge_parts,
 }
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers' progress bars ("Loading weights", "Writing model shards": one per load or save of a local
+    folder, noise in a command) off while inside; the previous setting is restored. A no-op without transformers."""
+    if importlib.util.find_spec("transformers") is None:
+        yield
+        return
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
 
 
 def hf_causal_lm(d: DecoderConfig) -> tuple[nn.Module, object]:

@@ -129,7 +129,9 @@ def test_plain_timm_vit_folds_patch_bias_for_open_clip_and_is_refused_by_hf(tmp_
 
 
 def test_cnn_tower_fits_only_timm(tmp_path):
-    m = _model({}, name="resnet18")
+    # ConvNeXt averaged without its head's norm (pool default): no Hugging Face model, and open_clip's TimmModel
+    # always runs the head (a CNN whose head is the average goes to open_clip: tests/test_export_open_clip_towers.py)
+    m = _model({}, name="test_convnext")
     with pytest.raises(ExportError, match="no Hugging Face equivalent.*Formats that fit this tower: timm$"):
         export_hf(m.image, tmp_path / "hf")
     with pytest.raises(ExportError, match="Formats that fit: timm"):
@@ -139,7 +141,8 @@ def test_cnn_tower_fits_only_timm(tmp_path):
     x = _pixels()
     with torch.no_grad():
         w = load_file(str(tmp_path / "timm" / "projection.safetensors"))["weight"]
-        assert torch.allclose(loaded(x) @ w.t(), m.image.embed(x), atol=ATOL)
+        feats = loaded.forward_features(x).flatten(2).transpose(1, 2)  # (B, H*W, C): pooled our way, not by its head
+        assert torch.allclose(m.image.pool(feats) @ w.t(), m.image.embed(x), atol=ATOL)
 
 
 def test_siglip_style_tower_exports_to_siglip_vision_model(tmp_path):

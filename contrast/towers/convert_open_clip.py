@@ -1,4 +1,4 @@
-"""open_clip models of every tower kind -> our dual encoder's state dict + config (no model is built here).
+"""open_clip models of every tower kind -> our dual encoder's state dict + config, and back (no model of ours is built).
 
 Reference: Cherti et al., "Reproducible scaling laws for contrastive language-image learning", 2023 (open_clip).
 
@@ -18,6 +18,12 @@ mean pooling, linear projection) whose weights and config the caller saves as a 
 
 Refused, each in one line naming the part: attention-pool heads on timm trunks (``abs_attn`` / ``rot_attn``), MLP
 projections, layer scale, CoCa's class embedding, q/k norm and the other block variants, other text pooling.
+
+Outbound (:func:`dual_encoder_to_open_clip`), for the export: an image tower that is no CLIP-layout ViT goes to a
+``TimmModel`` trunk (timm's default build of the same model, our pooling as the trunk's own head or a ViT's token / avg
+pooling, our projection as ``timm_proj: linear``); a Hugging Face text tower goes to an ``HFTextEncoder`` (mean pooler,
+bias-free linear projection) whose config and tokenizer the caller writes into the folder ``hf_model_name`` names.
+open_clip's encoder has no pooler layer; ours (unused by the mean pooling) is handed back as extra tensors.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from contrast.config import ClipModelConfig, ImageTowerConfig, TextTowerConfig
 from contrast.towers.convert import (
@@ -34,8 +41,15 @@ from contrast.towers.convert import (
     ConversionError,
     _clip_image_config,
     _clip_text_config,
+    clip_layout,
+    clip_layout_problems,
     openai_to_ours,
+    text_to_open_clip,
+    vit_to_open_clip_visual,
 )
+from contrast.towers.hf_text import HFTextTower
+from contrast.towers.image import ImageTower
+from contrast.towers.text import TextTower
 
 RESNET_HOST = "resnet50_clip"  # timm's ModifiedResNet: RN50's depths only
 RN50_LAYERS = [3, 4, 6, 3]
@@ -245,3 +259,173 @@ def import_open_clip_model(sd: dict[str, torch.Tensor], oc_cfg: dict, *, quick_g
     tok = tc.get("hf_tokenizer_name") or None
     return OpenClipImport(state, mcfg, tokenizer_name=tok if encoder is None else None, text_encoder=encoder,
                           text_encoder_name=tc.get("hf_model_name"))
+
+
+# --------------------------------------------------------------------------------------------------- ours -> open_clip
+
+_TIMM_KWARGS_TO_CFG = {"drop_path_rate": "timm_drop_path", "patch_drop_rate": "patch_dropout"}  # training only
+_TIMM_KWARGS_OK = {"img_size", "global_pool", *_TIMM_KWARGS_TO_CFG}  # img_size: only timm's default (checked)
+_NATIVE_ACTS = ("gelu", "quick_gelu")  # what open_clip's quick_gelu flag chooses between
+
+
+def fits_native_vit(backbone: nn.Module) -> bool:
+    """True when the image tower goes to open_clip's own ViT: CLIP's layout with exact GELU or QuickGELU."""
+    return not clip_layout_problems(backbone) and clip_layout(backbone).act in _NATIVE_ACTS
+
+
+def _default_trunk(tower: ImageTower, pool: str) -> nn.Module:
+    """The trunk open_clip's TimmModel builds for ``tower``: timm's defaults, classifier removed (no weights: meta)."""
+    import timm
+
+    kwargs = {k: v for k, v in tower.timm_kwargs.items() if k in _TIMM_KWARGS_TO_CFG}
+    with torch.device("meta"):
+        trunk = timm.create_model(tower.cfg.name, pretrained=False, **kwargs)
+        trunk.reset_classifier(0, **({"global_pool": pool} if pool else {}))
+    return trunk
+
+
+def _differing_tensors(tower: ImageTower, pool: str) -> list[str]:
+    """Tensor names whose presence or shape differ between our backbone and open_clip's default trunk."""
+    ours = {k: tuple(v.shape) for k, v in tower.backbone.state_dict().items()}
+    theirs = {k: tuple(v.shape) for k, v in _default_trunk(tower, pool).state_dict().items()}
+    return sorted(k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k))
+
+
+@torch.no_grad()
+def _pool_is_head(tower: ImageTower, pixels: torch.Tensor) -> bool:
+    """True when our pooling gives the features of the trunk's own head (``forward_head``) on ``pixels``."""
+    feats = tower.backbone.forward_features(pixels)
+    head = tower.backbone.forward_head(feats, pre_logits=True)
+    ours = tower.pool(tower.forward_tokens(pixels))
+    return head.shape == ours.shape and torch.allclose(head, ours, rtol=1e-4, atol=1e-5)
+
+
+def trunk_pool(tower: ImageTower, pixels: torch.Tensor) -> str | None:
+    """open_clip's ``timm_pool`` for our pooling: the trunk's head as built ('' or the ``global_pool`` it was built
+    with) when ours equals it; a ViT's token / avg pooling set on timm's head otherwise; None: no form for it."""
+    if _pool_is_head(tower, pixels):
+        return str(tower.timm_kwargs.get("global_pool", ""))
+    if tower.is_sequence and tower.cfg.pool in ("avg", "token"):
+        return tower.cfg.pool
+    return None
+
+
+def timm_trunk_problems(tower: ImageTower, pixels: torch.Tensor) -> list[str]:
+    """Why open_clip's TimmModel (``timm_model_name``, ``timm_proj: linear``) cannot hold our image tower (empty: it
+    can). ``pixels``: a probe batch on which our pooling is compared with the trunk's own head (tower in eval mode)."""
+    return _trunk_fit(tower, pixels)[1]
+
+
+def _trunk_fit(tower: ImageTower, pixels: torch.Tensor) -> tuple[str, list[str]]:
+    """(open_clip's ``timm_pool`` for the tower, why TimmModel cannot hold it)."""
+    name = tower.cfg.name
+    extra = sorted(k for k in tower.timm_kwargs if k not in _TIMM_KWARGS_OK)
+    if extra:
+        return "", [f"timm kwargs {', '.join(extra)} (TimmModel builds '{name}' with timm's defaults)"]
+    pool = trunk_pool(tower, pixels)
+    if pool is None:
+        return "", [f"model.image.pool '{tower.cfg.pool}' gives other features than the own head of '{name}', the "
+                    "only pooling TimmModel runs on it (model.image.pool head fits)"]
+    differ = _differing_tensors(tower, pool)
+    if differ:
+        size = f" at image_size {tower.cfg.image_size}" if "img_size" in tower.timm_kwargs else ""
+        return pool, [f"'{name}'{size} differs from timm's default build, the only one TimmModel makes "
+                      f"({len(differ)} tensors, e.g. {differ[0]})"]
+    return pool, []
+
+
+def timm_trunk_to_open_clip(tower: ImageTower, pixels: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Our image tower -> (``vision_cfg`` of a TimmModel trunk, ``visual.*`` state dict): the trunk's weights as they
+    are, our projection as ``visual.head.proj``."""
+    pool, problems = _trunk_fit(tower, pixels)
+    if problems:
+        raise ConversionError("the image tower does not fit open_clip's TimmModel: " + "; ".join(problems))
+    vision_cfg: dict[str, Any] = dict(
+        timm_model_name=tower.cfg.name, timm_model_pretrained=False, timm_pool=pool,
+        timm_proj="linear", timm_proj_bias=tower.proj.bias is not None, image_size=int(tower.cfg.image_size))
+    for key, name in _TIMM_KWARGS_TO_CFG.items():
+        if key in tower.timm_kwargs:
+            vision_cfg[name] = float(tower.timm_kwargs[key])
+    sd = {f"visual.trunk.{k}": v for k, v in tower.backbone.state_dict().items()}
+    sd["visual.head.proj.weight"] = tower.proj.weight
+    if tower.proj.bias is not None:
+        sd["visual.head.proj.bias"] = tower.proj.bias
+    return vision_cfg, _plain(sd)
+
+
+def hf_text_problems(text: HFTextTower) -> list[str]:
+    """Why open_clip's HFTextEncoder cannot hold our Hugging Face text tower (empty: it can). Ours always mean-pools
+    and projects with a bias-free linear layer, which open_clip's ``mean_pooler`` and ``hf_proj_type: linear`` are."""
+    from open_clip.hf_configs import arch_dict
+
+    kind = text.encoder.config.model_type
+    if kind not in arch_dict:
+        return [f"a '{kind}' encoder (open_clip's HFTextEncoder knows {', '.join(sorted(arch_dict))})"]
+    return []
+
+
+def hf_text_to_open_clip(text: HFTextTower, folder: str) -> tuple[dict, dict, dict]:
+    """Our HF text tower -> (``text_cfg`` whose encoder config and tokenizer are in ``folder``, ``text.*`` state dict,
+    the encoder tensors open_clip's model has no place for: its pooler layer, under our names)."""
+    problems = hf_text_problems(text)
+    if problems:
+        raise ConversionError("the text tower does not fit open_clip's HFTextEncoder: " + "; ".join(problems))
+    text_cfg = dict(hf_model_name=folder, hf_tokenizer_name=folder, hf_model_pretrained=False,
+                    hf_pooler_type="mean_pooler", hf_proj_type="linear", context_length=int(text.cfg.context_length))
+    sd: dict[str, torch.Tensor] = {"text.proj.weight": text.proj.weight}
+    extra: dict[str, torch.Tensor] = {}
+    for k, v in text.encoder.state_dict().items():  # open_clip builds the encoder with add_pooling_layer=False
+        if k.startswith("pooler."):
+            extra[f"text.encoder.{k}"] = v
+        else:
+            sd[f"text.transformer.{k}"] = v
+    return text_cfg, _plain(sd), _plain(extra)
+
+
+def clip_text_problems(text: TextTower) -> list[str]:
+    """Options of our CLIP text tower that the export beside a timm trunk does not write (empty: none)."""
+    cfg = text.cfg
+    p = [f"model.text.act {cfg.act}"] if cfg.act not in _NATIVE_ACTS else []
+    p += [f"model.text.pool {cfg.pool}"] if cfg.pool != "eot" else []
+    p += ["model.text.proj_bias"] if text.proj.bias is not None else []
+    p += [f"model.text.tokenizer {cfg.tokenizer}"] if cfg.tokenizer else []
+    return p
+
+
+def _clip_text(text: TextTower) -> tuple[dict, dict[str, torch.Tensor]]:
+    problems = clip_text_problems(text)
+    if problems:
+        raise ConversionError("the text tower has options this open_clip export does not write: " + ", ".join(problems))
+    text_cfg, sd = text_to_open_clip(text)
+    text_cfg["norm_kwargs"] = {"eps": float(text.ln_final.eps)}
+    return text_cfg, sd
+
+
+def _plain(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().contiguous().clone() for k, v in sd.items()}
+
+
+def dual_encoder_to_open_clip(image: ImageTower, text: nn.Module, logits: dict[str, torch.Tensor], text_folder: str,
+                              pixels: torch.Tensor) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Our towers and ``logits`` (``logit_scale``, optionally ``logit_bias``) -> (open_clip ``model_cfg``, state
+    dict, extra tensors open_clip has no place for), for an image tower open_clip holds as its ViT or as a timm trunk
+    and a text tower it holds as its own transformer or as a Hugging Face encoder whose files go to ``text_folder``."""
+    acts = []  # the activations open_clip's one quick_gelu flag must serve (timm trunks keep their own)
+    if fits_native_vit(image.backbone):
+        vision_cfg, vsd = vit_to_open_clip_visual(image.backbone, image.proj.weight, image.cfg.pool)
+        acts.append(clip_layout(image.backbone).act)
+    else:
+        vision_cfg, vsd = timm_trunk_to_open_clip(image, pixels)
+    extra: dict[str, torch.Tensor] = {}
+    if isinstance(text, HFTextTower):
+        text_cfg, tsd, extra = hf_text_to_open_clip(text, text_folder)
+    else:
+        text_cfg, tsd = _clip_text(text)
+        acts.append(text.cfg.act)
+    if len(set(acts)) > 1:
+        raise ConversionError(f"open_clip uses one activation for both towers; image uses {acts[0]}, text {acts[1]}")
+    quick_gelu = bool(acts) and acts[0] == "quick_gelu"
+    model_cfg = dict(embed_dim=int(image.embed_dim), quick_gelu=quick_gelu, vision_cfg=vision_cfg, text_cfg=text_cfg)
+    if "logit_bias" in logits:
+        model_cfg["init_logit_bias"] = float(logits["logit_bias"].detach())
+    return model_cfg, {**vsd, **tsd, **_plain(logits)}, extra
