@@ -38,13 +38,19 @@ class HFTextTower(nn.Module):
     def __init__(self, cfg: TextTowerConfig, embed_dim: int):
         super().__init__()
         from transformers import AutoModel
+        from transformers.utils import logging as hf_logging
 
         self.cfg = cfg
         path = hf_folder(cfg.hf_path)
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()  # no "Loading weights" bar each time a run with this tower is built
         try:
             self.encoder = AutoModel.from_pretrained(path, local_files_only=True)
         except (OSError, ValueError) as e:
             raise WeightsError(f"cannot load a Hugging Face model from {path}: {e}") from e
+        finally:
+            if bars:
+                hf_logging.enable_progress_bar()
         hf_cfg = self.encoder.config
         self.pad_token_id = int(hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
         self._layers_path = self._find_layers()
