@@ -516,14 +516,15 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str, tok_dir: str) -> N
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     results = {}
-    for mode in ("ddp", "fsdp"):
-        cfg = _cfg(None, mode="xattn", stage="finetune", lora_rank=0)
+    for mode, lora in (("ddp", 0), ("fsdp", 0), ("ddp_lora", 4), ("fsdp_lora", 4)):
+        cfg = _cfg(None, mode="xattn", stage="finetune", lora_rank=lora)
         d = cfg.model.bridge.decoder
         d.hf_path, d.hf_config, d.tokenizer = None, hf_config("qwen2"), tok_dir
         torch.manual_seed(0)
         model = build(cfg.model)
         comm = Comm(distributed.gather_with_grad, rank, 2, distributed.ring_shift)
-        net = shard_model(model, torch.device("cpu")) if mode == "fsdp" else nn.parallel.DistributedDataParallel(model)
+        sharded = mode.startswith("fsdp")
+        net = shard_model(model, torch.device("cpu")) if sharded else nn.parallel.DistributedDataParallel(model)
         objective, opt = build_objective(cfg.loss, comm), build_optimizer(model, cfg.train)
         g = torch.Generator().manual_seed(rank)
         losses = []
@@ -543,8 +544,9 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str, tok_dir: str) -> N
 
 
 def test_fsdp_decoder_steps_equal_ddp_steps(tmp_path):
-    """A Hugging Face LM with gated cross-attention before its layers, finetuned: its decoder layers become FSDP units
-    with the cross-attention hooks still on them; two steps under FSDP equal two under DDP."""
+    """A Hugging Face LM with gated cross-attention before its layers, finetuned (the whole LM, or LoRA adapters on it):
+    its decoder layers become FSDP units with the cross-attention and adapter hooks still on them; two steps under
+    FSDP equal two under DDP."""
     import os
 
     import torch.multiprocessing as mp
@@ -554,6 +556,8 @@ def test_fsdp_decoder_steps_equal_ddp_steps(tmp_path):
     mp.spawn(_fsdp_worker, args=(str(tmp_path / "rendezvous"), str(tmp_path / "r.pt"), tok), nprocs=2, join=True)
     r = torch.load(tmp_path / "r.pt", weights_only=True)
     assert r["fsdp"] == pytest.approx(r["ddp"], rel=1e-5) and r["ddp"][0] != r["ddp"][1]
+    assert r["fsdp_lora"] == pytest.approx(r["ddp_lora"], rel=1e-5) and r["ddp_lora"][0] != r["ddp_lora"][1]
+    assert r["ddp_lora"][1] != pytest.approx(r["ddp"][1], rel=1e-6)  # the adapters, not the whole LM, trained
 
 
 @pytest.mark.parametrize("mode", ["unified", "xattn"])
