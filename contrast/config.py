@@ -42,6 +42,9 @@ class ImageTowerConfig:
     std: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
     locked: bool = False  # LiT: freeze the tower
     unlocked_groups: int = 0  # with locked: leave the last n block groups trainable
+    # every batch-norm layer keeps its running statistics (eval mode) even where its weights train, as when
+    # fine-tuning a pretrained CNN on small or narrow batches (the locked part of a LiT tower keeps them anyway)
+    frozen_norm_stats: bool = False
     feature_cache: int = 0  # fully locked tower: memoise pooled features of up to this many images (0: off)
     grad_checkpointing: bool = False
     resize: str = "crop"  # crop (short side to image_size, centre crop) | pad (pad to a square on white, then resize)

@@ -238,3 +238,20 @@ def test_finetune_recipes_train_an_imported_model(tmp_path, kind):
     terms = {k for r in rows for k in r if k.startswith("loss/")}
     assert terms == ({"loss/sigmoid"} if kind == "siglip" else {"loss/itc"})
     assert (tmp_path / "ft" / "ema" / "config.yaml").is_file()
+
+
+def test_frozen_norm_stats_keep_running_statistics_while_weights_train(data_cache, tmp_path):
+    cfg = tiny_config(data_cache, steps=2)
+    cfg.model.image.name, cfg.model.image.kwargs = "resnet10t", {}
+    cfg.model.image.frozen_norm_stats = True
+    model = build_model(cfg.model)
+    model.train()
+    bn = [m for m in model.image.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bn and not any(m.training for m in bn) and model.image.backbone.conv1[0].weight.requires_grad
+    start = dict(build_model(cfg.model).state_dict())
+    for frozen in (True, False):
+        cfg.model.image.frozen_norm_stats = frozen
+        train(cfg, tmp_path / str(frozen), progress=False)
+        after = R.read_weights(R.resolve(tmp_path / str(frozen)) / R.WEIGHTS)
+        assert torch.equal(after["image.backbone.bn1.running_mean"], start["image.backbone.bn1.running_mean"]) == frozen
+        assert not torch.equal(after["image.backbone.bn1.weight"], start["image.backbone.bn1.weight"])

@@ -242,7 +242,11 @@ class ImageTower(nn.Module):
 
     def train(self, mode: bool = True) -> ImageTower:
         super().train(mode)
-        if self.freeze_norm_stats:  # the locked part keeps its batch-norm statistics
+        if self.cfg.frozen_norm_stats:  # model.image.frozen_norm_stats: every batch-norm layer
+            for m in self.backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        elif self.freeze_norm_stats:  # the locked part keeps its batch-norm statistics
             for name in self._frozen_norms:
                 self.backbone.get_submodule(name).eval()
         return self

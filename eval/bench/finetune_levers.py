@@ -10,7 +10,8 @@ ways with shared captions counted as matches, zero-shot Unicode-category top-1) 
 - Google ``test``: emoji never trained on, in the style the start was made on (what fine-tuning keeps).
 
 Rows: ``imported`` (no training); ``lit`` (image tower locked, text tower and projections trained: LiT on top of the
-import); ``full`` (every layer at the towers' rate, no layer decay); ``full_ema`` (the same run's moving average,
+import); ``full_bn_train`` (every layer at the towers' rate, no layer decay, the CNN's batch-norm statistics updated
+from the training batches); ``full`` (the same with them frozen, as the recipe sets); ``full_ema`` (the same run's moving average,
 RUN/ema); ``full_wise`` (WiSE-FT of ``full`` at alpha 0.5: ``contrast train wise``); ``decay`` (layer-wise decay
 0.75, the recipe); ``decay_ema`` (its moving average). The runs differ only in the keys named; same steps, batches
 and seed.
@@ -37,6 +38,7 @@ RECIPE = ROOT / "recipes/finetune_clip_emoji.yaml"
 ROWS = {  # row -> (training run, overrides) ; None: no training
     "imported": None,
     "lit": ("lit", ["model.image.locked=true", "train.layer_decay=null", "train.ema=0"]),
+    "full_bn_train": ("full_bn_train", ["train.layer_decay=null", "model.image.frozen_norm_stats=false"]),
     "full": ("full", ["train.layer_decay=null"]),
     "full_ema": ("full", None),
     "full_wise": ("full", None),
@@ -98,7 +100,7 @@ def main(argv: list[str] | None = None) -> None:
             wall[spec[0]] = fine_tune(spec[0], spec[1], out, start, sets["twitter"], args.steps)
     if "full_wise" in rows and not (out / "full_wise" / "model.safetensors").is_file():
         contrast_cli("train", "wise", str(out / "full"), "--alpha", "0.5", "--out", str(out / "full_wise"))
-    runs = {"imported": start, "lit": out / "lit", "full": out / "full", "full_ema": out / "full" / "ema",
+    runs = {"imported": start, "lit": out / "lit", "full_bn_train": out / "full_bn_train", "full": out / "full", "full_ema": out / "full" / "ema",
             "full_wise": out / "full_wise", "decay": out / "decay", "decay_ema": out / "decay" / "ema"}
     eval_sets = {"twitter test (new style)": load_from_disk(str(sets["twitter"]))["test"],
                  "google test (start's style)": load_from_disk(str(sets["google"]))["test"]}
