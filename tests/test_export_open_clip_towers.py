@@ -44,6 +44,8 @@ CASES = {  # image tower, text tower (hf: the tiny BERT), logit bias (SigLIP-sty
     "cnn_hf": (dict(name="test_efficientnet", image_size=64), "hf", None),  # the LiT recipe's shape
     "vit_map_hf_siglip": (dict(name="test_vit3", image_size=160, proj_bias=True), "hf", -10.0),  # MAP head, registers
     "cnn_clip_text": (dict(name="test_resnet", image_size=64), "clip", None),  # open_clip's CLIP with a timm trunk
+    "native_vit_clip_text": (dict(name="vit_base_patch16_clip_224", image_size=16, kwargs=dict(  # open_clip's own
+        img_size=16, patch_size=8, embed_dim=32, depth=1, num_heads=2, act_layer="quick_gelu")), "clip", None),  # ViT, text
 }
 NATIVE_VIT_HF = (dict(name="vit_tiny_patch16_224", image_size=32, kwargs=dict(  # CLIP's layout: open_clip's own ViT
     patch_size=8, embed_dim=32, depth=1, num_heads=2, pre_norm=True, act_layer="quick_gelu")), "hf", None)

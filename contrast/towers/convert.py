@@ -92,12 +92,22 @@ _UNSUPPORTED_OPEN_CLIP = {
 }
 
 
+def _eps_only(norm_kwargs: Any, any_eps: bool) -> bool:
+    """``norm_kwargs`` that only name the LayerNorm eps (what ``contrast export`` writes): any value for the text
+    tower, CLIP's 1e-5 (the eps of the timm ViT an import builds) for the image tower."""
+    if not isinstance(norm_kwargs, dict) or set(norm_kwargs) != {"eps"}:
+        return norm_kwargs is None
+    return any_eps or float(norm_kwargs["eps"]) == 1e-5
+
+
 def _check_open_clip_cfg(model_cfg: dict) -> None:
     text_pool = model_cfg.get("text_cfg", {}).get("pool_type", "argmax")
     problems = [f"text_cfg.pool_type={text_pool!r}"] if text_pool != "argmax" else []
     for section in ("vision_cfg", "text_cfg"):
         for key, ok in _UNSUPPORTED_OPEN_CLIP.items():
             value = model_cfg.get(section, {}).get(key, ok)
+            if key == "norm_kwargs" and _eps_only(value, any_eps=section == "text_cfg"):
+                continue  # LayerNorm eps: the image tower's is CLIP's 1e-5; the text tower takes any (norm_eps)
             if value != ok and not (section == "text_cfg" and key == "pool_type"):
                 problems.append(f"{section}.{key}={value!r}")
     if model_cfg.get("custom_text") and model_cfg.get("text_cfg", {}).get("hf_model_name"):
@@ -140,10 +150,12 @@ def infer_clip_config(
             "pass the model's open_clip config (--open-clip-config) naming vision_cfg.head_width and text_cfg.heads"
         )
     bias = float(sd["logit_bias"]) if "logit_bias" in sd else None
+    text = _clip_text_config(sd, t_heads, quick_gelu)
+    text.norm_eps = float((oc.get("text_cfg", {}).get("norm_kwargs") or {}).get("eps", text.norm_eps))
     return ClipModelConfig(
         kind="clip",
         image=_clip_image_config(sd, v_heads, quick_gelu, mean, std),
-        text=_clip_text_config(sd, t_heads, quick_gelu),
+        text=text,
         embed_dim=sd["text_projection"].shape[1],
         init_logit_scale=float(sd["logit_scale"]) if "logit_scale" in sd else ClipModelConfig.init_logit_scale,
         init_logit_bias=bias,

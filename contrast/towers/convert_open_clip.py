@@ -41,6 +41,7 @@ from contrast.towers.convert import (
     ConversionError,
     _clip_image_config,
     _clip_text_config,
+    _eps_only,
     clip_layout,
     clip_layout_problems,
     openai_to_ours,
@@ -99,6 +100,8 @@ def _refuse(section: str, cfg: dict, keys: dict[str, Any]) -> None:
 
 
 def _native_vit(vis: dict, vc: dict, quick_gelu: bool) -> tuple[ImageTowerConfig, dict]:
+    if _eps_only(vc.get("norm_kwargs"), any_eps=False):  # CLIP's eps, as contrast export writes it
+        vc = {k: v for k, v in vc.items() if k != "norm_kwargs"}
     _refuse("vision_cfg", vc, {k: v for k, v in _UNSUPPORTED_OPEN_CLIP.items() if k not in ("timm_model_name",
                                                                                          "hf_model_name")})
     width = vis["visual.conv1.weight"].shape[0]
