@@ -16,7 +16,10 @@ RUN/ema); ``full_wise`` (WiSE-FT of ``full`` at alpha 0.5: ``contrast train wise
 0.75, the recipe); ``decay_ema`` (its moving average). The runs differ only in the keys named; same steps, batches
 and seed.
 
-    python eval/bench/finetune_levers.py [--out runs/finetune_levers] [--steps 150] [--limit 0]
+With ``--family siglip`` the start is the same LiT recipe trained on SigLIP's sigmoid loss (CCA heads, then 100 steps
+with a learned logit bias), and the rows fine-tune it with recipes/finetune_siglip_emoji.yaml.
+
+    python eval/bench/finetune_levers.py [--out runs/finetune_levers] [--steps 150] [--rows ...] [--family siglip]
 """
 
 from __future__ import annotations
@@ -34,7 +37,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from lit_quality import contrast_encoder, emoji_sets, evaluate  # noqa: E402
 
-RECIPE = ROOT / "recipes/finetune_clip_emoji.yaml"
+RECIPES = {"clip": ROOT / "recipes/finetune_clip_emoji.yaml", "siglip": ROOT / "recipes/finetune_siglip_emoji.yaml"}
+# --family siglip: the LiT start trained on SigLIP's sigmoid loss (CCA heads, then sigmoid steps with a learned bias)
+SIGLIP_START = ["loss.itc=0", "loss.sigmoid=1", "model.init_logit_bias=-10", "model.init_logit_scale=2.302585",
+                "train.steps=100", "train.log_every=20"]
 ROWS = {  # row -> (training run, overrides) ; None: no training
     "imported": None,
     "lit": ("lit", ["model.image.locked=true", "train.layer_decay=null", "train.ema=0"]),
@@ -51,13 +57,14 @@ def contrast_cli(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "contrast", *args], check=True, cwd=ROOT)
 
 
-def imported_start(out: Path) -> Path:
-    """The LiT run (trained when missing), exported to open_clip format and imported back."""
-    lit = out / "lit_emoji"
+def imported_start(out: Path, family: str) -> Path:
+    """The LiT run (trained when missing; for SigLIP on the sigmoid loss), exported to open_clip format and imported
+    back."""
+    lit = out / ("lit_emoji" if family == "clip" else "lit_emoji_siglip")
     if not (lit / "checkpoints" / "latest").is_file():
-        contrast_cli("train", "recipes/lit_emoji.yaml", "--out", str(lit), "--set",
-                     f"data.source={emoji_sets()['google']}")
-    exported, imported = out / "lit_emoji_open_clip", out / "clip_imported"
+        sets = [f"data.source={emoji_sets()['google']}", *(SIGLIP_START if family == "siglip" else [])]
+        contrast_cli("train", "recipes/lit_emoji.yaml", "--out", str(lit), *[x for v in sets for x in ("--set", v)])
+    exported, imported = out / f"{lit.name}_open_clip", out / f"{family}_imported"
     if not (exported / "open_clip_config.json").is_file():
         contrast_cli("export", "--checkpoint", str(lit), "--format", "open_clip", "--out", str(exported))
     if not (imported / "config.yaml").is_file():
@@ -65,7 +72,8 @@ def imported_start(out: Path) -> Path:
     return imported
 
 
-def fine_tune(name: str, overrides: list[str], out: Path, start: Path, twitter: Path, steps: int | None) -> float:
+def fine_tune(recipe: Path, name: str, overrides: list[str], out: Path, start: Path, twitter: Path,
+              steps: int | None) -> float:
     """Train one row's run (unless finished); its wall seconds."""
     from contrast.config import load_recipe
     from contrast.train.loop import train
@@ -76,7 +84,7 @@ def fine_tune(name: str, overrides: list[str], out: Path, start: Path, twitter: 
     sets = [f"train.init_from={start}", f"data.source={twitter}", "eval.tasks=[]", "eval.retrieval_split=null",
             *(["train.steps=" + str(steps)] if steps else []), *overrides]
     started = time.perf_counter()
-    train(load_recipe(RECIPE, sets), run, progress=False)
+    train(load_recipe(recipe, sets), run, progress=False)
     return time.perf_counter() - started
 
 
@@ -85,19 +93,21 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/finetune_levers"))
     ap.add_argument("--steps", type=int, default=None, help="train.steps of every run (default: the recipe's)")
     ap.add_argument("--rows", default=",".join(ROWS))
+    ap.add_argument("--family", choices=sorted(RECIPES), default="clip",
+                    help="clip: the LiT run on InfoNCE; siglip: on the sigmoid loss (its recipe and runs in OUT/siglip)")
     args = ap.parse_args(argv)
     from datasets import load_from_disk
 
-    out = args.out.resolve()
+    out = args.out.resolve() / ("" if args.family == "clip" else args.family)
     out.mkdir(parents=True, exist_ok=True)
     sets = emoji_sets()
-    start = imported_start(out)
+    start = imported_start(out, args.family)
     rows = args.rows.split(",")
     wall: dict[str, float] = {}
     for row in rows:
         spec = ROWS[row]
         if spec is not None and spec[1] is not None:
-            wall[spec[0]] = fine_tune(spec[0], spec[1], out, start, sets["twitter"], args.steps)
+            wall[spec[0]] = fine_tune(RECIPES[args.family], spec[0], spec[1], out, start, sets["twitter"], args.steps)
     if "full_wise" in rows and not (out / "full_wise" / "model.safetensors").is_file():
         contrast_cli("train", "wise", str(out / "full"), "--alpha", "0.5", "--out", str(out / "full_wise"))
     runs = {"imported": start, "lit": out / "lit", "full_bn_train": out / "full_bn_train", "full": out / "full", "full_ema": out / "full" / "ema",
