@@ -311,10 +311,11 @@ def _evaluate(run: Run, log: RunLog, step: int) -> tuple[dict[str, float], bool,
     :func:`_mark_best`), made before the checkpoint so that the checkpoint holds it, and the evaluations that failed
     (the same list on every rank; the caller checkpoints and stops, :func:`_evaluation_failed`)."""
     metrics, failures = run.evaluator.run(run.model)
-    if run.ema is not None and not failures:  # the same evaluations of the averaged weights: ema/<metric>
+    if run.ema is not None:  # the same evaluations of the averaged weights (ema/<metric>), on every rank alike
         with run.ema.swapped(run.model):
-            averaged, failures = run.evaluator.run(run.model)
+            averaged, more = run.evaluator.run(run.model)
         metrics.update({f"ema/{k}": v for k, v in averaged.items()})
+        failures = failures or more
     anywhere = bool(D.any_rank(torch.tensor(bool(failures), device=run.device)))
     metrics, failures = D.broadcast_object((metrics, failures))
     if anywhere and not failures:
