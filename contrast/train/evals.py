@@ -89,17 +89,22 @@ class ZeroShotPart:
         return f"contrast eval zeroshot --checkpoint {shlex.quote(str(checkpoint))} --task {shlex.quote(self.path)}"
 
 
+def _open_split(part: object, inputs: Inputs, what: str, split: str, limit: int) -> None:
+    """The attributes every part over a split of the training source has: its inputs, split, row limit, name and
+    the split's webdataset shards (None for a table, which the part loads itself)."""
+    part.inputs, part.split, part.limit = inputs, split, limit
+    part.name = f"{what} on the '{split}' split of {_source_name(inputs.cfg.data)}"
+    part.units = shard_units(inputs.cfg.data, split)  # webdataset shards: streamed
+
+
 class RetrievalPart:
     """Image-text retrieval on ``eval.retrieval_split`` of the training source (at most ``eval.retrieval_limit``
     rows), opened when the part is made: a table (the first rows), or the split's webdataset shards, streamed (the
     first usable samples; only their embeddings are kept)."""
 
     def __init__(self, inputs: Inputs):
-        self.inputs = inputs
         cfg = inputs.cfg
-        self.split, self.limit = cfg.eval.retrieval_split, cfg.eval.retrieval_limit
-        self.name = f"retrieval on the '{self.split}' split of {_source_name(cfg.data)}"
-        self.units = shard_units(cfg.data, self.split)  # webdataset shards: streamed
+        _open_split(self, inputs, "retrieval", cfg.eval.retrieval_split, cfg.eval.retrieval_limit)
         self.pairs = None
         if self.units is None:
             ds = load_source(cfg.data, self.split, cfg.model.image.image_size)
@@ -140,11 +145,8 @@ class CaptionLossPart:
     source (at most ``eval.caption_limit`` rows), opened when the part is made; lower is better."""
 
     def __init__(self, inputs: Inputs):
-        self.inputs = inputs
         cfg = inputs.cfg
-        self.split, self.limit = cfg.eval.caption_split, cfg.eval.caption_limit
-        self.name = f"caption loss on the '{self.split}' split of {_source_name(cfg.data)}"
-        self.units = shard_units(cfg.data, self.split)  # webdataset shards: streamed
+        _open_split(self, inputs, "caption loss", cfg.eval.caption_split, cfg.eval.caption_limit)
         self.dataset = None if self.units is not None else load_source(cfg.data, self.split, cfg.model.image.image_size)
 
     def metric_names(self) -> list[str]:
