@@ -240,7 +240,8 @@ def runs(tmp_path_factory, data_cache):
     r["data"]["synthetic"].update(val_size=8, test_size=24)
     # zero-shot and retrieval evaluations at steps 2 and 4 (periodic and final), the best one tracked
     r["eval"] = {"tasks": ["eval/tasks/shapes.yaml"], "retrieval_split": "val", "batch_size": 8}
-    r["train"].update(eval_every=2, best_metric="retrieval/text_to_image/R@5")
+    # layer-wise learning-rate decay on: its parameter groups are built on the sharded model under FSDP
+    r["train"].update(eval_every=2, best_metric="retrieval/text_to_image/R@5", layer_decay=0.5)
     recipe.write_text(yaml.safe_dump(r))
     out = {"recipe": recipe, "ddp": tmp / "ddp", "fsdp": tmp / "fsdp", "resumed": tmp / "resumed"}
     _torchrun(recipe, out["ddp"])
@@ -400,3 +401,18 @@ def test_a_failing_evaluation_of_an_fsdp_run_leaves_a_loadable_checkpoint(runs, 
     assert (ckpt / R.WEIGHTS).is_file() and not R.step_dir(run, 3).exists()
     model, _, _ = R.load(ckpt)
     assert not any(isinstance(p, torch.distributed.tensor.DTensor) for p in model.parameters())
+
+
+def test_a_moving_average_is_refused_with_fsdp_before_the_first_step(runs, tmp_path):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("WORLD_SIZE", None)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD), "-m",
+           "contrast", "train", str(runs["recipe"]), "--out", str(tmp_path / "ema"), "--no-progress",
+           "--set", "train.fsdp=true", "--set", "train.ema=0.9"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode != 0
+    assert "train.ema keeps whole copies of the weights" in proc.stderr + proc.stdout
+    assert not (tmp_path / "ema" / "checkpoints").exists() or not any((tmp_path / "ema" / "checkpoints").iterdir())
