@@ -163,6 +163,8 @@ class BridgeConfig:
     xattn_every: int = 1  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ...
     xattn_layers: list[int] = field(default_factory=list)  # xattn: explicit decoder layers (instead of xattn_every)
     max_num_tiles: int = 1  # xattn: above 1, images are cut into up to this many tower-sized tiles (Mllama)
+    embedding_token: bool = False  # both: the tower's image embedding (pooled + projected: what its image-text
+    # training aligned to text) as one more visual token before the others, through its own mlp2x_gelu
     use_images: bool = True  # false: a learned prompt without image content in place of the image (the reference)
     decoder: DecoderConfig = field(default_factory=DecoderConfig)
 
@@ -332,6 +334,8 @@ class TrainConfig:
     image_lr: float | None = None  # per-tower learning rates; None means train.lr
     text_lr: float | None = None
     lm_lr: float | None = None  # decoder models: the language model's learning rate (finetune stage); None: train.lr
+    gate_lr: float | None = None  # cross-attention bridges: the tanh gates' learning rate (they start at zero, and a
+    # block's other weights learn in proportion to its gate); None: train.lr
     weight_decay: float = 0.1
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-6

@@ -31,6 +31,9 @@ def llava_problems(model: VisionLanguageDecoder) -> list[str]:
         p.append(f"its bridge is {b.mode}; LLaVA reads visual tokens in the prompt (unified)")
     if b.projector != "mlp2x_gelu":
         p.append(f"its projector is {b.projector}; LLaVA's projector is the 2-layer GELU MLP (mlp2x_gelu)")
+    if b.embedding_token:
+        p.append("it reads the tower's image embedding as a visual token (embedding_token); LLaVA's projector reads "
+                 "the tower's patch tokens only")
     if not isinstance(model.lm, HFLanguageModel):
         p.append("its language model is the project's own; LLaVA needs a Hugging Face causal LM (decoder source hf)")
     if not model.use_images:

@@ -75,7 +75,8 @@ def test_llava_export_generates_what_contrast_generates(lm, tmp_path):
 
 def test_what_llava_cannot_hold_is_refused(lm, tmp_path, capsys):
     for bridge, why in (({"projector": "pixel_shuffle"}, "2-layer GELU MLP"),
-                        ({"mode": "xattn", "taps": [0, -1]}, "its bridge is xattn")):
+                        ({"mode": "xattn", "taps": [0, -1]}, "its bridge is xattn"),
+                        ({"embedding_token": True}, "image embedding as a visual token")):
         with pytest.raises(ExportError, match=why):
             export_llava(build(_cfg(lm, **bridge).model), tmp_path / "x")
     cfg = _cfg(lm)

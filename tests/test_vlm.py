@@ -179,6 +179,49 @@ def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_im
     assert (opened[after] - bare[after]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize("mode", ["unified", "xattn"])
+def test_embedding_token_is_the_towers_projected_embedding_first(mode, lm_dirs, tmp_path):
+    from contrast.export import export_timm
+
+    cfg = _cfg(lm_dirs["llama"], mode=mode)
+    plain = _model(cfg)
+    cfg.model.bridge.embedding_token = True
+    model = _model(cfg)
+    assert model.num_visual_tokens == plain.num_visual_tokens + 1
+    pixels = torch.randn(3, 3, 16, 16)
+    with torch.no_grad():
+        got = model.visual_tokens(pixels)
+        emb = model.image.proj(model.image.pool(model.image.forward_tokens(pixels)))  # the tower's image embedding
+        p = model.embedding_projector
+        torch.testing.assert_close(got[:, 0], p.fc2(torch.nn.functional.gelu(p.fc1(emb))))
+        torch.testing.assert_close(got[:, 1:], model.bridge(model.visual_features(pixels)))
+    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": pixels}
+    if mode == "unified":  # the prompt holds one more placeholder position
+        assert batch["visual_mask"].sum(1).tolist() == [model.num_visual_tokens] * 3
+    out = model(batch).lm
+    assert torch.isfinite(lm_loss(out.logits, out.targets, out.rows, out.num_captions, 0.0))
+    # a fresh tower now trains through its projection (read by the embedding token); a loaded one stays frozen
+    assert any(n.startswith("image.proj") for n in _trainable(model))
+    export_timm(plain.image, tmp_path / "tower")
+    cfg.model.bridge.tower = str(tmp_path / "tower")
+    loaded = _model(cfg)
+    assert _trainable(loaded) == _names(loaded, "bridge", "embedding_projector") | (
+        _names(loaded, "xattn") if mode == "xattn" else set())
+    assert {k for k in loaded.bridge_state() if k.startswith("embedding_projector.")} == {
+        "embedding_projector.fc1.weight", "embedding_projector.fc1.bias", "embedding_projector.fc2.weight",
+        "embedding_projector.fc2.bias"}
+    cfg.model.bridge.use_images = False  # the reference: a learned prompt of as many tokens
+    assert _model(cfg).null.shape[0] == model.num_visual_tokens
+
+
+def test_embedding_token_with_tiles_is_refused(lm_dirs):
+    cfg = _cfg(lm_dirs["llama"], mode="xattn")
+    cfg.model.bridge.embedding_token = True
+    cfg.model.bridge.max_num_tiles = 4
+    with pytest.raises(ValueError, match="embedding_token.*max_num_tiles"):
+        build(cfg.model)
+
+
 def test_pixel_shuffle_projector_folds_neighbours():
     x = torch.arange(2 * 16 * 3, dtype=torch.float).view(2, 16, 3)  # a 4x4 grid of 3-d tokens
     y = pixel_shuffle(x, 2)
@@ -291,6 +334,12 @@ def test_stage_presets_choose_what_trains(lm_dirs, tmp_path):
     cfg.train.lm_lr = 2e-5
     groups = {g["name"]: g["lr"] for g in param_groups(fine, cfg.train)}
     assert groups["lm"] == 2e-5 and groups["head"] == cfg.train.lr
+    cfg.train.gate_lr = 3e-2  # cross-attention gates: a group of their own
+    by_name = {g["name"]: g for g in param_groups(ref, cfg.train)}
+    gates = {id(p) for n, p in ref.named_parameters() if n.endswith(("gate_attn", "gate_mlp"))}
+    assert len(gates) == 2 * len(ref.xattn) and {id(p) for p in by_name["gate_no_decay"]["params"]} == gates
+    assert by_name["gate_no_decay"]["lr"] == 3e-2 and by_name["gate_no_decay"]["weight_decay"] == 0.0
+    assert all(g["lr"] == cfg.train.lr for n, g in by_name.items() if n != "gate_no_decay")
 
 
 def test_align_run_keeps_the_lm_bit_identical_and_saves_only_the_bridge(lm_dirs, tmp_path):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from contrast.bridges import GatedCrossAttention, MultiLayerTaps, UnifiedBridge
+from contrast.bridges import GatedCrossAttention, MultiLayerTaps, UnifiedBridge, UnifiedProjector
 from contrast.config import DecoderModelConfig
 from contrast.data.tiles import supported_aspect_ratios, tiled_features
 from contrast.decoders import Codec, LanguageModel, LayerHook, PromptTokenizer
@@ -64,6 +64,8 @@ class VisionLanguageDecoder(DecoderModel):
             self.bridge = MultiLayerTaps(self._widths(list(b.taps)), W, b.taps)
             at = xattn_layers(list(b.xattn_layers), b.xattn_every, lm.num_layers)
             self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W) for i in at})
+        # the tower's image embedding as one more token (the vector its image-text training aligned to text)
+        self.embedding_projector = UnifiedProjector(tower.embed_dim, W) if b.embedding_token else None
         self.num_visual_tokens = self._count_visual_tokens()  # per image, or per tile of a tiled one
         if b.max_num_tiles < 1:
             raise ValueError(f"model.bridge.max_num_tiles must be >= 1, got {b.max_num_tiles}")
@@ -72,6 +74,9 @@ class VisionLanguageDecoder(DecoderModel):
             if self.splices:
                 raise ValueError("model.bridge.max_num_tiles is for the cross-attention bridge (mode xattn); the unified "
                                  "bridge reads one image per sample")
+            if b.embedding_token:
+                raise ValueError("model.bridge.embedding_token reads one embedding per image; tiled images "
+                                 "(max_num_tiles > 1) have one per tile: set one of them off")
             self.tile_embed = nn.Embedding((len(supported_aspect_ratios(b.max_num_tiles)) + 1) * b.max_num_tiles, W)
             nn.init.zeros_(self.tile_embed.weight)
         if not self.use_images:
@@ -103,7 +108,7 @@ class VisionLanguageDecoder(DecoderModel):
         with torch.no_grad():
             n = self.bridge(self.bridge.features(self.image, torch.zeros(1, 3, S, S))).shape[1]
         self.image.train(was)
-        return int(n)
+        return int(n) + (self.embedding_projector is not None)
 
     def _freeze(self, cfg: DecoderModelConfig) -> None:
         if self.tower_frozen:
@@ -122,8 +127,11 @@ class VisionLanguageDecoder(DecoderModel):
         was = self.image.training
         self.image.eval()
         with torch.enable_grad():  # a model may be built under no_grad
-            grads = torch.autograd.grad(self.bridge.features(self.image, torch.zeros(1, 3, S, S)).sum(), trainable,
-                                        allow_unused=True)
+            x = torch.zeros(1, 3, S, S)
+            read = self.bridge.features(self.image, x).sum()
+            if self.embedding_projector is not None:
+                read = read + self.image.embed(x).sum()
+            grads = torch.autograd.grad(read, trainable, allow_unused=True)
         self.image.train(was)
         for p, g in zip(trainable, grads):
             if g is None:
@@ -164,8 +172,15 @@ class VisionLanguageDecoder(DecoderModel):
             return self.bridge.features(self.image, pixels)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(B, N, D_decoder): the bridge's output (unified: visual tokens; xattn: cross-attention context)."""
-        return self.bridge(self.visual_features(pixels))
+        """(B, N, D_decoder): the bridge's output (unified: visual tokens; xattn: cross-attention context), after the
+        projected image embedding when ``embedding_token`` is on."""
+        tokens = self.bridge(self.visual_features(pixels))
+        if self.embedding_projector is None:
+            return tokens
+        frozen = self.tower_frozen and not self.cfg.image.unlocked_groups
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            emb = self.image.embed(pixels)  # (B, E)
+        return torch.cat([self.embedding_projector(emb.to(tokens.dtype))[:, None], tokens], dim=1)
 
     def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.use_images and self.tiles:
@@ -201,4 +216,6 @@ class VisionLanguageDecoder(DecoderModel):
         """The bridge's tensors (projector / taps + gated cross-attention), exported beside the tower."""
         sd = {f"bridge.{k}": v for k, v in self.bridge.state_dict().items()}
         sd.update({f"xattn.{k}": v for k, v in self.xattn.state_dict().items()})
+        if self.embedding_projector is not None:
+            sd.update({f"embedding_projector.{k}": v for k, v in self.embedding_projector.state_dict().items()})
         return sd

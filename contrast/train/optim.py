@@ -12,6 +12,7 @@ from torch import nn
 from contrast.config import ConfigError, TrainConfig
 
 HEADS = ("image.proj.", "text.proj.")  # the towers' projections: new heads, trained at train.lr like the logit scale
+GATES = ("gate_attn", "gate_mlp")  # the tanh gates of gated cross-attention blocks: train.gate_lr
 
 
 def tower_of(name: str) -> str:
@@ -61,14 +62,16 @@ def layer_scales(model: nn.Module, decay: float | None) -> dict[int, tuple[int, 
 
 def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
     """One group per (tower, decay) pair, and per depth under ``train.layer_decay`` (:func:`layer_scales`); see
-    :func:`decays` for which parameters get no weight decay."""
-    lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "lm": cfg.lm_lr or cfg.lr, "head": cfg.lr}
+    :func:`decays` for which parameters get no weight decay. Cross-attention gates are a group of their own
+    (``gate_no_decay``, at ``train.gate_lr``)."""
+    lrs = {"image": cfg.image_lr or cfg.lr, "text": cfg.text_lr or cfg.lr, "lm": cfg.lm_lr or cfg.lr, "head": cfg.lr,
+           "gate": cfg.gate_lr or cfg.lr}
     scales = layer_scales(model, cfg.layer_decay)
     groups: dict[tuple[str, bool, int], dict] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        tower = tower_of(name)
+        tower = "gate" if name.rsplit(".", 1)[-1] in GATES else tower_of(name)
         decay = decays(p)
         depth, scale = scales.get(id(p), (-1, 1.0)) if tower != "head" else (-1, 1.0)
         key = (tower, decay, depth)
