@@ -371,6 +371,7 @@ def _losses(run_dir):
 def test_resumed_decoder_run_equals_uninterrupted(lm_dirs, tmp_path, monkeypatch):
     cfg = _cfg(lm_dirs["llama"], mode="xattn", steps=4, stage="finetune")
     cfg.train.micro_batch_size, cfg.train.accumulate = 2, "mean"  # exact for per-caption losses of equal batches
+    cfg.model.bridge.embedding_token, cfg.train.gate_lr = True, 5e-2  # the optimizer's gate group resumes too
     full = train(cfg, tmp_path / "full", progress=False)
     cfg.train.checkpoint_every = 2
     with monkeypatch.context() as m:
@@ -567,6 +568,7 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str, tok_dir: str) -> N
     results = {}
     for mode, lora in (("ddp", 0), ("fsdp", 0), ("ddp_lora", 4), ("fsdp_lora", 4)):
         cfg = _cfg(None, mode="xattn", stage="finetune", lora_rank=lora)
+        cfg.model.bridge.embedding_token, cfg.train.gate_lr = True, 5e-2  # both reach FSDP's units and groups
         d = cfg.model.bridge.decoder
         d.hf_path, d.hf_config, d.tokenizer = None, hf_config("qwen2"), tok_dir
         torch.manual_seed(0)
@@ -593,9 +595,9 @@ def _fsdp_worker(rank: int, init_file: str, result_file: str, tok_dir: str) -> N
 
 
 def test_fsdp_decoder_steps_equal_ddp_steps(tmp_path):
-    """A Hugging Face LM with gated cross-attention before its layers, finetuned (the whole LM, or LoRA adapters on it):
-    its decoder layers become FSDP units with the cross-attention and adapter hooks still on them; two steps under
-    FSDP equal two under DDP."""
+    """A Hugging Face LM with gated cross-attention before its layers (the image embedding as a context token, the
+    gates at their own learning rate), finetuned (the whole LM, or LoRA adapters on it): its decoder layers become FSDP
+    units with the cross-attention and adapter hooks still on them; two steps under FSDP equal two under DDP."""
     import os
 
     import torch.multiprocessing as mp
