@@ -15,7 +15,7 @@ from lm_fixtures import hf_config, make_tokenizer, tiny_hf_folder
 
 from contrast.bridges import UnifiedBridge, pixel_shuffle
 from contrast.cli import main
-from contrast.config import from_dict
+from contrast.config import ConfigError, from_dict
 from contrast.decoders import PromptError
 from contrast.generate import beam_search, greedy, greedy_uncached, prompt_batch
 from contrast.objectives import lm_loss
@@ -340,6 +340,8 @@ def test_stage_presets_choose_what_trains(lm_dirs, tmp_path):
     assert len(gates) == 2 * len(ref.xattn) and {id(p) for p in by_name["gate_no_decay"]["params"]} == gates
     assert by_name["gate_no_decay"]["lr"] == 3e-2 and by_name["gate_no_decay"]["weight_decay"] == 0.0
     assert all(g["lr"] == cfg.train.lr for n, g in by_name.items() if n != "gate_no_decay")
+    with pytest.raises(ConfigError, match="train.gate_lr is set but this model trains no cross-attention gates"):
+        param_groups(fine, cfg.train)  # the unified bridge has none
 
 
 def test_align_run_keeps_the_lm_bit_identical_and_saves_only_the_bridge(lm_dirs, tmp_path):

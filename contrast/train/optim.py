@@ -87,6 +87,9 @@ def param_groups(model: nn.Module, cfg: TrainConfig) -> list[dict]:
         groups[key]["params"].append(p)
     if not groups:
         raise ValueError("the model has no trainable parameters; check the locked settings of the towers")
+    if cfg.gate_lr and not any(tower == "gate" for tower, _, _ in groups):
+        raise ConfigError("train.gate_lr is set but this model trains no cross-attention gates (a decoder with "
+                          "model.bridge.mode: xattn has them); remove train.gate_lr")
     return list(groups.values())
 
 
