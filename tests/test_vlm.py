@@ -511,7 +511,7 @@ def test_one_align_step_on_smollm2(tmp_path):
     model, _, tok = load(result.run_dir)
     batch = tok(["red circle"])
     assert model.codec.tok.decode(batch["labels"][0][batch["labels"][0] != -100]) == "red circle<|im_end|>"
-    assert int(batch["visual_mask"].sum()) == model.num_visual_tokens == 9
+    assert int(batch["visual_mask"].sum()) == model.num_visual_tokens == 10  # the image embedding + 3x3 patches
 
 
 def test_a_decoder_runs_tower_embeds_through_its_clip_run(lm_dirs, tmp_path, data_cache):
