@@ -105,9 +105,16 @@ class UnifiedBridge(nn.Module):
         self.num_registers = num_registers
         self.projector = build_projector(projector, tower_width, decoder_width, shuffle)
 
+    @property
+    def layers(self) -> list[int]:
+        return [self.layer]
+
     def features(self, tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        feats = tower.forward_intermediates(pixels, [self.layer])[0]  # (B, prefix + N, D_tower)
-        return select_tokens(feats, self.num_prefix_tokens, self.tokens, self.num_registers)
+        return self.from_taps(tower.forward_intermediates(pixels, self.layers))
+
+    def from_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """The tapped layer's output (B, prefix + N, D_tower) -> the tokens the projector reads."""
+        return select_tokens(taps[0], self.num_prefix_tokens, self.tokens, self.num_registers)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.projector(features)  # (B, N', D_decoder)
@@ -146,8 +153,11 @@ class MultiLayerTaps(nn.Module):
         self.proj = nn.Linear(sum(widths), decoder_width)
 
     def features(self, tower: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
-        taps = tower.forward_intermediates(pixels, self.layers)  # k x (B, N, D_i), in block order
-        return torch.cat(common_grid(taps), dim=-1)  # (B, N, sum D_i)
+        return self.from_taps(tower.forward_intermediates(pixels, self.layers))
+
+    def from_taps(self, taps: list[torch.Tensor]) -> torch.Tensor:
+        """k x (B, N_i, D_i) block outputs, in block order -> (B, N, sum D_i) on one grid."""
+        return torch.cat(common_grid(taps), dim=-1)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.proj(self.norm(features))  # (B, N, D_decoder)

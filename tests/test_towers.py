@@ -259,6 +259,11 @@ def test_forward_intermediates_indices(case, bert_dir):
     for bad in ([n], [-n - 1], n + 1, 0):
         with pytest.raises(ValueError, match="out of range"):
             tower.forward_intermediates(x, bad)
+    if case.image is not None:  # one pass for taps and the final tokens: both as the separate calls give them
+        with torch.no_grad():
+            taps, final = tower.forward_intermediates(x, [-1, 0], final=True)
+        assert all(torch.equal(a, b) for a, b in zip(taps, mixed, strict=True))
+        torch.testing.assert_close(final, tokens, atol=1e-6, rtol=1e-6)
 
 
 def _run(tower: nn.Module, x: torch.Tensor, weight: torch.Tensor, block: str) -> tuple[torch.Tensor, dict, int]:
@@ -385,6 +390,9 @@ def test_channels_last_backbone_gives_tokens():
         tokens = tower.forward_tokens(x)
         assert tokens.shape == (2, 4, tower.width) and tower.width == 128
         torch.testing.assert_close(tower.pool(tokens), tower.backbone(x), atol=1e-5, rtol=1e-5)
+        taps, final = tower.forward_intermediates(x, [-1], final=True)  # the one-pass form, channels last too
+    torch.testing.assert_close(final, tokens, atol=1e-6, rtol=1e-6)
+    assert taps[0].shape == (2, 4, 128)
 
 
 def test_token_transformer_stack():

@@ -165,21 +165,24 @@ class VisionLanguageDecoder(DecoderModel):
         # the visual tokens go first, then the caption
         return PromptTokenizer(self.codec, d.instruction, d.chat, self.num_visual_tokens, at, d.max_length)
 
+    def _tower_grad(self) -> bool:
+        """Whether the tower's forward records gradients: not for a frozen tower, nor under no_grad."""
+        return torch.is_grad_enabled() and not (self.tower_frozen and not self.cfg.image.unlocked_groups)
+
     def visual_features(self, pixels: torch.Tensor) -> torch.Tensor:
         """The bridge's input: tower features (B, N, D_tower) or (B, N, k * D_tower); no gradient into a frozen tower."""
-        frozen = self.tower_frozen and not self.cfg.image.unlocked_groups
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+        with torch.set_grad_enabled(self._tower_grad()):
             return self.bridge.features(self.image, pixels)
 
     def visual_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
         """(B, N, D_decoder): the bridge's output (unified: visual tokens; xattn: cross-attention context), after the
-        projected image embedding when ``embedding_token`` is on."""
-        tokens = self.bridge(self.visual_features(pixels))
+        projected image embedding when ``embedding_token`` is on (one tower pass gives the taps and the embedding)."""
         if self.embedding_projector is None:
-            return tokens
-        frozen = self.tower_frozen and not self.cfg.image.unlocked_groups
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
-            emb = self.image.embed(pixels)  # (B, E)
+            return self.bridge(self.visual_features(pixels))
+        with torch.set_grad_enabled(self._tower_grad()):
+            taps, final = self.image.forward_intermediates(pixels, self.bridge.layers, final=True)
+            emb = self.image.proj(self.image.pool(final))  # (B, E): the tower's image embedding
+        tokens = self.bridge(self.bridge.from_taps(taps))
         return torch.cat([self.embedding_projector(emb.to(tokens.dtype))[:, None], tokens], dim=1)
 
     def visual_input(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:

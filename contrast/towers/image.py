@@ -135,7 +135,10 @@ class ImageTower(nn.Module):
         return hasattr(self.backbone, "num_prefix_tokens")
 
     def forward_tokens(self, pixels: torch.Tensor) -> torch.Tensor:
-        feats = self.backbone.forward_features(pixels)
+        return self._as_tokens(self.backbone.forward_features(pixels))
+
+    def _as_tokens(self, feats: torch.Tensor) -> torch.Tensor:
+        """The backbone's final features as (B, N, D) tokens."""
         if feats.ndim == 4 and getattr(self.backbone, "output_fmt", "NCHW") == "NHWC":  # Swin, MaxViT: channels last
             return feats.flatten(1, 2)  # (B, H*W, C)
         if feats.ndim == 4:  # CNN feature map (B, C, H, W)
@@ -182,21 +185,29 @@ class ImageTower(nn.Module):
         """How many outputs :meth:`forward_intermediates` can tap: blocks of a ViT, feature stages of a CNN."""
         return len(self.backbone.feature_info)
 
-    def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int]) -> list[torch.Tensor]:
+    def forward_intermediates(self, pixels: torch.Tensor, indices: int | Sequence[int],
+                              final: bool = False) -> list[torch.Tensor] | tuple[list[torch.Tensor], torch.Tensor]:
         """Outputs of the chosen blocks as (B, N, D) token sequences, in block order.
 
         ``indices`` as in timm: an int n is the last n blocks, negative entries count from the end. ViT outputs keep
-        their prefix tokens where timm returns them (XCiT adds its class token only after its blocks).
+        their prefix tokens where timm returns them (XCiT adds its class token only after its blocks). With ``final``
+        the same pass also returns the backbone's final tokens, as :meth:`forward_tokens` gives them: ``(taps,
+        tokens)``, so a reader of both (a bridge with the pooled image embedding) runs the tower once.
         """
         take = layer_indices(self.num_blocks, indices)
         fwd = self.backbone.forward_intermediates
+        only = not final
         if not self.is_sequence:
-            maps = fwd(pixels, indices=take, intermediates_only=True)
-            return [m.flatten(2).transpose(1, 2) for m in maps]  # (B, H*W, C) each
-        if self.num_prefix_tokens == 0 or "return_prefix_tokens" not in inspect.signature(fwd).parameters:
-            return fwd(pixels, indices=take, intermediates_only=True, output_fmt="NLC")
-        _, taps = fwd(pixels, indices=take, output_fmt="NLC", return_prefix_tokens=True)
-        return [torch.cat([prefix, tok], dim=1) for tok, prefix in taps]  # (B, prefix + N, D)
+            out = fwd(pixels, indices=take, intermediates_only=only)
+            maps = out if only else out[1]
+            taps = [m.flatten(2).transpose(1, 2) for m in maps]  # (B, H*W, C) each
+        elif self.num_prefix_tokens == 0 or "return_prefix_tokens" not in inspect.signature(fwd).parameters:
+            out = fwd(pixels, indices=take, intermediates_only=only, output_fmt="NLC")
+            taps = out if only else out[1]
+        else:
+            out = fwd(pixels, indices=take, output_fmt="NLC", return_prefix_tokens=True)
+            taps = [torch.cat([prefix, tok], dim=1) for tok, prefix in out[1]]  # (B, prefix + N, D)
+        return taps if only else (taps, self._as_tokens(out[0]))
 
     def _groups(self) -> list[list[str]]:
         """The backbone's coarse timm parameter groups, first to last (parameter names)."""
