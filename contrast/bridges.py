@@ -167,20 +167,26 @@ class GatedCrossAttention(nn.Module):
     """``x + tanh(a) * xattn(ln(x), ctx)`` then ``x + tanh(m) * mlp(ln(x))``; ``a = m = 0`` at initialisation.
 
     ``rows`` (B, T) marks the text positions that may see the image; the others are left unchanged (Mllama's
-    full-text-row mask: text before the image, or a sample without one)."""
+    full-text-row mask: text before the image, or a sample without one). ``mlp_ratio`` 0: cross-attention alone, no
+    gated MLP (the MLP adapts the LM whether or not the context carries an image)."""
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None, mlp_ratio: float = 4.0):
         super().__init__()
+        if mlp_ratio < 0:
+            raise ValueError(f"model.bridge.xattn_mlp_ratio must be >= 0 (0: no MLP), got {mlp_ratio}")
         self.ln_attn = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads, context_dim=context_dim or dim)
         self.gate_attn = nn.Parameter(torch.zeros(()))
-        self.ln_mlp = nn.LayerNorm(dim)
-        self.mlp = MLP(dim, int(dim * mlp_ratio))
-        self.gate_mlp = nn.Parameter(torch.zeros(()))
+        hidden = int(dim * mlp_ratio)
+        self.ln_mlp = nn.LayerNorm(dim) if hidden else None
+        self.mlp = MLP(dim, hidden) if hidden else None
+        self.gate_mlp = nn.Parameter(torch.zeros(())) if hidden else None
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None = None,
                 rows: torch.Tensor | None = None) -> torch.Tensor:
         keep = 1.0 if rows is None else rows[..., None].to(x.dtype)  # (B, T, 1)
         a = self.attn(self.ln_attn(x), context=context, mask=context_mask)
         x = x + torch.tanh(self.gate_attn).to(x.dtype) * a * keep
+        if self.mlp is None:
+            return x
         return x + torch.tanh(self.gate_mlp).to(x.dtype) * self.mlp(self.ln_mlp(x)) * keep

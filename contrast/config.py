@@ -162,6 +162,7 @@ class BridgeConfig:
     taps: list[int] = field(default_factory=lambda: [-3, -1])  # xattn: tower blocks concatenated along features
     xattn_every: int = 1  # xattn: a gated cross-attention block before decoder layers 0, k, 2k, ...
     xattn_layers: list[int] = field(default_factory=list)  # xattn: explicit decoder layers (instead of xattn_every)
+    xattn_mlp_ratio: float = 4.0  # xattn: each block's gated MLP width / the LM's width; 0: cross-attention alone
     max_num_tiles: int = 1  # xattn: above 1, images are cut into up to this many tower-sized tiles (Mllama)
     embedding_token: bool = False  # both: the tower's image embedding (pooled + projected: what its image-text
     # training aligned to text) as one more visual token before the others, through its own mlp2x_gelu

@@ -475,7 +475,7 @@ def export_checkpoint(checkpoint: str | Path, fmt: str, out: str | Path) -> Expo
         save_file({k: v.detach().contiguous() for k, v in model.bridge_state().items()}, str(Path(out) / "bridge.safetensors"))
         b = model.cfg.bridge
         meta = {"mode": b.mode, "layer": b.layer, "tokens": b.tokens, "taps": list(b.taps), "xattn_every": b.xattn_every,
-                "embedding_token": b.embedding_token,
+                "xattn_layers": list(b.xattn_layers), "xattn_mlp_ratio": b.xattn_mlp_ratio, "embedding_token": b.embedding_token,
                 "tower_width": tower.width, "decoder_width": model.width, "decoder_heads": b.decoder.heads}
         (Path(out) / "bridge.json").write_text(json.dumps(meta, indent=2))
     return report

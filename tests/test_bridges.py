@@ -72,6 +72,21 @@ def test_gated_cross_attention_is_identity_at_init_and_opens():
     assert block.gate_mlp.grad is not None and block.gate_attn.grad.abs() > 0
 
 
+def test_gated_cross_attention_without_mlp():
+    torch.manual_seed(0)
+    block = GatedCrossAttention(dim=32, heads=4, context_dim=24, mlp_ratio=0)
+    assert block.mlp is None and block.gate_mlp is None
+    assert {n.split(".")[0] for n, _ in block.named_parameters()} == {"ln_attn", "attn", "gate_attn"}
+    x, ctx = torch.randn(2, 5, 32), torch.randn(2, 7, 24)
+    assert torch.equal(block(x, ctx), x)
+    with torch.no_grad():
+        block.gate_attn.fill_(2.0)
+        y = block(x, ctx)
+        assert torch.allclose(y, x + torch.tanh(torch.tensor(2.0)) * block.attn(block.ln_attn(x), context=ctx), atol=1e-6)
+    with pytest.raises(ValueError, match="xattn_mlp_ratio must be >= 0"):
+        GatedCrossAttention(dim=32, heads=4, mlp_ratio=-1)
+
+
 def test_select_tokens_refuses_cls_without_class_token():
     with pytest.raises(ValueError, match="class token"):
         select_tokens(torch.zeros(1, 4, 2), 0, "cls_patch")

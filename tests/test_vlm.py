@@ -179,6 +179,30 @@ def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_im
     assert (opened[after] - bare[after]).abs().max() > 1e-3
 
 
+def test_xattn_without_mlp_trains_attention_and_its_gate_only(lm_dirs):
+    cfg = _cfg(lm_dirs["llama"], mode="xattn")
+    cfg.model.bridge.xattn_mlp_ratio = 0.0
+    model = _model(cfg)
+    with_mlp = _model(_cfg(lm_dirs["llama"], mode="xattn"))
+    per_block = {n.split(".", 2)[2] for n in _names(model, "xattn")}
+    assert not any("mlp" in n for n in per_block) and "gate_attn" in per_block
+    assert {n for n in _trainable(model) if not n.startswith("image.")} == _names(model, "bridge", "xattn")
+    mlp = sum(p.numel() for n, p in with_mlp.xattn.named_parameters() if "mlp" in n)
+    assert sum(p.numel() for p in with_mlp.xattn.parameters()) - sum(p.numel() for p in model.xattn.parameters()) == mlp
+    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
+    mask = batch["attention_mask"]
+    with torch.no_grad():
+        bare = model.lm.hf(input_ids=batch["input_ids"], attention_mask=mask).logits
+        h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
+                               model.cross_hook(model.visual_tokens(batch["pixels"]), None, batch["image_rows"]))
+    assert torch.equal(model.lm.logits(h)[mask.bool()], bare[mask.bool()])  # the bare LM at initialisation
+    from contrast.train.optim import param_groups
+
+    cfg.train.gate_lr = 3e-2
+    gates = {g["name"]: g for g in param_groups(model, cfg.train)}["gate_no_decay"]["params"]
+    assert {id(p) for p in gates} == {id(b.gate_attn) for b in model.xattn.values()}
+
+
 @pytest.mark.parametrize("mode", ["unified", "xattn"])
 def test_embedding_token_is_the_towers_projected_embedding_first(mode, lm_dirs, tmp_path):
     from contrast.export import export_timm

@@ -63,7 +63,7 @@ class VisionLanguageDecoder(DecoderModel):
         else:
             self.bridge = MultiLayerTaps(self._widths(list(b.taps)), W, b.taps)
             at = xattn_layers(list(b.xattn_layers), b.xattn_every, lm.num_layers)
-            self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W) for i in at})
+            self.xattn = nn.ModuleDict({str(i): GatedCrossAttention(W, lm.num_heads, W, b.xattn_mlp_ratio) for i in at})
         # the tower's image embedding as one more token (the vector its image-text training aligned to text)
         self.embedding_projector = UnifiedProjector(tower.embed_dim, W) if b.embedding_token else None
         self.num_visual_tokens = self._count_visual_tokens()  # per image, or per tile of a tiled one
