@@ -560,8 +560,11 @@ def test_a_decoder_runs_tower_embeds_through_its_clip_run(lm_dirs, tmp_path, dat
         tower_embedder(_cfg(lm_dirs["llama"]), decoder)
 
 
-def test_caption_loss_is_evaluated_during_training_and_keeps_the_best(lm_dirs, tmp_path, capsys):
-    cfg = _cfg(lm_dirs["llama"], steps=4)
+@pytest.mark.parametrize("mode", ["unified", "xattn"])
+def test_caption_loss_is_evaluated_during_training_and_keeps_the_best(mode, lm_dirs, tmp_path, capsys):
+    cfg = _cfg(lm_dirs["llama"], mode=mode, steps=4)
+    cfg.model.bridge.embedding_token = True  # evaluation reads the visual input the training step reads
+    cfg.model.bridge.xattn_mlp_ratio = 0.0 if mode == "xattn" else 4.0
     cfg.train.lr, cfg.train.eval_every, cfg.train.best_metric = 3e-3, 2, "caption/nats_per_token"
     cfg.eval.caption_split, cfg.eval.caption_limit, cfg.eval.batch_size = "val", 8, 4
     result = train(cfg, tmp_path / "run", progress=False)
@@ -687,3 +690,43 @@ def test_a_decoder_trained_from_shards_evaluates_its_caption_loss_on_the_val_sha
                  "--limit", "8", "--batch-size", "4", "--json", "--device", "cpu"]) == 0
     table = json.loads(capsys.readouterr().out.splitlines()[-1])["with_images"]["nats_per_token"]
     assert abs(streamed - table) < 1e-5
+
+
+def test_torchrun_fsdp_decoder_run_with_evaluation_equals_one_process(lm_dirs, tmp_path, data_cache):
+    """``torchrun --nproc_per_node 2`` (gloo) with FSDP of a cross-attention decoder on a Hugging Face LM (finetune
+    stage, the image embedding token, a gate learning rate) and the caption loss evaluated during training: the
+    per-step losses and the evaluations equal one process training on the global batch without FSDP."""
+    import yaml
+    from test_distributed import PER_RANK, WORLD, _torchrun
+
+    from contrast.config import load_recipe
+
+    recipe = tmp_path / "vlm_fsdp.yaml"
+    recipe.write_text(yaml.safe_dump({
+        "model": {"kind": "decoder", "embed_dim": 16, "image": TOWER,
+                  "bridge": {"mode": "xattn", "taps": [0, -1], "xattn_every": 1, "embedding_token": True,
+                             "decoder": {"source": "hf", "hf_path": lm_dirs["qwen2"], "instruction": "Describe this image.",
+                                         "max_length": 96, "stage": "finetune"}}},
+        "data": {"source": "synthetic", "cache_dir": data_cache,
+                 "synthetic": {"image_size": 16, "train_size": 64, "val_size": 8, "test_size": 8}},
+        "loss": {"lm": 1.0, "lm_label_smoothing": 0.0},
+        "eval": {"caption_split": "val", "caption_limit": 8, "batch_size": 4},
+        "train": {"steps": 3, "batch_size": PER_RANK, "lr": 1e-3, "gate_lr": 5e-2, "warmup_steps": 1,
+                  "min_lr_ratio": 1.0, "eval_every": 2, "checkpoint_every": 2, "log_every": 1, "threads": 1,
+                  "device": "cpu", "tensorboard": False},
+    }))
+    _torchrun(recipe, tmp_path / "fsdp", "--set", "train.fsdp=true")
+    single = tmp_path / "single"
+    train(load_recipe(recipe, [f"train.batch_size={WORLD * PER_RANK}"]), single, progress=False)
+
+    def rows(run, key):  # one row per step and key: rank 0 alone writes
+        got = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x.strip()]
+        got = [(r["step"], r[key] if key == "loss" else r[key]["caption/nats_per_token"]) for r in got if key in r]
+        assert len({s for s, _ in got}) == len(got), f"{key} written more than once per step: {got}"
+        return dict(got)
+
+    for key, steps in (("loss", [1, 2, 3]), ("eval", [2, 3])):
+        two, one = rows(tmp_path / "fsdp", key), rows(single, key)
+        assert sorted(two) == sorted(one) == steps
+        for step in two:
+            assert two[step] == pytest.approx(one[step], rel=1e-4), f"{key} at step {step}: 2 processes {two[step]}, 1 {one[step]}"
