@@ -2,11 +2,13 @@
 references, generated names, speed and memory of an align step.
 
     python eval/bench/vlm_align.py [--runs runs/vlm_bench] [--bridges unified,xattn,blip2] [--steps 200]
+        [--image-seeds 1] [--ref-seeds 2]
 
 For each bridge it trains (or reuses, when its run directory holds a finished run) runs with the bridge's recipe
-(recipes/vlm_unified_emoji.yaml, vlm_xattn_emoji.yaml, vlm_blip2_emoji.yaml): one with the image path and, for each of
-``--ref-seeds`` seeds, one with ``use_images: false`` (a learned prompt of the same size that carries no image content,
-trained the same way; a learned prompt's result depends on its random start, so the spread of the seeds is shown). Every
+(recipes/vlm_unified_emoji.yaml, vlm_xattn_emoji.yaml, vlm_blip2_emoji.yaml): for each of ``--image-seeds`` seeds one
+with the image path and, for each of ``--ref-seeds`` seeds, one with ``use_images: false`` (a learned prompt of the
+same size that carries no image content, trained the same way; a learned prompt's result depends on its random start,
+and every run on its data order, so the spread of the seeds is shown). Every
 run is scored by the same function (:func:`contrast.evaluate.captions.caption_loss`: plain cross-entropy summed over
 the answer's tokens, divided by their count) on the held-out source: Twitter's art, test split (emoji never trained
 on, in an art style never trained on). The bare LM is the same frozen SmolLM2 given the same prompt without the
@@ -111,6 +113,8 @@ def main() -> None:
     p.add_argument("--limit", type=int, default=0, help="held-out rows scored (0: all 465)")
     p.add_argument("--ref-seeds", type=int, default=2, help="seeds of each no-image reference (their spread is the "
                    "reference's noise)")
+    p.add_argument("--image-seeds", type=int, default=1, help="seeds of each bridge's run with the image path (their "
+                   "spread is the bridge's own noise)")
     p.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="a recipe override for every bridge run and its no-image reference (repeatable)")
     args = p.parse_args()
@@ -124,28 +128,33 @@ def main() -> None:
         where = ([f"model.bridge.tower={paths['lit']}", f"model.bridge.decoder.hf_path={paths['lm']}"] if b != "blip2"
                  else [f"model.blip2.stage1={paths['stage1']}", f"model.blip2.decoder.hf_path={paths['lm']}"])
         speed = train_run(RECIPES[b], runs / b, common + where)
+        for seed in range(1, args.image_seeds):
+            train_run(RECIPES[b], runs / f"{b}_s{seed}", common + where + [f"train.seed={seed}"])
         refs = []
         for seed in range(args.ref_seeds):  # seed 0 is the recipe's; the others change the prompt's start and the order
             name = f"{b}_noimg" + (f"_s{seed}" if seed else "")
             train_run(RECIPES[b], runs / name, common + where + [NO_IMAGES[b]] + ([f"train.seed={seed}"] if seed else []))
             refs.append(held_out(runs / name, paths["twitter"], limit=args.limit))
-        with_img = held_out(runs / b, paths["twitter"], limit=args.limit)
+        with_img = [held_out(runs / (f"{b}_s{seed}" if seed else b), paths["twitter"], limit=args.limit)
+                    for seed in range(args.image_seeds)]
         if bare is None:
             bare = held_out(runs / b, paths["twitter"], images=False, limit=args.limit)
         rows.append((b, with_img, refs, speed, trainable(runs / b)))
-        print(f"{b}: held-out {with_img:.3f} nats/token, no-image reference {' / '.join(f'{r:.3f}' for r in refs)}",
-              flush=True)
+        print(f"{b}: held-out {' / '.join(f'{w:.3f}' for w in with_img)} nats/token, no-image reference "
+              f"{' / '.join(f'{r:.3f}' for r in refs)}", flush=True)
     print("\nheld-out caption loss (Twitter art, test split: 465 emoji never trained on, nats per answer token)")
     print(f"bare SmolLM2-135M-Instruct, same prompt without the image: {bare:.3f}\n")
-    print(f"no-image references: seeds {', '.join(map(str, range(args.ref_seeds)))}; the cut is against their mean "
-          "and, strictest, against the lowest\n")
-    print("| bridge | with images | trained no-image prompt (each seed) | cut vs mean | cut vs lowest | trainable params "
-          "| align images/s | peak RSS (MB) |")
+    print(f"runs with images: seeds {', '.join(map(str, range(args.image_seeds)))}; no-image references: seeds "
+          f"{', '.join(map(str, range(args.ref_seeds)))}; the cut is mean against mean and, strictest, the highest "
+          "with images against the lowest reference\n")
+    print("| bridge | with images (each seed) | trained no-image prompt (each seed) | cut, means | cut, strictest "
+          "| trainable params | align images/s | peak RSS (MB) |")
     print("|---|---|---|---|---|---|---|---|")
     for b, w, refs, s, n in rows:
-        mean, low = sum(refs) / len(refs), min(refs)
-        print(f"| {b} | {w:.3f} | {' / '.join(f'{r:.3f}' for r in refs)} | {100 * (mean - w) / mean:.1f}% "
-              f"| {100 * (low - w) / low:.1f}% | {n / 1e6:.2f} M | {s['images_per_s']:.1f} | {s['peak_rss_mb']:.0f} |")
+        mean, low, w_mean, w_high = sum(refs) / len(refs), min(refs), sum(w) / len(w), max(w)
+        print(f"| {b} | {' / '.join(f'{x:.3f}' for x in w)} | {' / '.join(f'{r:.3f}' for r in refs)} "
+              f"| {100 * (mean - w_mean) / mean:.1f}% | {100 * (low - w_high) / low:.1f}% | {n / 1e6:.2f} M "
+              f"| {s['images_per_s']:.1f} | {s['peak_rss_mb']:.0f} |")
     for b in bridges:
         print(f"\n{b}: greedy answers for held-out images (true name -> generated)")
         for true, got in samples(runs / b, paths["twitter"]):
