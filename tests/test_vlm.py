@@ -155,17 +155,25 @@ def test_unified_writes_visual_tokens_at_the_placeholders(lm_dirs):
         model(bad)
 
 
-def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_image(lm_dirs):
-    cfg = _cfg(lm_dirs["llama"], mode="xattn", system="You look at pictures.")
-    model = _model(cfg)
-    assert sorted(model.xattn) == ["0", "1"] and model.num_visual_tokens == 17  # class token + 16 patches
+def _bare_and_xattn_logits(model) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """A batch, the bare Hugging Face LM's logits on it and the cross-attention decoder's."""
     batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
     mask = batch["attention_mask"]
     with torch.no_grad():
         bare = model.lm.hf(input_ids=batch["input_ids"], attention_mask=mask).logits
         h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
                                model.cross_hook(model.visual_tokens(batch["pixels"]), None, batch["image_rows"]))
-        assert torch.equal(model.lm.logits(h)[mask.bool()], bare[mask.bool()])
+    return batch, bare, model.lm.logits(h).detach()
+
+
+def test_xattn_on_a_real_lm_is_the_bare_lm_at_init_and_leaves_text_before_the_image(lm_dirs):
+    cfg = _cfg(lm_dirs["llama"], mode="xattn", system="You look at pictures.")
+    model = _model(cfg)
+    assert sorted(model.xattn) == ["0", "1"] and model.num_visual_tokens == 17  # class token + 16 patches
+    batch, bare, ours = _bare_and_xattn_logits(model)
+    mask = batch["attention_mask"]
+    assert torch.equal(ours[mask.bool()], bare[mask.bool()])
+    with torch.no_grad():
         for blk in model.xattn.values():
             blk.gate_attn.fill_(1.0)
             blk.gate_mlp.fill_(1.0)
@@ -189,13 +197,9 @@ def test_xattn_without_mlp_trains_attention_and_its_gate_only(lm_dirs):
     assert {n for n in _trainable(model) if not n.startswith("image.")} == _names(model, "bridge", "xattn")
     mlp = sum(p.numel() for n, p in with_mlp.xattn.named_parameters() if "mlp" in n)
     assert sum(p.numel() for p in with_mlp.xattn.parameters()) - sum(p.numel() for p in model.xattn.parameters()) == mlp
-    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
-    mask = batch["attention_mask"]
-    with torch.no_grad():
-        bare = model.lm.hf(input_ids=batch["input_ids"], attention_mask=mask).logits
-        h, _ = model.lm.hidden(model.lm.embed(batch["input_ids"]), mask,
-                               model.cross_hook(model.visual_tokens(batch["pixels"]), None, batch["image_rows"]))
-    assert torch.equal(model.lm.logits(h)[mask.bool()], bare[mask.bool()])  # the bare LM at initialisation
+    batch, bare, ours = _bare_and_xattn_logits(model)
+    real = batch["attention_mask"].bool()
+    assert torch.equal(ours[real], bare[real])  # the bare LM at initialisation
     from contrast.train.optim import param_groups
 
     cfg.train.gate_lr = 3e-2
