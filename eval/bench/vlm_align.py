@@ -104,6 +104,11 @@ def trainable(run: Path) -> int:
     return sum(p.numel() for p in contrast.load(run)[0].parameters() if p.requires_grad)
 
 
+def run_name(bridge: str, seed: int, images: bool = True) -> str:
+    """The run directory of one bridge run: seed 0 is the recipe's, the others carry their seed."""
+    return bridge + ("" if images else "_noimg") + (f"_s{seed}" if seed else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", default="runs/vlm_bench")
@@ -127,15 +132,15 @@ def main() -> None:
     for b in bridges:
         where = ([f"model.bridge.tower={paths['lit']}", f"model.bridge.decoder.hf_path={paths['lm']}"] if b != "blip2"
                  else [f"model.blip2.stage1={paths['stage1']}", f"model.blip2.decoder.hf_path={paths['lm']}"])
+        seeded = [[f"train.seed={seed}"] if seed else [] for seed in range(max(args.image_seeds, args.ref_seeds))]
         speed = train_run(RECIPES[b], runs / b, common + where)
         for seed in range(1, args.image_seeds):
-            train_run(RECIPES[b], runs / f"{b}_s{seed}", common + where + [f"train.seed={seed}"])
-        refs = []
+            train_run(RECIPES[b], runs / run_name(b, seed), common + where + seeded[seed])
         for seed in range(args.ref_seeds):  # seed 0 is the recipe's; the others change the prompt's start and the order
-            name = f"{b}_noimg" + (f"_s{seed}" if seed else "")
-            train_run(RECIPES[b], runs / name, common + where + [NO_IMAGES[b]] + ([f"train.seed={seed}"] if seed else []))
-            refs.append(held_out(runs / name, paths["twitter"], limit=args.limit))
-        with_img = [held_out(runs / (f"{b}_s{seed}" if seed else b), paths["twitter"], limit=args.limit)
+            train_run(RECIPES[b], runs / run_name(b, seed, images=False), common + where + [NO_IMAGES[b]] + seeded[seed])
+        refs = [held_out(runs / run_name(b, seed, images=False), paths["twitter"], limit=args.limit)
+                for seed in range(args.ref_seeds)]
+        with_img = [held_out(runs / run_name(b, seed), paths["twitter"], limit=args.limit)
                     for seed in range(args.image_seeds)]
         if bare is None:
             bare = held_out(runs / b, paths["twitter"], images=False, limit=args.limit)
