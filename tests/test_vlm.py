@@ -398,8 +398,10 @@ def _losses(run_dir):
     return [(r["step"], r["loss"]) for r in rows if "loss" in r]
 
 
-def test_resumed_decoder_run_equals_uninterrupted(lm_dirs, tmp_path, monkeypatch):
+@pytest.mark.parametrize("mlp_ratio", [4.0, 0.0])
+def test_resumed_decoder_run_equals_uninterrupted(mlp_ratio, lm_dirs, tmp_path, monkeypatch):
     cfg = _cfg(lm_dirs["llama"], mode="xattn", steps=4, stage="finetune")
+    cfg.model.bridge.xattn_mlp_ratio = mlp_ratio  # 0: cross-attention blocks without their gated MLPs
     cfg.train.micro_batch_size, cfg.train.accumulate = 2, "mean"  # exact for per-caption losses of equal batches
     cfg.model.bridge.embedding_token, cfg.train.gate_lr = True, 5e-2  # the optimizer's gate group resumes too
     full = train(cfg, tmp_path / "full", progress=False)
