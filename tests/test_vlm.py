@@ -345,6 +345,9 @@ def test_stage_presets_choose_what_trains(lm_dirs, tmp_path):
     assert align.stage == "align" and tower and tower < _names(align, "image")
     assert not {n for n in tower if n.startswith(("image.proj", "image.backbone.norm.", "image.backbone.blocks.1."))}
     cfg = _cfg(lm_dirs["llama"])
+    cfg.model.bridge.embedding_token = True  # the embedding token reads the whole tower, up to its projection
+    assert {n for n in _trainable(_model(cfg)) if n.startswith("image.")} == _names(align, "image")
+    cfg = _cfg(lm_dirs["llama"])
     cfg.model.bridge.tower = str(tmp_path / "tower")
     assert _trainable(_model(cfg)) == _names(align, "bridge")
     cfg.model.bridge.decoder.stage = "finetune"

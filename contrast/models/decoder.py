@@ -118,8 +118,9 @@ class VisionLanguageDecoder(DecoderModel):
         self._freeze_unread_tower_parts()
 
     def _freeze_unread_tower_parts(self) -> None:
-        """Tower parameters the bridge never reads (blocks after the tapped ones, final norm, head, projection) are
-        frozen: they would get no gradient, which DDP takes for an error and AdamW would still decay."""
+        """Tower parameters the bridge never reads (blocks after the tapped ones, final norm, head, projection unless
+        the embedding token reads them) are frozen: they would get no gradient, which DDP takes for an error and AdamW
+        would still decay. What is read is found by a gradient through :meth:`visual_tokens`, the path steps take."""
         trainable = [p for p in self.image.parameters() if p.requires_grad]
         if not trainable:
             return
@@ -127,10 +128,7 @@ class VisionLanguageDecoder(DecoderModel):
         was = self.image.training
         self.image.eval()
         with torch.enable_grad():  # a model may be built under no_grad
-            x = torch.zeros(1, 3, S, S)
-            read = self.bridge.features(self.image, x).sum()
-            if self.embedding_projector is not None:
-                read = read + self.image.embed(x).sum()
+            read = self.visual_tokens(torch.zeros(1, 3, S, S)).sum()
             grads = torch.autograd.grad(read, trainable, allow_unused=True)
         self.image.train(was)
         for p, g in zip(trainable, grads):
