@@ -242,6 +242,26 @@ def test_embedding_token_is_the_towers_projected_embedding_first(mode, lm_dirs, 
     assert _model(cfg).null.shape[0] == model.num_visual_tokens
 
 
+@pytest.mark.parametrize("mode", ["unified", "xattn", "blip2"])
+def test_every_trainable_parameter_of_a_no_image_reference_gets_a_gradient(mode, lm_dirs):
+    """The reference (``use_images: false``) trains only what it reads: a parameter left trainable without a gradient
+    stops DDP at its next step. A fresh tower and the embedding token would otherwise stay trainable."""
+    from contrast.objectives import build_objective
+
+    kind = "blip2_stage2" if mode == "blip2" else "decoder"
+    cfg = _cfg(lm_dirs["llama"], "unified" if mode == "blip2" else mode, kind, stage="finetune", lora_rank=2)
+    if kind == "decoder":
+        cfg.model.bridge.use_images, cfg.model.bridge.embedding_token = False, True
+    else:
+        cfg.model.blip2.use_images = False
+    model = _model(cfg).train()
+    batch = {**model.text_tokenizer()(CAPTIONS), "pixels": torch.randn(3, 3, 16, 16)}
+    build_objective(cfg.loss)(model(batch)).total.backward()
+    trainable = _trainable(model)
+    assert "null" in trainable and any(".lora" in n or n.startswith("lora.") for n in trainable)
+    assert {n for n, p in model.named_parameters() if p.requires_grad and p.grad is None} == set()
+
+
 def test_embedding_token_with_tiles_is_refused(lm_dirs):
     cfg = _cfg(lm_dirs["llama"], mode="xattn")
     cfg.model.bridge.embedding_token = True
@@ -358,7 +378,7 @@ def test_stage_presets_choose_what_trains(lm_dirs, tmp_path):
     ref = _model(cfg)
     assert _trainable(ref) == _names(ref, "bridge", "xattn")
     cfg.model.bridge.use_images = False
-    assert _trainable(_model(cfg)) == {"null"} | _names(ref, "bridge", "xattn")
+    assert _trainable(_model(cfg)) == {"null"} | _names(ref, "xattn")  # the reference reads no image
     from contrast.train.optim import param_groups
 
     cfg = _cfg(lm_dirs["llama"], stage="finetune")

@@ -200,6 +200,9 @@ class Blip2Stage2(DecoderModel):
             std = float(lm.embed(torch.arange(min(lm.vocab_size, 512))).detach().float().std())
             self.null = null_prompt(self.qformer.num_queries, lm.width, std)
         self.lm_frozen = self.set_stage(cfg.blip2.decoder, fresh_lm=False)  # BLIP-2 keeps its LM frozen by default
+        if not self.use_images:  # the reference reads no image: the Q-Former and projection get no gradient
+            self.qformer.requires_grad_(False)
+            self.proj.requires_grad_(False)
         self.rebuilt_prefixes = tuple(p for p, rebuilt in (
             ("lm.", lm_pretrained and self.lm_frozen),
             ("tower.", bool(cfg.blip2.stage1 or cfg.blip2.tower))) if rebuilt)

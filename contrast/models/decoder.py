@@ -111,6 +111,12 @@ class VisionLanguageDecoder(DecoderModel):
         return int(n) + (self.embedding_projector is not None)
 
     def _freeze(self, cfg: DecoderModelConfig) -> None:
+        if not self.use_images:  # the reference reads no image: nothing on the image side gets a gradient (which
+            # DDP takes for an error): only the learned prompt, the cross-attention blocks and the stage's LM train
+            for m in (self.image, self.bridge, self.embedding_projector, getattr(self, "tile_embed", None)):
+                if m is not None:
+                    m.requires_grad_(False)
+            return
         if self.tower_frozen:
             self.image.requires_grad_(False)
             if cfg.image.unlocked_groups:
